@@ -1,0 +1,1 @@
+"""forvalue.client: the Python client and the `forvalue` command line."""

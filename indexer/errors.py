@@ -1,0 +1,48 @@
+"""The few error types forvalue raises on purpose.
+
+Each subclasses a builtin so callers can catch either; messages say what is wrong and what to change.
+The CLI maps every ForValueError to a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+
+class ForValueError(Exception):
+    """Base of every error forvalue raises for a user's mistake (bad input, wrong model, bad index)."""
+
+
+class DataError(ForValueError, ValueError):
+    """A data file or one of its rows is unusable.
+
+    Args:
+        message: what is wrong and what to do.
+        path: the file (or directory) concerned, if any.
+        row: the 0-based row number inside that file, if any.
+    """
+
+    def __init__(self, message: str, path: str | None = None, row: int | None = None):
+        self.path = path
+        self.row = row
+        where = ""
+        if path is not None:
+            where = f"{path}"
+            if row is not None:
+                where += f", row {row}"
+            where += ": "
+        super().__init__(where + message)
+
+
+class ModelError(ForValueError, ValueError):
+    """A model path is missing, unreadable or not a causal language model."""
+
+
+class ConfigError(ForValueError, ValueError):
+    """An option has an invalid value."""
+
+
+class IndexMismatchError(ForValueError, ValueError):
+    """An index was built with another model, tokenizer or token scope than the one asked for."""
+
+
+class IndexCorruptError(ForValueError, ValueError):
+    """An index file fails its checksum or cannot be read; the message names the file."""

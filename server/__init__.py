@@ -1,0 +1,1 @@
+"""forvalue.server: the gRPC influence service."""
