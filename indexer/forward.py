@@ -1,0 +1,369 @@
+"""Model → per-token features: the unembedding input h_k, the target y_k and log Σ exp(logits_k).
+
+One forward pass over a set of (prompt, response) samples, batched by a token budget over
+length-sorted samples, gives for every scored position k
+
+    h_k   the input of the output embedding (lm_head), i.e. the final hidden state after the last norm,
+    y_k   the token that position k predicts,
+    lse_k log Σ_v exp(logit_kv), so that π_k = exp(W h_k + b − lse_k) can be recomputed in fp32 for any
+          slice of the vocabulary without ever holding a |V|-wide row per token.
+
+The input of lm_head is captured by swapping the output-embedding module for a pass-through for the
+duration of the pass, so it is exactly what the head sees, whatever the architecture does before it.
+Positions are given explicitly (cumsum of the attention mask), so results do not depend on the padding
+side or on which samples share a batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, ModelError
+
+TOKEN_SCOPES = ("response", "all")
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """How samples are tokenised, batched and run.
+
+    Attributes:
+        tokens: which positions are scored. "response": the positions predicting the response tokens
+            and the appended EOS. "all": every position of prompt + response (each predicts the next token).
+        batch_tokens: budget of padded tokens per batch (batch size × longest sequence in it).
+        max_batch: most samples per batch.
+        max_length: longest token sequence; longer samples lose prompt tokens from the left first, then
+            response tokens from the right (counted in `Features.truncated`).
+        add_eos: append the tokenizer's EOS token after the response.
+        padding_side: "right" or "left"; results do not depend on it (tested), it exists for that test.
+        dtype: dtype of the returned features and of the probability computations (float32 or float64).
+        logits_chunk: vocabulary columns per chunk when computing lse (bounds memory per batch).
+    """
+
+    tokens: str = "response"
+    batch_tokens: int = 8192
+    max_batch: int = 64
+    max_length: int = 2048
+    add_eos: bool = True
+    padding_side: str = "right"
+    dtype: torch.dtype = torch.float32
+    logits_chunk: int = 16384
+
+    def __post_init__(self) -> None:
+        if self.tokens not in TOKEN_SCOPES:
+            raise ConfigError(f"tokens must be one of {TOKEN_SCOPES}, got {self.tokens!r}")
+        if self.batch_tokens < 1 or self.max_batch < 1 or self.max_length < 2 or self.logits_chunk < 1:
+            raise ConfigError("batch_tokens, max_batch and logits_chunk must be >= 1 and max_length >= 2")
+        if self.padding_side not in ("right", "left"):
+            raise ConfigError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+        if self.dtype not in (torch.float32, torch.float64):
+            raise ConfigError(f"dtype must be torch.float32 or torch.float64, got {self.dtype}")
+
+
+@dataclass(frozen=True)
+class Head:
+    """The unembedding, in the compute dtype: logits = scale · softcap(W h + b).
+
+    Attributes:
+        weight: (V, d) output-embedding matrix.
+        bias: (V,) or None.
+        scale: multiplier applied to the logits (Cohere's logit_scale, 1/Granite's logits_scaling).
+        softcap: final logit soft-capping c (Gemma 2): logits = c · tanh(logits / c); None if absent.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.weight.shape[1]
+
+    @classmethod
+    def from_model(cls, model: nn.Module, dtype: torch.dtype = torch.float32) -> Head:
+        """Reads the output embedding of a transformers causal LM (or VLM) and its logit post-processing."""
+        out = model.get_output_embeddings()
+        if out is None or not hasattr(out, "weight"):
+            raise ModelError(f"{type(model).__name__} has no output embedding (lm_head); not a causal LM")
+        cfg = model.config
+        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        scale = 1.0
+        if getattr(text_cfg, "logit_scale", None) not in (None, 1.0):
+            scale = float(text_cfg.logit_scale)
+        if getattr(text_cfg, "logits_scaling", None) not in (None, 1.0):
+            scale = 1.0 / float(text_cfg.logits_scaling)
+        softcap = getattr(text_cfg, "final_logit_softcapping", None)
+        bias = getattr(out, "bias", None)
+        return cls(
+            weight=out.weight.detach().to(dtype),
+            bias=None if bias is None else bias.detach().to(dtype),
+            scale=scale,
+            softcap=float(softcap) if softcap else None,
+        )
+
+    def logits(self, h: torch.Tensor, cols: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of `h` (T, d) for the vocabulary columns `cols` (all if None) → (T, c)."""
+        w = self.weight if cols is None else self.weight[cols]
+        z = h @ w.T
+        if self.bias is not None:
+            z = z + (self.bias if cols is None else self.bias[cols])
+        return self._post(z)
+
+    def target_logits(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Row-wise logit of token ids[t] at h[t]: (T, d), (T,) → (T,)."""
+        z = (h * self.weight[ids]).sum(-1)
+        if self.bias is not None:
+            z = z + self.bias[ids]
+        return self._post(z)
+
+    def _post(self, z: torch.Tensor) -> torch.Tensor:
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        if self.scale != 1.0:
+            z = z * self.scale
+        return z
+
+    def logsumexp(self, h: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+        """log Σ_v exp(logit_v) for each row of h (T, d) → (T,), over vocabulary chunks."""
+        acc = torch.full((h.shape[0],), -math.inf, dtype=h.dtype, device=h.device)
+        for c0 in range(0, self.vocab_size, chunk):
+            acc = torch.logaddexp(acc, torch.logsumexp(self.logits(h, slice(c0, c0 + chunk)), dim=-1))
+        return acc
+
+    def probs(self, h: torch.Tensor, lse: torch.Tensor, cols: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """π restricted to `cols` (not renormalised): exp(logits − lse), (T, d), (T,) → (T, c)."""
+        return torch.exp(self.logits(h, cols) - lse[:, None])
+
+    def to(self, device: torch.device | str) -> Head:
+        return dataclasses.replace(
+            self, weight=self.weight.to(device), bias=None if self.bias is None else self.bias.to(device)
+        )
+
+
+@dataclass
+class Features:
+    """Per-token features of n samples, flat: sample j owns rows offsets[j]:offsets[j+1].
+
+    Attributes:
+        h: (T, d) unembedding inputs at the scored positions.
+        y: (T,) int64 target token ids.
+        lse: (T,) log-partition of the logits at each scored position.
+        offsets: (n + 1,) int64 row offsets.
+        truncated: number of samples shortened to max_length.
+    """
+
+    h: torch.Tensor
+    y: torch.Tensor
+    lse: torch.Tensor
+    offsets: torch.Tensor
+    truncated: int = 0
+
+    @property
+    def n(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def segment(self) -> torch.Tensor:
+        """(T,) sample index of every token row."""
+        return torch.repeat_interleave(torch.arange(self.n, device=self.offsets.device), self.lengths)
+
+    def select(self, idx: Sequence[int] | torch.Tensor) -> Features:
+        """The features of samples `idx`, in that order."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        lens = self.lengths[idx]
+        offsets = torch.zeros(idx.numel() + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(lens, 0)
+        # row r of the result comes from offsets_self[idx[j]] + (r - offsets[j]) for the j that owns r
+        shift = torch.repeat_interleave(self.offsets[:-1][idx] - offsets[:-1], lens)
+        rows = torch.arange(int(offsets[-1])) + shift
+        return Features(self.h[rows], self.y[rows], self.lse[rows], offsets)
+
+    @staticmethod
+    def concat(parts: Sequence[Features]) -> Features:
+        if not parts:
+            raise ValueError("concat needs at least one Features")
+        lens = torch.cat([p.lengths for p in parts])
+        offsets = torch.zeros(lens.numel() + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(lens, 0)
+        return Features(
+            torch.cat([p.h for p in parts]), torch.cat([p.y for p in parts]), torch.cat([p.lse for p in parts]),
+            offsets, sum(p.truncated for p in parts),
+        )
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenised sample: ids = prompt ids + response ids (+ EOS); positions ≥ score_from are scored."""
+
+    ids: list[int]
+    score_from: int
+    truncated: bool = False
+
+
+def encode(tokenizer, prompt: str, response: str, config: ForwardConfig) -> Encoded:
+    """Tokenises prompt and response separately (a clean boundary) and picks the scored positions.
+
+    Position p predicts ids[p + 1]; with tokens="response" the scored positions are those predicting a
+    response token or the EOS, with tokens="all" every position but the last.
+    """
+    p_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"]) if prompt else []
+    if not p_ids and tokenizer.bos_token_id is not None:
+        p_ids = [tokenizer.bos_token_id]
+    r_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    if config.add_eos and tokenizer.eos_token_id is not None:
+        r_ids.append(tokenizer.eos_token_id)
+    truncated = False
+    over = len(p_ids) + len(r_ids) - config.max_length
+    if over > 0:
+        truncated = True
+        cut = min(over, max(len(p_ids) - 1, 0))  # keep at least one prompt token to predict from
+        p_ids = p_ids[cut:]
+        over -= cut
+        if over > 0:
+            r_ids = r_ids[: len(r_ids) - over]
+    ids = p_ids + r_ids
+    if len(ids) < 2:
+        raise ValueError("a sample needs at least two tokens (prompt + response) to score a position")
+    score_from = 0 if config.tokens == "all" else max(len(p_ids) - 1, 0)
+    return Encoded(ids, score_from, truncated)
+
+
+class _PassThrough(nn.Module):
+    """Stands in for lm_head during a pass: records its input and returns it unchanged (no |V| logits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.captured: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.captured = x
+        return x
+
+
+@contextlib.contextmanager
+def capture_unembedding_input(model: nn.Module) -> Iterator[_PassThrough]:
+    """Within the block, model(...) skips its lm_head and the head's input is in `.captured`."""
+    head = model.get_output_embeddings()
+    probe = _PassThrough()
+    model.set_output_embeddings(probe)
+    try:
+        yield probe
+    finally:
+        model.set_output_embeddings(head)
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int, max_batch: int) -> list[list[int]]:
+    """Length-bucketed batches: sample indices sorted by length (longest first), filled to the budget."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        longest = lengths[cur[0]] if cur else lengths[i]
+        if cur and ((len(cur) + 1) * longest > batch_tokens or len(cur) >= max_batch):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def forward_batch(model: nn.Module, head: Head, batch: Sequence[Encoded], config: ForwardConfig) -> Features:
+    """One padded forward pass over `batch`; returns the features of its scored positions, in batch order."""
+    device = _model_device(model)
+    L = max(len(e.ids) for e in batch)
+    ids = torch.zeros(len(batch), L, dtype=torch.long)
+    mask = torch.zeros(len(batch), L, dtype=torch.long)
+    starts = []
+    for j, e in enumerate(batch):
+        s = L - len(e.ids) if config.padding_side == "left" else 0
+        ids[j, s : s + len(e.ids)] = torch.tensor(e.ids)
+        mask[j, s : s + len(e.ids)] = 1
+        starts.append(s)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with capture_unembedding_input(model) as probe:
+        model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device), use_cache=False)
+    hidden = probe.captured
+    assert hidden is not None and hidden.shape[:2] == (len(batch), L)
+    rows_b, rows_p, targets, lens = [], [], [], []
+    for j, e in enumerate(batch):
+        p = torch.arange(e.score_from, len(e.ids) - 1)
+        rows_b.append(torch.full_like(p, j))
+        rows_p.append(p + starts[j])
+        targets.append(torch.tensor(e.ids[e.score_from + 1 :], dtype=torch.long))
+        lens.append(p.numel())
+    h = hidden[torch.cat(rows_b).to(device), torch.cat(rows_p).to(device)].to(config.dtype)
+    y = torch.cat(targets).to(device)
+    lse = head.logsumexp(h, config.logits_chunk)
+    offsets = torch.zeros(len(batch) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(torch.tensor(lens), 0)
+    return Features(h.cpu(), y.cpu(), lse.cpu(), offsets, sum(e.truncated for e in batch))
+
+
+def iter_features(
+    model: nn.Module, tokenizer, samples: Sequence[tuple[str, str]], config: ForwardConfig,
+    head: Head | None = None, progress: bool = False, desc: str = "forward",
+) -> Iterator[tuple[list[int], Features]]:
+    """Yields (sample indices, their features) batch by batch, longest samples first.
+
+    Args:
+        samples: (prompt, response) pairs.
+        head: the unembedding in config.dtype on the model's device (built from the model if None).
+        progress: show a tqdm bar on stderr with samples/s.
+    """
+    if head is None:
+        head = Head.from_model(model, config.dtype).to(_model_device(model))
+    encoded = [encode(tokenizer, p, r, config) for p, r in samples]
+    batches = plan_batches([len(e.ids) for e in encoded], config.batch_tokens, config.max_batch)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(samples), desc=desc, unit="sample", dynamic_ncols=True, leave=False)
+    try:
+        for b in batches:
+            feats = forward_batch(model, head, [encoded[i] for i in b], config)
+            if bar is not None:
+                bar.update(len(b))
+            yield b, feats
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def extract_features(
+    model: nn.Module, tokenizer, samples: Sequence[tuple[str, str]], config: ForwardConfig,
+    head: Head | None = None, progress: bool = False, desc: str = "forward",
+) -> Features:
+    """All features of `samples`, in input order (see iter_features)."""
+    order: list[int] = []
+    parts: list[Features] = []
+    for idx, feats in iter_features(model, tokenizer, samples, config, head, progress, desc):
+        order.extend(idx)
+        parts.append(feats)
+    if not parts:
+        raise ValueError("extract_features needs at least one sample")
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return Features.concat(parts).select(inverse)

@@ -1,0 +1,96 @@
+"""The forward pass: captured features equal the model's own hidden states and probabilities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from forvalue.indexer.errors import ConfigError
+from forvalue.indexer.forward import ForwardConfig, Head, encode, extract_features, plan_batches
+
+
+def _reference_tokens(model, tokenizer, prompt, response, tokens):
+    """Single-sample pass with the real lm_head: (h, probs, targets) at the scored positions."""
+    enc = encode(tokenizer, prompt, response, ForwardConfig(tokens=tokens))
+    ids = torch.tensor([enc.ids])
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    # Llama's last hidden state is taken after the final norm: the lm_head input
+    h = out.hidden_states[-1][0, enc.score_from : len(enc.ids) - 1]
+    p = torch.softmax(out.logits[0, enc.score_from : len(enc.ids) - 1].double(), -1)
+    return h, p, torch.tensor(enc.ids[enc.score_from + 1 :])
+
+
+@pytest.mark.parametrize("tokens", ["response", "all"])
+def test_features_match_model_outputs(model64, tokenizer, texts, tokens):
+    cfg = ForwardConfig(tokens=tokens, dtype=torch.float64)
+    head = Head.from_model(model64, torch.float64)
+    f = extract_features(model64, tokenizer, texts, cfg)
+    assert f.n == len(texts)
+    for j, (p, r) in enumerate(texts):
+        h, probs, y = _reference_tokens(model64, tokenizer, p, r, tokens)
+        s, e = int(f.offsets[j]), int(f.offsets[j + 1])
+        torch.testing.assert_close(f.h[s:e], h, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(head.probs(f.h[s:e], f.lse[s:e]), probs, atol=1e-10, rtol=1e-10)
+        assert torch.equal(f.y[s:e], y)
+
+
+def test_scored_positions(tokenizer, texts):
+    p, r = texts[0]
+    n_prompt = len(tokenizer(p)["input_ids"])
+    n_resp = len(tokenizer(r, add_special_tokens=False)["input_ids"])
+    resp = encode(tokenizer, p, r, ForwardConfig(tokens="response"))
+    full = encode(tokenizer, p, r, ForwardConfig(tokens="all"))
+    assert len(resp.ids) - 1 - resp.score_from == n_resp + 1  # response tokens + EOS
+    assert resp.ids[-1] == tokenizer.eos_token_id
+    assert len(full.ids) - 1 - full.score_from == n_prompt + n_resp
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("batch_tokens", [1, 40, 100000])
+def test_independent_of_batching_and_padding(model64, tokenizer, texts, padding_side, batch_tokens):
+    ref = extract_features(model64, tokenizer, texts, ForwardConfig(dtype=torch.float64, batch_tokens=1))
+    got = extract_features(
+        model64, tokenizer, texts,
+        ForwardConfig(dtype=torch.float64, batch_tokens=batch_tokens, padding_side=padding_side),
+    )
+    torch.testing.assert_close(got.h, ref.h, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(got.lse, ref.lse, atol=1e-10, rtol=1e-10)
+    assert torch.equal(got.y, ref.y) and torch.equal(got.offsets, ref.offsets)
+
+
+def test_fp32_batching_close(model32, tokenizer, texts):
+    ref = extract_features(model32, tokenizer, texts, ForwardConfig(batch_tokens=1))
+    got = extract_features(model32, tokenizer, texts, ForwardConfig(batch_tokens=10**6, padding_side="left"))
+    torch.testing.assert_close(got.h, ref.h, atol=1e-4, rtol=1e-4)
+
+
+def test_plan_batches_respects_budget():
+    lengths = [5, 17, 3, 9, 17, 2, 30, 8]
+    batches = plan_batches(lengths, batch_tokens=40, max_batch=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 3
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 40
+
+
+def test_truncation_keeps_response(tokenizer):
+    cfg = ForwardConfig(max_length=8)
+    enc = encode(tokenizer, "a long prompt here ->", " ok", cfg)
+    assert len(enc.ids) == 8 and enc.truncated
+    assert enc.ids[-1] == tokenizer.eos_token_id
+    assert len(enc.ids) - 1 - enc.score_from == len(" ok") + 1
+
+
+def test_select_roundtrip(model64, tokenizer, texts):
+    f = extract_features(model64, tokenizer, texts, ForwardConfig(dtype=torch.float64))
+    g = f.select([3, 0, 2])
+    s, e = int(f.offsets[3]), int(f.offsets[4])
+    assert torch.equal(g.h[: e - s], f.h[s:e])
+    assert g.n == 3 and int(g.offsets[-1]) == int(f.lengths[[3, 0, 2]].sum())
+
+
+@pytest.mark.parametrize("bad", [dict(tokens="prompt"), dict(batch_tokens=0), dict(padding_side="up")])
+def test_config_validation(bad):
+    with pytest.raises(ConfigError):
+        ForwardConfig(**bad)
