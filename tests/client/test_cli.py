@@ -1,0 +1,124 @@
+"""The `forvalue` CLI: eval end to end on a tiny model, and bad input → one line + exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from forvalue.client.cli import main
+from forvalue.indexer.examples import write_example
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, model32, tokenizer):
+    d = tmp_path_factory.mktemp("tiny-model")
+    model32.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "example.jsonl"
+    write_example(p, n_classes=3, n_train_per_class=4, n_test_per_class=2, noise=0.25, seed=1)
+    return str(p)
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_help_is_fast_and_lists_commands():
+    r = run("--help")
+    assert r.exit_code == 0 and "eval" in r.output
+
+
+@pytest.mark.parametrize("method", ["exact", "inbatch", "shared", "emb"])
+def test_eval_json_is_one_object(tiny_dir, example, method):
+    r = run("eval", example, "--model", tiny_dir, "--method", method, "--json", "--no-progress")
+    assert r.exit_code == 0, r.stderr
+    rep = json.loads(r.stdout)  # exactly one JSON document: json.loads rejects trailing data
+    assert rep["n_valuation"] == 6 and rep["n_train"] == 12 and rep["method"] == method
+    for key in ("auc_mean", "auc_std", "recall_mean", "recall_std", "seconds", "peak_memory_mb",
+                "clean_auc", "clean_share_top10"):
+        assert key in rep
+
+
+def test_eval_human_output(tiny_dir, example):
+    r = run("eval", example, "--model", tiny_dir, "--tokens", "all", "--no-progress")
+    assert r.exit_code == 0, r.stderr
+    assert "AUC" in r.stdout and "Recall" in r.stdout and "clean AUC" in r.stdout
+
+
+def test_eval_with_separate_train_file(tiny_dir, tmp_path):
+    rows = [json.loads(x) for x in open(write_and_read(tmp_path))]
+    val = tmp_path / "val.jsonl"
+    train = tmp_path / "train.jsonl"
+    val.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "split"}) + "\n"
+                           for r in rows if r["split"] == "test"))
+    train.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "split"}) + "\n"
+                             for r in rows if r["split"] == "train"))
+    r = run("eval", str(val), "--train", str(train), "--model", tiny_dir, "--json", "--no-progress")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["n_train"] == 6
+
+
+def write_and_read(tmp_path):
+    p = tmp_path / "ex.jsonl"
+    write_example(p, n_classes=2, n_train_per_class=3, n_test_per_class=1)
+    return p
+
+
+def _bad(tmp_path, rows):
+    p = tmp_path / "bad.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(p)
+
+
+GOOD = {"prompt": "p", "response": " r", "label": "a", "split": "train"}
+
+
+@pytest.mark.parametrize("rows, needle", [
+    ([GOOD, {"prompt": "p", "label": "a", "split": "test"}], "response"),
+    ([GOOD, {**GOOD, "response": "   ", "split": "test"}], "response"),
+    ([GOOD, {**GOOD, "split": "dev"}], "split"),
+])
+def test_bad_rows_exit_2_naming_row(tmp_path, tiny_dir, rows, needle):
+    path = _bad(tmp_path, rows)
+    r = run("eval", path, "--model", tiny_dir, "--json")
+    assert r.exit_code == 2
+    assert r.stdout == ""
+    line = r.stderr.strip()
+    assert "\n" not in line and path in line and "row 1" in line and needle in line
+
+
+def test_unreadable_file_exit_2(tmp_path, tiny_dir):
+    r = run("eval", str(tmp_path / "nope.jsonl"), "--model", tiny_dir)
+    assert r.exit_code == 2 and "nope.jsonl" in r.stderr
+
+
+def test_missing_model_exit_2(example, tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    r = run("eval", example, "--model", missing)
+    assert r.exit_code == 2 and missing in r.stderr and "Traceback" not in r.stderr
+
+
+def test_example_command_writes_rows(tmp_path):
+    out = tmp_path / "sub" / "ex.jsonl"
+    r = run("example", "--out", str(out), "--classes", "2", "--train-per-class", "2", "--test-per-class", "1")
+    assert r.exit_code == 0
+    assert len(out.read_text().splitlines()) == 6
+
+
+@pytest.mark.slow
+def test_eval_default_model_on_example(tmp_path):
+    """The main job on the real default model: same-class training rows rank first."""
+    p = tmp_path / "ex.jsonl"
+    write_example(p, n_classes=3, n_train_per_class=6, n_test_per_class=2, seed=0)
+    r = run("eval", str(p), "--tokens", "all", "--json", "--no-progress")
+    assert r.exit_code == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["model"] == "SmolLM2-135M-Instruct"
+    assert rep["auc_mean"] > 0.9 and rep["recall_mean"] > 0.7
