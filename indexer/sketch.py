@@ -1,0 +1,192 @@
+"""Structure-aware linear sketches of G = Σ_k (e_{y_k} − π_k) h_kᵀ for the index's first stage.
+
+The sketch of a sample is R G Pᵀ, flattened (m · r values):
+
+    P  (r, d)  the top-r uncentered principal directions of the corpus' hidden states (hidden states are
+               low-rank: a few dozen directions hold nearly all their energy);
+    R  (m, |V|) a signed bucketing of the vocabulary: the tokens that carry most of G's mass in the
+               corpus (targets and predicted tokens) get a bucket each, the long tail is hashed with
+               random signs into the remaining buckets.
+
+Both maps are fitted once per index from (a sample of) the corpus and stored with it. The sketch is
+linear in G, so the sketch of a group is the mean of its members' sketches, and the inner product of two
+sketches estimates <G_v, G_i>: exactly when R and P are identities (tested), closely for the tokens that
+matter otherwise. The first stage only has to put the exact top-k among its top-C candidates; the exact
+re-ranking (score.py) gives the final answer.
+
+`bucket_residuals` computes R(e − π) for every token in one pass over the vocabulary, fused with the
+log-partition, so sketching costs no second pass over the logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+from .forward import Features, Head
+
+
+@dataclass(frozen=True)
+class SketchConfig:
+    """Shape of the first-stage sketch.
+
+    Attributes:
+        rank: r, principal directions of the hidden states kept.
+        buckets: m, vocabulary buckets; the sketch has rank · buckets dims.
+        dedicated: tokens given a bucket of their own (the heaviest in the fit sample); the rest of the
+            vocabulary is hashed into the other buckets. Default: half the buckets.
+        seed: seed of the hashing of the vocabulary tail.
+        fit_samples: samples of the corpus used to fit P and R (the first ones of a seeded shuffle).
+    """
+
+    rank: int = 16
+    buckets: int = 256
+    dedicated: int | None = None
+    seed: int = 0
+    fit_samples: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.buckets < 1 or self.fit_samples < 1:
+            raise ConfigError("rank, buckets and fit_samples must be >= 1")
+        if self.dedicated is not None and not 0 <= self.dedicated <= self.buckets:
+            raise ConfigError(f"dedicated must be between 0 and buckets ({self.buckets}), got {self.dedicated}")
+
+    @property
+    def dim(self) -> int:
+        return self.rank * self.buckets
+
+    @property
+    def n_dedicated(self) -> int:
+        return self.buckets // 2 if self.dedicated is None else self.dedicated
+
+
+@dataclass(frozen=True)
+class Sketcher:
+    """Fitted sketch maps.
+
+    Attributes:
+        projection: (r, d) orthonormal rows P.
+        bucket: (V,) int64 bucket of every vocabulary id.
+        sign: (V,) ±1 sign of every vocabulary id.
+        buckets: m.
+    """
+
+    projection: torch.Tensor
+    bucket: torch.Tensor
+    sign: torch.Tensor
+    buckets: int
+
+    @property
+    def dim(self) -> int:
+        return self.projection.shape[0] * self.buckets
+
+    def sketch(self, feats: Features, head: Head, chunk: int = 16384) -> torch.Tensor:
+        """Sketches of every sample of `feats` → (n, m · r)."""
+        _, r = bucket_residuals(feats.h, feats.y, head, self.bucket, self.sign, self.buckets, chunk)
+        return sketch_from_residuals(feats, r, self.projection)
+
+
+def bucket_residuals(h: torch.Tensor, y: torch.Tensor, head: Head, bucket: torch.Tensor, sign: torch.Tensor,
+                     m: int, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+    """log-partition and R(e_y − π) for every row, in one pass over the vocabulary.
+
+    The π-part is accumulated relative to a running maximum of the logits (as in an online softmax) and
+    rescaled by exp(max − lse) at the end, so each vocabulary chunk's logits are computed once.
+
+    Args:
+        h: (T, d) hidden states; y: (T,) targets; bucket, sign: (V,) the vocabulary map; m: buckets.
+
+    Returns:
+        lse (T,), residuals (T, m).
+    """
+    T = h.shape[0]
+    run_max = torch.full((T,), -math.inf, dtype=h.dtype)
+    total = torch.zeros(T, dtype=h.dtype)        # Σ exp(z − run_max)
+    acc = torch.zeros(T, m, dtype=h.dtype)       # Σ sign · exp(z − run_max), by bucket
+    for c0 in range(0, head.vocab_size, chunk):
+        cols = slice(c0, min(c0 + chunk, head.vocab_size))
+        z = head.logits(h, cols)
+        new_max = torch.maximum(run_max, z.max(dim=1).values)
+        scale = torch.exp(run_max - new_max)
+        e = torch.exp(z - new_max[:, None])
+        total = total * scale + e.sum(1)
+        acc *= scale[:, None]
+        acc.index_add_(1, bucket[cols], e * sign[cols])
+        run_max = new_max
+    lse = run_max + torch.log(total)
+    res = acc * -torch.exp(run_max - lse)[:, None]
+    res[torch.arange(T), bucket[y]] += sign[y]
+    return lse, res
+
+
+def sketch_from_residuals(feats: Features, residuals: torch.Tensor, projection: torch.Tensor,
+                          rows_per_step: int = 2048) -> torch.Tensor:
+    """Σ_k r_k ⊗ (P h_k) per sample, flattened bucket-major → (n, m · r)."""
+    hp = feats.h @ projection.T                                   # (T, r)
+    m, r = residuals.shape[1], hp.shape[1]
+    seg = feats.segment
+    out = torch.zeros(feats.n, m * r, dtype=feats.h.dtype)
+    for a in range(0, hp.shape[0], rows_per_step):
+        b = min(a + rows_per_step, hp.shape[0])
+        outer = (residuals[a:b, :, None] * hp[a:b, None, :]).reshape(b - a, m * r)
+        out.index_add_(0, seg[a:b], outer)
+    return out
+
+
+def reference_sketch(feats: Features, head: Head, sketcher: Sketcher) -> torch.Tensor:
+    """R G Pᵀ built from explicit G, sample by sample (tests only: |V|·d per sample)."""
+    from .score import reference_G
+
+    G = reference_G(feats, head)                                  # (n, V, d)
+    R = torch.zeros(sketcher.buckets, head.vocab_size, dtype=G.dtype)
+    R[sketcher.bucket, torch.arange(head.vocab_size)] = sketcher.sign.to(G.dtype)
+    return torch.stack([(R @ g @ sketcher.projection.T).flatten() for g in G])
+
+
+def fit_projection(h: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-`rank` eigenvectors of hᵀh (uncentered PCA), as rows → (r, d)."""
+    rank = min(rank, h.shape[1])
+    cov = (h.T.double() @ h.double())
+    _, vecs = torch.linalg.eigh(cov)                               # ascending eigenvalues
+    return vecs[:, -rank:].flip(1).T.contiguous().to(h.dtype)
+
+
+def token_mass(feats: Features, head: Head, chunk: int = 16384) -> torch.Tensor:
+    """Σ_k |e_{y_k} − π_k| per vocabulary id over the fit sample: where G's rows carry weight → (V,)."""
+    mass = torch.zeros(head.vocab_size, dtype=torch.float64)
+    for c0 in range(0, head.vocab_size, chunk):
+        cols = slice(c0, min(c0 + chunk, head.vocab_size))
+        mass[cols] += head.probs(feats.h, feats.lse, cols).sum(0).double()
+    # at a target the residual is 1 − π(y); elsewhere π: add the target counts and remove 2π(y) there
+    p_y = torch.exp(head.target_logits(feats.h, feats.y) - feats.lse).double()
+    mass.index_add_(0, feats.y, 1.0 - 2.0 * p_y)
+    return mass
+
+
+def fit_sketcher(feats: Features, head: Head, config: SketchConfig) -> Sketcher:
+    """Fits P and R on the features of a sample of the corpus."""
+    V = head.vocab_size
+    projection = fit_projection(feats.h, config.rank)
+    if projection.shape[0] < config.rank:  # d < rank: pad with zero rows so the dim stays rank · buckets
+        pad = torch.zeros(config.rank - projection.shape[0], projection.shape[1], dtype=projection.dtype)
+        projection = torch.cat([projection, pad])
+    m, e = config.buckets, min(config.n_dedicated, V)
+    g = torch.Generator().manual_seed(config.seed)
+    sign = (torch.randint(0, 2, (V,), generator=g) * 2 - 1).to(feats.h.dtype)
+    if e >= V:
+        bucket = torch.randperm(V, generator=g) % m if V > m else torch.arange(V)
+        if V <= m:
+            sign = torch.ones(V, dtype=feats.h.dtype)
+        return Sketcher(projection, bucket.long(), sign, m)
+    heavy = torch.argsort(token_mass(feats, head), descending=True, stable=True)[:e]
+    tail_buckets = m - e
+    if tail_buckets > 0:
+        bucket = e + torch.randint(0, tail_buckets, (V,), generator=g)
+    else:  # no tail buckets: the tail shares the dedicated ones
+        bucket = torch.randint(0, max(m, 1), (V,), generator=g)
+    bucket[heavy] = torch.arange(e)
+    sign[heavy] = 1.0
+    return Sketcher(projection, bucket.long(), sign, m)
