@@ -289,8 +289,14 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def forward_batch(model: nn.Module, head: Head, batch: Sequence[Encoded], config: ForwardConfig) -> Features:
-    """One padded forward pass over `batch`; returns the features of its scored positions, in batch order."""
+def forward_batch(model: nn.Module, head: Head, batch: Sequence[Encoded], config: ForwardConfig,
+                  with_lse: bool = True) -> Features:
+    """One padded forward pass over `batch`; returns the features of its scored positions, in batch order.
+
+    Args:
+        with_lse: compute the log-partition here; a caller that makes its own pass over the logits
+            (the sketching of an index build) passes False and fills `lse` itself (left empty: NaN).
+    """
     device = _model_device(model)
     L = max(len(e.ids) for e in batch)
     ids = torch.zeros(len(batch), L, dtype=torch.long)
@@ -315,7 +321,7 @@ def forward_batch(model: nn.Module, head: Head, batch: Sequence[Encoded], config
         lens.append(p.numel())
     h = hidden[torch.cat(rows_b).to(device), torch.cat(rows_p).to(device)].to(config.dtype)
     y = torch.cat(targets).to(device)
-    lse = head.logsumexp(h, config.logits_chunk)
+    lse = head.logsumexp(h, config.logits_chunk) if with_lse else torch.full_like(y, math.nan, dtype=h.dtype)
     offsets = torch.zeros(len(batch) + 1, dtype=torch.long)
     offsets[1:] = torch.cumsum(torch.tensor(lens), 0)
     return Features(h.cpu(), y.cpu(), lse.cpu(), offsets, sum(e.truncated for e in batch))
@@ -323,7 +329,7 @@ def forward_batch(model: nn.Module, head: Head, batch: Sequence[Encoded], config
 
 def iter_features(
     model: nn.Module, tokenizer, samples: Sequence[tuple[str, str]], config: ForwardConfig,
-    head: Head | None = None, progress: bool = False, desc: str = "forward",
+    head: Head | None = None, progress: bool = False, desc: str = "forward", with_lse: bool = True,
 ) -> Iterator[tuple[list[int], Features]]:
     """Yields (sample indices, their features) batch by batch, longest samples first.
 
@@ -343,7 +349,7 @@ def iter_features(
         bar = tqdm(total=len(samples), desc=desc, unit="sample", dynamic_ncols=True, leave=False)
     try:
         for b in batches:
-            feats = forward_batch(model, head, [encoded[i] for i in b], config)
+            feats = forward_batch(model, head, [encoded[i] for i in b], config, with_lse)
             if bar is not None:
                 bar.update(len(b))
             yield b, feats

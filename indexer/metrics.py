@@ -180,3 +180,30 @@ def evaluate(
         out["clean_auc"] = auc(v, clean)
         out["clean_share_top10"] = float(clean[top_order(v)[:k]].mean()) if k else math.nan
     return out
+
+
+def _topk_sets(S: np.ndarray, k: int) -> list[set[int]]:
+    return [set(top_order(row)[:k].tolist()) for row in S]
+
+
+def candidate_recall_topk(S_exact: Any, S_approx: Any, k: int, C: int) -> float:
+    """Mean over rows of |exact top-k ∩ approximate top-C| / k: how much of the answer a first stage keeps.
+
+    Args:
+        S_exact, S_approx: (n_rows, n) scores, higher = better (negate both for least-influential).
+    """
+    E, A = np.asarray(S_exact, dtype=np.float64), np.asarray(S_approx, dtype=np.float64)
+    k = min(k, E.shape[1])
+    return float(np.mean([len(e & c) / k for e, c in zip(_topk_sets(E, k), _topk_sets(A, C))]))
+
+
+def fidelity_at_k(S_exact: Any, S_approx: Any, k: int, C: int) -> float:
+    """Mean overlap of the re-ranked top-k (top-C by S_approx, re-ordered by S_exact) with the exact top-k."""
+    E, A = np.asarray(S_exact, dtype=np.float64), np.asarray(S_approx, dtype=np.float64)
+    k = min(k, E.shape[1])
+    out = []
+    for e_row, a_row in zip(E, A):
+        cand = top_order(a_row)[:C]
+        reranked = cand[top_order(e_row[cand])[:k]]
+        out.append(len(set(reranked.tolist()) & set(top_order(e_row)[:k].tolist())) / k)
+    return float(np.mean(out))

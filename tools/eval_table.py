@@ -17,9 +17,11 @@ import torch
 from forvalue.indexer import metrics
 from forvalue.indexer.data import load_eval_sets
 from forvalue.indexer.evaluate import peak_rss_mb
-from forvalue.indexer.forward import ForwardConfig, Head, extract_features
+from forvalue.indexer.forward import Head
 from forvalue.indexer.model import load_model
 from forvalue.indexer.score import METHODS, ScoreConfig, scores
+
+from common import cached_exact, cached_features
 
 TASKS = ("grammars", "math_with_reason", "math_without_reason")
 
@@ -32,6 +34,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="all,response")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--markdown", default=None)
+    ap.add_argument("--features-cache", default=None, help="folder to keep features and exact scores in")
     args = ap.parse_args()
 
     lm = load_model(args.model)
@@ -40,14 +43,17 @@ def main() -> None:
     for task in args.tasks.split(","):
         valuation, train = load_eval_sets(Path(args.datainf) / task)
         for tokens in args.tokens.split(","):
-            cfg = ForwardConfig(tokens=tokens)
+            cache = Path(args.features_cache) if args.features_cache else None
             t0 = time.perf_counter()
-            fv = extract_features(lm.model, lm.tokenizer, [(s.prompt, s.response) for s in valuation], cfg, head)
-            ft = extract_features(lm.model, lm.tokenizer, [(s.prompt, s.response) for s in train], cfg, head)
+            fv = cached_features(lm, head, valuation, tokens, cache, f"{task}-valuation")
+            ft = cached_features(lm, head, train, tokens, cache, f"{task}-train")
             fwd_s = time.perf_counter() - t0
             for method in args.methods.split(","):
                 t1 = time.perf_counter()
-                S = scores(fv, ft, head, ScoreConfig(method=method))
+                if method == "exact":
+                    S = cached_exact(fv, ft, head, cache, f"{task}-{tokens}")
+                else:
+                    S = scores(fv, ft, head, ScoreConfig(method=method))
                 rep = metrics.evaluate(S.double().numpy(), [s.label for s in valuation], [s.label for s in train])
                 row = {"task": task, "tokens": tokens, "method": method, "auc": rep["auc_mean"],
                        "auc_std": rep["auc_std"], "recall": rep["recall_mean"], "recall_std": rep["recall_std"],

@@ -174,3 +174,15 @@ def test_evaluate_shape_errors():
         evaluate(np.zeros((1, 3)), ["a"], ["a", "b", "c"], train_clean=[True])
     with pytest.raises(ValueError, match="NaN"):
         evaluate(np.full((1, 2), math.nan), ["a"], ["a", "b"])
+
+
+def test_candidate_recall_and_fidelity():
+    from forvalue.indexer.metrics import candidate_recall_topk, fidelity_at_k
+
+    exact = np.array([[5.0, 4.0, 3.0, 2.0, 1.0]])
+    approx = np.array([[1.0, 5.0, 4.0, 3.0, 2.0]])  # exact #1 ranked last by the first stage
+    assert candidate_recall_topk(exact, approx, 2, 2) == 0.5
+    assert fidelity_at_k(exact, approx, 2, 2) == 0.5
+    assert candidate_recall_topk(exact, approx, 2, 5) == 1.0
+    assert fidelity_at_k(exact, approx, 2, 5) == 1.0
+    assert fidelity_at_k(exact, exact, 3, 3) == 1.0

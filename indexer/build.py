@@ -1,0 +1,249 @@
+"""Offline index builds: corpus → fitted sketch maps → shards (sketch + re-rank data + metadata) → FAISS.
+
+A build is resumable: its directory is keyed by everything that determines its content (model and
+tokenizer fingerprints, token scope, sketch parameters, the corpus itself), every shard is written
+atomically (store.py), and a rerun skips finished shards. The sketch maps are fitted first, from a seeded
+sample of the corpus, and stored before any shard is written, so every shard of a build uses the same
+maps, and `add` reuses them for new samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import __version__
+from .data import Sample
+from .errors import ConfigError, DataError, IndexMismatchError
+from .forward import TOKEN_SCOPES, Features, ForwardConfig, Head, iter_features
+from .model import LoadedModel
+from .sketch import SketchConfig, Sketcher, bucket_residuals, fit_sketcher, sketch_from_residuals
+from .store import Build, IndexRoot, Version
+
+RERANK_DTYPES = {"float32": np.float32, "float16": np.float16}
+MAP_FILES = ("projection.npy", "vocab_bucket.npy", "vocab_sign.npy")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What an index build computes.
+
+    Attributes:
+        tokens: scored positions, "response" or "all" (see ForwardConfig).
+        sketch: the first-stage sketch shape.
+        shard_size: samples per shard (the unit of resumption).
+        rerank_dtype: storage of the hidden states kept for exact re-ranking: "float32" (exact) or
+            "float16" (half the bytes; scores then differ from exact in the 3rd-4th digit).
+        max_length, batch_tokens: as in ForwardConfig.
+    """
+
+    tokens: str = "response"
+    sketch: SketchConfig = field(default_factory=SketchConfig)
+    shard_size: int = 1024
+    rerank_dtype: str = "float32"
+    max_length: int = 2048
+    batch_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.tokens not in TOKEN_SCOPES:
+            raise ConfigError(f"tokens must be one of {TOKEN_SCOPES}, got {self.tokens!r}")
+        if self.shard_size < 1:
+            raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.rerank_dtype not in RERANK_DTYPES:
+            raise ConfigError(f"rerank_dtype must be one of {sorted(RERANK_DTYPES)}, got {self.rerank_dtype!r}")
+
+    def forward(self) -> ForwardConfig:
+        return ForwardConfig(tokens=self.tokens, max_length=self.max_length, batch_tokens=self.batch_tokens)
+
+
+def corpus_fingerprint(samples: Sequence[Sample]) -> str:
+    """sha256 over ids, prompts and responses, in order."""
+    h = hashlib.sha256()
+    for s in samples:
+        for part in (s.id, s.prompt, s.response):
+            b = part.encode("utf-8")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+    return h.hexdigest()
+
+
+def _sketch_params(cfg: SketchConfig) -> dict:
+    return dataclasses.asdict(cfg) | {"dim": cfg.dim, "n_dedicated": cfg.n_dedicated}
+
+
+def _params(lm: LoadedModel, config: BuildConfig) -> dict:
+    return {
+        "model": {"name": lm.name, "fingerprint": lm.fingerprint, "tokenizer_fingerprint": lm.tokenizer_fingerprint,
+                  "vocab_size": int(lm.model.get_output_embeddings().weight.shape[0]),
+                  "hidden_size": int(lm.model.get_output_embeddings().weight.shape[1])},
+        "tokens": config.tokens, "max_length": config.max_length, "add_eos": True,
+        "sketch": _sketch_params(config.sketch), "rerank_dtype": config.rerank_dtype,
+    }
+
+
+def _row_metadata(s: Sample) -> dict:
+    row = {"id": s.id, "prompt": s.prompt, "response": s.response}
+    if s.label is not None:
+        row["label"] = s.label
+    if s.clean is not None:
+        row["clean"] = s.clean
+    if s.split is not None:
+        row["split"] = s.split
+    if s.meta:
+        row["meta"] = s.meta
+    return row
+
+
+def fit_maps(lm: LoadedModel, head: Head, samples: Sequence[Sample], config: BuildConfig) -> Sketcher:
+    """Fits the sketch maps on a seeded sample of `samples`."""
+    g = torch.Generator().manual_seed(config.sketch.seed)
+    order = torch.randperm(len(samples), generator=g)[: config.sketch.fit_samples].sort().values.tolist()
+    pairs = [(samples[i].prompt, samples[i].response) for i in order]
+    parts = [f for _, f in iter_features(lm.model, lm.tokenizer, pairs, config.forward(), head)]
+    return fit_sketcher(Features.concat(parts), head, config.sketch)
+
+
+def _save_maps(build: Build, sk: Sketcher) -> None:
+    build.put_array("projection.npy", sk.projection.float().numpy())
+    build.put_array("vocab_bucket.npy", sk.bucket.numpy().astype(np.int64))
+    build.put_array("vocab_sign.npy", sk.sign.float().numpy())
+
+
+def load_maps(arrays: dict[str, np.ndarray], buckets: int) -> Sketcher:
+    return Sketcher(torch.from_numpy(np.array(arrays["projection.npy"])),
+                    torch.from_numpy(np.array(arrays["vocab_bucket.npy"])).long(),
+                    torch.from_numpy(np.array(arrays["vocab_sign.npy"])), buckets)
+
+
+def encode_shard(lm: LoadedModel, head: Head, sk: Sketcher, samples: Sequence[Sample], config: BuildConfig,
+                 bar=None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, list[dict]]:
+    """Forward pass + sketch for one shard → (per-sample arrays, per-token arrays, token offsets, metadata
+    rows), in sample order."""
+    pairs = [(s.prompt, s.response) for s in samples]
+    order: list[int] = []
+    parts: list[Features] = []
+    sketches: list[torch.Tensor] = []
+    for idx, f in iter_features(lm.model, lm.tokenizer, pairs, config.forward(), head, with_lse=False):
+        lse, res = bucket_residuals(f.h, f.y, head, sk.bucket, sk.sign, sk.buckets)
+        f.lse = lse
+        sketches.append(sketch_from_residuals(f, res, sk.projection))
+        parts.append(f)
+        order.extend(idx)
+        if bar is not None:
+            bar.update(len(idx))
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    feats = Features.concat(parts).select(inverse)
+    sketch = torch.cat(sketches)[inverse]
+    arrays = {"sketch": sketch.float().numpy()}
+    tokens = {
+        "h": feats.h.numpy().astype(RERANK_DTYPES[config.rerank_dtype]),
+        "y": feats.y.numpy().astype(np.int32),
+        "lse": feats.lse.float().numpy(),
+    }
+    return arrays, tokens, feats.offsets.numpy().astype(np.int64), [_row_metadata(s) for s in samples]
+
+
+def _build_faiss(build: Build, n_shards: int) -> dict:
+    from .ann import SketchIndex, faiss_version
+
+    index = None
+    for i in range(n_shards):
+        x = np.ascontiguousarray(build.read_shard_array(i, "sketch"), dtype=np.float32)
+        if index is None:
+            index = SketchIndex(x.shape[1])
+        index.add(x)
+    assert index is not None
+    build.put_bytes("index.faiss", index.to_bytes())
+    return {"kind": index.kind, "ntotal": int(index.ntotal), "faiss_version": faiss_version(), "device": index.device}
+
+
+def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: BuildConfig = BuildConfig(),
+                progress: bool = False, base: Version | None = None) -> str:
+    """Builds (or resumes) an index version over `samples` and publishes it; returns the version name.
+
+    Args:
+        base: for `add`: a published version whose maps and shards are reused; `samples` are appended.
+    """
+    idx_root = IndexRoot(root)
+    params = _params(lm, config)
+    if base is not None:
+        _check_compatible(base.manifest, params)
+        old_ids = {str(r["id"]) for r in base.rows(np.arange(base.n))}
+        dup = next((s for s in samples if s.id in old_ids), None)
+        if dup is not None:
+            raise DataError(f"id {dup.id!r} is already in index version {base.name}; give new samples new ids "
+                            "(or delete the old sample first)", path=dup.source or None, row=dup.row if dup.row >= 0 else None)
+    key_src = json.dumps({"params": params, "corpus": corpus_fingerprint(samples),
+                          "base": base.name if base is not None else None}, sort_keys=True)
+    build = idx_root.open_build(hashlib.sha256(key_src.encode()).hexdigest()[:24])
+    device = next(lm.model.parameters()).device
+    head = Head.from_model(lm.model).to(device)
+    t0 = time.perf_counter()
+
+    if base is not None:
+        maps = {n: base.global_array(n) for n in MAP_FILES}
+        sk = load_maps(maps, config.sketch.buckets)
+        first = len(base.manifest["shards"])
+        if not build.has_file("projection.npy"):
+            build.link_shards_from(base, 0)
+            _save_maps(build, sk)
+    else:
+        first = 0
+        if build.has_file("projection.npy"):
+            sk = load_maps({n: build.read_array(n) for n in MAP_FILES}, config.sketch.buckets)
+        else:
+            sk = fit_maps(lm, head, samples, config)
+            _save_maps(build, sk)
+
+    n_new = (len(samples) + config.shard_size - 1) // config.shard_size
+    done = set(build.done_shards())
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        todo = sum(min(config.shard_size, len(samples) - j * config.shard_size)
+                   for j in range(n_new) if first + j not in done)
+        bar = tqdm(total=todo, desc="index", unit="sample", dynamic_ncols=True)
+    try:
+        for j in range(n_new):
+            if first + j in done:
+                continue
+            chunk = samples[j * config.shard_size : (j + 1) * config.shard_size]
+            arrays, tokens, offsets, rows = encode_shard(lm, head, sk, chunk, config, bar)
+            build.write_shard(first + j, arrays, rows, token_arrays=tokens, offsets=offsets)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    n_shards = first + n_new
+    faiss_info = _build_faiss(build, n_shards)
+    counts = [int(build.read_shard_array(i, "offsets").shape[0] - 1) for i in range(n_shards)]
+    manifest = {
+        **params,
+        "forvalue_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "corpus_fingerprint": corpus_fingerprint(samples),
+        "base_version": base.name if base is not None else None,
+        "n_samples": sum(counts),
+        "shard_sizes": counts,
+        "index": faiss_info,
+        "build_seconds": round(time.perf_counter() - t0, 2),
+    }
+    return idx_root.publish(build, manifest)
+
+
+def _check_compatible(manifest: dict, params: dict) -> None:
+    for key in ("model", "tokens", "max_length", "sketch", "rerank_dtype"):
+        if manifest.get(key) != params.get(key):
+            raise IndexMismatchError(
+                f"cannot add to this index: its {key} is {manifest.get(key)!r}, the new samples would use "
+                f"{params.get(key)!r}; use the same model and options, or build a new index"
+            )
