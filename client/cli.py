@@ -98,12 +98,18 @@ def main(verbose: bool) -> None:
                    "(training targets); emb: the Emb baseline (alpha = 1).")
 @click.option("--memory-mb", type=click.IntRange(16), default=1024, show_default=True,
               help="Working-memory budget of the scoring step.")
+@click.option("--index", "index_dir", default=None,
+              help="Evaluate through this index (its rows are the training set): adds fidelity_top10 and "
+                   "candidate_recall of the first stage.")
+@click.option("--rerank", type=click.IntRange(1), default=100, show_default=True,
+              help="With --index: first-stage candidates scored exactly.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @field_options
 @handle_errors
-def eval_cmd(data, train_path, model_path, tokens, max_length, batch_tokens, device, method, memory_mb, as_json,
-             no_progress, prompt_field, response_field, label_field, split_field, clean_field, id_field):
+def eval_cmd(data, train_path, model_path, tokens, max_length, batch_tokens, device, method, memory_mb, index_dir,
+             rerank, as_json, no_progress, prompt_field, response_field, label_field, split_field, clean_field,
+             id_field):
     """Evaluate For-Value on labelled data: AUC and Recall of same-label training rows.
 
     DATA is a JSONL/Parquet file with prompt, response, label and split (train|test) per row; or a
@@ -117,6 +123,9 @@ def eval_cmd(data, train_path, model_path, tokens, max_length, batch_tokens, dev
     from forvalue.indexer.score import ScoreConfig
 
     fields = _fields(prompt_field, response_field, label_field, split_field, clean_field, id_field)
+    if index_dir is not None:
+        _eval_through_index(data, index_dir, model_path, device, rerank, as_json, no_progress, fields)
+        return
     fwd = ForwardConfig(tokens=tokens, max_length=max_length, batch_tokens=batch_tokens)
     score = ScoreConfig(method=method, memory_mb=memory_mb)
     valuation, train = load_eval_sets(data, train_path, fields)
@@ -129,6 +138,36 @@ def eval_cmd(data, train_path, model_path, tokens, max_length, batch_tokens, dev
         click.echo(json.dumps(_jsonable(report), sort_keys=True))
         return
     click.echo(_format_report(report))
+
+
+def _eval_through_index(data, index_dir, model_path, device, rerank, as_json, no_progress, fields):
+    from forvalue.indexer.data import load_valuation_set
+    from forvalue.indexer.evaluate import run_index_eval
+    from forvalue.indexer.index import Index
+    from forvalue.indexer.model import load_model
+
+    valuation = load_valuation_set(data, fields, require=("label",))
+    t0 = time.perf_counter()
+    lm = load_model(model_path, device=device)
+    index = Index.open(index_dir, lm)
+    load_seconds = time.perf_counter() - t0
+    report = {"data": str(data), "index": str(index_dir),
+              **run_index_eval(index, valuation, rerank=rerank, progress=not no_progress), "load_seconds": load_seconds}
+    if as_json:
+        click.echo(json.dumps(_jsonable(report), sort_keys=True))
+        return
+    f = lambda x: "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3f}"  # noqa: E731
+    click.echo("\n".join([
+        f"data        {report['data']}",
+        f"index       {report['index']} ({report['index_version']}, {report['n_train']} samples, "
+        f"sketch {report['sketch_dim']} dims, rerank {report['rerank']})",
+        f"AUC         {f(report['auc_mean'])} through the index, {f(report['exact_auc_mean'])} exact",
+        f"Recall      {f(report['recall_mean'])} through the index, {f(report['exact_recall_mean'])} exact",
+        f"fidelity    top-10 most {f(report['fidelity_top10_most'])}, least {f(report['fidelity_top10_least'])}",
+        f"candidates  recall of the exact top-10: most {f(report['candidate_recall_most'])}, "
+        f"least {f(report['candidate_recall_least'])}",
+        f"time        {report['seconds']:.1f} s   peak memory {report['peak_memory_mb']:.0f} MiB",
+    ]))
 
 
 def _jsonable(obj):
@@ -157,6 +196,140 @@ def _format_report(r: dict) -> str:
         f"scores {r['score_seconds']:.1f} s)   peak memory {r['peak_memory_mb']:.0f} MiB"
     )
     return "\n".join(lines)
+
+
+@main.group("index")
+def index_group() -> None:
+    """Build, extend and inspect influence indexes."""
+
+
+def sketch_options(fn):
+    opts = [
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the vocabulary hashing."),
+        click.option("--fit-samples", type=click.IntRange(1), default=2000, show_default=True,
+                     help="Samples of the corpus used to fit the sketch maps."),
+        click.option("--rerank-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+                     show_default=True, help="Storage of the hidden states kept for exact re-ranking."),
+        click.option("--shard-size", type=click.IntRange(1), default=1024, show_default=True,
+                     help="Samples per shard (the unit a killed build resumes from)."),
+        click.option("--rank", type=click.IntRange(1), default=8, show_default=True,
+                     help="Principal directions of the hidden states in the sketch."),
+        click.option("--dim", type=click.IntRange(1), default=4096, show_default=True,
+                     help="First-stage sketch dimension (rank x vocabulary buckets); 4 bytes each."),
+    ]
+    for opt in opts:
+        fn = opt(fn)
+    return fn
+
+
+def _build_config(tokens, max_length, batch_tokens, dim, rank, shard_size, rerank_dtype, fit_samples, seed):
+    from forvalue.indexer.build import BuildConfig
+    from forvalue.indexer.errors import ConfigError
+    from forvalue.indexer.sketch import SketchConfig
+
+    if dim % rank:
+        raise ConfigError(f"--dim ({dim}) must be a multiple of --rank ({rank})")
+    sketch = SketchConfig(rank=rank, buckets=dim // rank, seed=seed, fit_samples=fit_samples)
+    return BuildConfig(tokens=tokens, sketch=sketch, shard_size=shard_size, rerank_dtype=rerank_dtype,
+                       max_length=max_length, batch_tokens=batch_tokens)
+
+
+def _train_rows(data, fields, split):
+    from forvalue.indexer.data import read_samples
+    from forvalue.indexer.errors import DataError
+
+    samples = read_samples(data, fields)
+    if split is not None:
+        samples = [s for s in samples if s.split == split]
+        if not samples:
+            raise DataError(f"no rows with split {split!r}", path=str(data))
+    return samples
+
+
+@index_group.command("build")
+@click.option("--data", required=True, help="Training corpus: JSONL, Parquet or one *.hf directory.")
+@click.option("--out", "out_dir", required=True, help="Index directory (created; new versions go beside old ones).")
+@click.option("--split", default=None, help="Index only the rows with this split value (e.g. train).")
+@model_options
+@sketch_options
+@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@field_options
+@handle_errors
+def index_build_cmd(data, out_dir, split, model_path, tokens, max_length, batch_tokens, device, dim, rank, shard_size,
+                    rerank_dtype, fit_samples, seed, no_progress, prompt_field, response_field, label_field,
+                    split_field, clean_field, id_field):
+    """Build a new index version over a training corpus and make it CURRENT (resumes a killed build)."""
+    from forvalue.indexer.build import build_index
+    from forvalue.indexer.model import load_model
+    from forvalue.indexer.store import IndexRoot
+
+    fields = _fields(prompt_field, response_field, label_field, split_field, clean_field, id_field)
+    config = _build_config(tokens, max_length, batch_tokens, dim, rank, shard_size, rerank_dtype, fit_samples, seed)
+    samples = _train_rows(data, fields, split)
+    lm = load_model(model_path, device=device)
+    name = build_index(out_dir, samples, lm, config, progress=not no_progress)
+    _print_summary(IndexRoot(out_dir).load(name, verify=False).manifest, name)
+
+
+@index_group.command("add")
+@click.option("--index", "index_dir", required=True, help="Index directory to extend.")
+@click.option("--data", required=True, help="New samples: JSONL, Parquet or one *.hf directory.")
+@click.option("--split", default=None, help="Add only the rows with this split value.")
+@click.option("--model", "model_path", default=None, help="The model the index was built with [default model].")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-tokens", type=click.IntRange(1), default=4096, show_default=True)
+@click.option("--no-progress", is_flag=True)
+@field_options
+@handle_errors
+def index_add_cmd(index_dir, data, split, model_path, device, batch_tokens, no_progress, prompt_field, response_field,
+                  label_field, split_field, clean_field, id_field):
+    """Append samples as a new version, with the same vocabulary map and sketch parameters."""
+    from forvalue.indexer.build import BuildConfig, build_index
+    from forvalue.indexer.model import load_model
+    from forvalue.indexer.sketch import SketchConfig
+    from forvalue.indexer.store import IndexRoot
+
+    root = IndexRoot(index_dir)
+    base = root.load()
+    m = base.manifest
+    sk = m["sketch"]
+    config = BuildConfig(
+        tokens=m["tokens"], max_length=m["max_length"], rerank_dtype=m["rerank_dtype"], batch_tokens=batch_tokens,
+        sketch=SketchConfig(rank=sk["rank"], buckets=sk["buckets"], dedicated=sk["dedicated"], seed=sk["seed"],
+                            fit_samples=sk["fit_samples"]),
+    )
+    fields = _fields(prompt_field, response_field, label_field, split_field, clean_field, id_field)
+    samples = _train_rows(data, fields, split)
+    lm = load_model(model_path, device=device)
+    name = build_index(index_dir, samples, lm, config, progress=not no_progress, base=base)
+    _print_summary(root.load(name, verify=False).manifest, name)
+
+
+@index_group.command("info")
+@click.argument("index_dir")
+@click.option("--version", "version", default=None, help="A version name [default: CURRENT].")
+@click.option("--files", is_flag=True, help="Also list every file with its sha256.")
+@click.option("--no-verify", is_flag=True, help="Skip the checksum verification of every file.")
+@handle_errors
+def index_info_cmd(index_dir, version, files, no_verify):
+    """Print the manifest of an index version (verified against its checksums) as JSON."""
+    from forvalue.indexer.store import IndexRoot
+
+    root = IndexRoot(index_dir)
+    v = root.load(version, verify=not no_verify)
+    m = dict(v.manifest)
+    if not files:
+        m.pop("files", None)
+    m["version"] = v.name
+    m["current"] = root.current()
+    m["versions"] = root.versions()
+    click.echo(json.dumps(m, indent=2, sort_keys=True))
+
+
+def _print_summary(m: dict, name: str) -> None:
+    click.echo(json.dumps({"version": name, "n_samples": m["n_samples"], "tokens": m["tokens"],
+                           "sketch_dim": m["sketch"]["dim"], "index": m["index"],
+                           "build_seconds": m["build_seconds"]}, sort_keys=True))
 
 
 @main.command("example")

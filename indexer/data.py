@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields as dc_fields, replace
 from pathlib import Path
 from typing import Any
@@ -203,6 +203,27 @@ def load_eval_sets(
     if not training:
         raise DataError("no training rows (split train); add some or pass train=...", path=where_train)
     return valuation, training
+
+
+def load_valuation_set(path: str | os.PathLike[str], fields: FieldMap = FieldMap(),
+                       require: Sequence[str] = ()) -> list[Sample]:
+    """The valuation rows of `path`: the test part of a DataInf prefix, the split test rows of a file with
+    a split column, or every row of a file without one.
+
+    Raises:
+        DataError: a row is invalid or no valuation row is left.
+    """
+    p = Path(path)
+    parts = _datainf_parts(p)
+    if parts is not None:
+        samples = _with_split(read_samples(dict(parts)["test"], fields, require=tuple(require)), "test")
+    else:
+        samples = read_samples(p, fields, require=tuple(require))
+        if any(s.split is not None for s in samples):
+            samples = [s for s in samples if s.split == "test"]
+    if not samples:
+        raise DataError("no valuation rows (split test)", path=str(p))
+    return samples
 
 
 def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any] | Sample]) -> int:

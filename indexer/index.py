@@ -131,7 +131,7 @@ class Index:
     def sketch_scores(self, features: Features) -> torch.Tensor:
         """First-stage scores of every training row for each query row → (nq, n)."""
         q = self.sketcher.sketch(features, self._cpu_head)
-        X = torch.cat([torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in self.version.shard_arrays("sketch")])
+        X = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.float32) for a in self.version.shard_arrays("sketch")]))
         return q @ X.T
 
     def score_all(self, features: Features, block: int = 512) -> torch.Tensor:

@@ -122,3 +122,34 @@ def test_eval_default_model_on_example(tmp_path):
     rep = json.loads(r.stdout)
     assert rep["model"] == "SmolLM2-135M-Instruct"
     assert rep["auc_mean"] > 0.9 and rep["recall_mean"] > 0.7
+
+
+def test_index_build_info_eval(tiny_dir, example, tmp_path):
+    out = str(tmp_path / "idx")
+    r = run("index", "build", "--data", example, "--split", "train", "--out", out, "--model", tiny_dir,
+            "--dim", "128", "--rank", "4", "--shard-size", "5", "--no-progress")
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["version"] == "v000001" and summary["n_samples"] == 12 and summary["sketch_dim"] == 128
+    info = json.loads(run("index", "info", out).stdout)
+    assert info["version"] == info["current"] == "v000001" and info["model"]["name"] == tiny_dir
+    assert "files" not in info
+    r = run("eval", example, "--index", out, "--model", tiny_dir, "--rerank", "12", "--json", "--no-progress")
+    assert r.exit_code == 0, r.stderr
+    rep = json.loads(r.stdout)
+    # rerank = every row: the index's answers are exact For-Value's
+    assert rep["fidelity_top10_most"] == rep["fidelity_top10_least"] == 1.0
+    assert abs(rep["auc_mean"] - rep["exact_auc_mean"]) < 1e-9
+
+
+def test_index_add_and_bad_dim(tiny_dir, example, tmp_path):
+    out = str(tmp_path / "idx")
+    assert run("index", "build", "--data", example, "--split", "train", "--out", out, "--model", tiny_dir,
+               "--dim", "64", "--rank", "4", "--no-progress").exit_code == 0
+    r = run("index", "add", "--index", out, "--data", example, "--split", "test", "--model", tiny_dir, "--no-progress")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["n_samples"] == 18
+    r = run("index", "build", "--data", example, "--out", out, "--model", tiny_dir, "--dim", "65", "--rank", "4")
+    assert r.exit_code == 2 and "--dim" in r.stderr
+    r = run("index", "info", str(tmp_path / "nothing"))
+    assert r.exit_code == 2
