@@ -25,7 +25,11 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/forvalue example --out $(OUT)/example.jsonl
+	# exact For-Value: are the training rows of each valuation row's own class the most valuable?
 	$(BIN)/forvalue eval $(OUT)/example.jsonl --tokens all
+	# the influence index over the training rows, then the same evaluation through it
+	$(BIN)/forvalue index build --data $(OUT)/example.jsonl --split train --out $(OUT)/index --tokens all
+	$(BIN)/forvalue eval $(OUT)/example.jsonl --index $(OUT)/index --rerank 50
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -212,7 +212,7 @@ def sketch_options(fn):
                      show_default=True, help="Storage of the hidden states kept for exact re-ranking."),
         click.option("--shard-size", type=click.IntRange(1), default=1024, show_default=True,
                      help="Samples per shard (the unit a killed build resumes from)."),
-        click.option("--rank", type=click.IntRange(1), default=8, show_default=True,
+        click.option("--rank", type=click.IntRange(1), default=4, show_default=True,
                      help="Principal directions of the hidden states in the sketch."),
         click.option("--dim", type=click.IntRange(1), default=4096, show_default=True,
                      help="First-stage sketch dimension (rank x vocabulary buckets); 4 bytes each."),

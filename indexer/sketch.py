@@ -42,8 +42,8 @@ class SketchConfig:
         fit_samples: samples of the corpus used to fit P and R (the first ones of a seeded shuffle).
     """
 
-    rank: int = 16
-    buckets: int = 256
+    rank: int = 4
+    buckets: int = 1024
     dedicated: int | None = None
     seed: int = 0
     fit_samples: int = 2000
