@@ -153,3 +153,49 @@ def test_index_add_and_bad_dim(tiny_dir, example, tmp_path):
     assert r.exit_code == 2 and "--dim" in r.stderr
     r = run("index", "info", str(tmp_path / "nothing"))
     assert r.exit_code == 2
+
+
+def test_index_build_killed_then_resumed_equals_clean(tiny_dir, tmp_path):
+    """kill -9 a real `forvalue index build` after some shards; the rerun resumes and equals a clean build."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    from forvalue.indexer.store import IndexRoot
+
+    data = tmp_path / "train.jsonl"
+    write_example(data, n_classes=4, n_train_per_class=25, n_test_per_class=1)
+    args = ["index", "build", "--data", str(data), "--split", "train", "--model", tiny_dir, "--dim", "64",
+            "--rank", "4", "--shard-size", "4", "--no-progress"]
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-c", "from forvalue.client.cli import main; main()", *args, "--out", str(killed)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    done = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = list(killed.glob("builds/*/shards/[0-9]*/_DONE.json"))
+        if len(done) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the build finished before it could be killed; make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "CURRENT").exists() and len(done) >= 3
+    kept = {d.parent.name: os.stat(d).st_ino for d in done}
+
+    r = run(*args, "--out", str(killed))
+    assert r.exit_code == 0, r.stderr
+    assert run(*args, "--out", str(tmp_path / "clean")).exit_code == 0
+    a, b = IndexRoot(str(killed)).load(), IndexRoot(str(tmp_path / "clean")).load()
+    assert a.n == b.n == 100
+    ids_a = [row["id"] for row in a.rows(np.arange(a.n))]
+    assert ids_a == [row["id"] for row in b.rows(np.arange(b.n))] and len(set(ids_a)) == 100
+    np.testing.assert_allclose(a.array("sketch"), b.array("sketch"), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a.token_rows(np.arange(100))["h"], b.token_rows(np.arange(100))["h"], rtol=1e-5, atol=1e-5)
+    assert not list(killed.glob("builds/*"))  # the finished build was published, nothing left behind
+    for shard, inode in kept.items():  # shards finished before the kill were reused, not recomputed
+        assert os.stat(a.path / "shards" / shard / "_DONE.json").st_ino == inode
