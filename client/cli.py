@@ -320,6 +320,9 @@ def index_info_cmd(index_dir, version, files, no_verify):
     m = dict(v.manifest)
     if not files:
         m.pop("files", None)
+    from forvalue.indexer.build import storage_summary
+
+    m["storage"] = storage_summary(v.manifest)
     m["version"] = v.name
     m["current"] = root.current()
     m["versions"] = root.versions()
@@ -327,8 +330,10 @@ def index_info_cmd(index_dir, version, files, no_verify):
 
 
 def _print_summary(m: dict, name: str) -> None:
+    from forvalue.indexer.build import storage_summary
+
     click.echo(json.dumps({"version": name, "n_samples": m["n_samples"], "tokens": m["tokens"],
-                           "sketch_dim": m["sketch"]["dim"], "index": m["index"],
+                           "sketch_dim": m["sketch"]["dim"], "index": m["index"], "storage": storage_summary(m),
                            "build_seconds": m["build_seconds"]}, sort_keys=True))
 
 

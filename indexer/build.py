@@ -151,18 +151,13 @@ def encode_shard(lm: LoadedModel, head: Head, sk: Sketcher, samples: Sequence[Sa
     return arrays, tokens, feats.offsets.numpy().astype(np.int64), [_row_metadata(s) for s in samples]
 
 
-def _build_faiss(build: Build, n_shards: int) -> dict:
-    from .ann import SketchIndex, faiss_version
+def _first_stage_info(dim: int, n: int) -> dict:
+    """What the manifest records of the first stage. A flat index is exact search over the shards'
+    sketch arrays, so it is not stored a second time: loading builds it from them (checksummed)."""
+    from .ann import faiss_version, gpu_available
 
-    index = None
-    for i in range(n_shards):
-        x = np.ascontiguousarray(build.read_shard_array(i, "sketch"), dtype=np.float32)
-        if index is None:
-            index = SketchIndex(x.shape[1])
-        index.add(x)
-    assert index is not None
-    build.put_bytes("index.faiss", index.to_bytes())
-    return {"kind": index.kind, "ntotal": int(index.ntotal), "faiss_version": faiss_version(), "device": index.device}
+    return {"kind": "flat-ip", "ntotal": n, "dim": dim, "stored": False, "faiss_version": faiss_version(),
+            "built_on": "gpu" if gpu_available() else "cpu"}
 
 
 def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: BuildConfig = BuildConfig(),
@@ -224,8 +219,8 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
             bar.close()
 
     n_shards = first + n_new
-    faiss_info = _build_faiss(build, n_shards)
     counts = [int(build.read_shard_array(i, "offsets").shape[0] - 1) for i in range(n_shards)]
+    faiss_info = _first_stage_info(config.sketch.dim, sum(counts))
     manifest = {
         **params,
         "forvalue_version": __version__,
@@ -238,6 +233,31 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
         "build_seconds": round(time.perf_counter() - t0, 2),
     }
     return idx_root.publish(build, manifest)
+
+
+def storage_summary(manifest: dict) -> dict:
+    """Bytes on disk per sample, by role, from the manifest's file list.
+
+    first_stage: the sketch vectors and the FAISS index; rerank: per-token hidden states, targets,
+    log-partitions and offsets; metadata: the stored rows; maps: the fitted sketch maps (per index).
+    """
+    roles = {"first_stage": 0, "rerank": 0, "metadata": 0, "maps": 0, "other": 0}
+    for path, info in manifest.get("files", {}).items():
+        name = path.rsplit("/", 1)[-1]
+        if name in ("sketch.npy", "index.faiss"):
+            role = "first_stage"
+        elif name in ("h.npy", "y.npy", "lse.npy", "offsets.npy"):
+            role = "rerank"
+        elif name in ("metadata.jsonl", "rowindex.npy"):
+            role = "metadata"
+        elif name in MAP_FILES:
+            role = "maps"
+        else:
+            role = "other"
+        roles[role] += int(info["bytes"])
+    n = max(int(manifest.get("n_samples", 0)), 1)
+    per = {f"{k}_bytes_per_sample": round(v / n, 1) for k, v in roles.items() if k != "maps"}
+    return {**per, "maps_bytes": roles["maps"], "total_bytes": sum(roles.values())}
 
 
 def _check_compatible(manifest: dict, params: dict) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from .build import MAP_FILES, load_maps
 from .data import Sample
-from .errors import ConfigError, IndexMismatchError
+from .errors import ConfigError, IndexCorruptError, IndexMismatchError
 from .forward import Features, ForwardConfig, Head, extract_features
 from .model import LoadedModel
 from .score import exact_scores
@@ -76,8 +76,15 @@ class Index:
         self._cpu_head = self.head.to("cpu")
         maps = {n: version.global_array(n) for n in MAP_FILES}
         self.sketcher = load_maps(maps, m["sketch"]["buckets"])
-        self.ann = SketchIndex.from_bytes(version.global_file("index.faiss").read_bytes())
         self.n = int(m["n_samples"])
+        kind = m["index"]["kind"]
+        if m["index"].get("stored", False):
+            self.ann = SketchIndex.from_bytes(version.global_file("index.faiss").read_bytes())
+        else:  # flat: exact search over the (checksummed) sketch arrays, built on load
+            self.ann = SketchIndex.build(version.shard_arrays("sketch"), int(m["sketch"]["dim"]), kind=kind)
+        if self.ann.ntotal != self.n:
+            raise IndexCorruptError(f"index {version.path}: the first stage holds {self.ann.ntotal} vectors but the "
+                                    f"manifest counts {self.n} samples; rebuild the index")
 
     @classmethod
     def open(cls, root: str, lm: LoadedModel, version: str | None = None, verify: bool = True) -> Index:

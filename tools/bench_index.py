@@ -65,7 +65,6 @@ def index_pass(lm, head, sk, samples, config, out_dir) -> float:
         if index is None:
             index = SketchIndex(arrays["sketch"].shape[1])
         index.add(arrays["sketch"])
-    build.put_bytes("index.faiss", index.to_bytes())
     return time.perf_counter() - t0
 
 

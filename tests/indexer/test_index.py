@@ -168,11 +168,11 @@ def test_altered_file_refused_previous_version_usable(tmp_path, lm):
     samples = corpus(20)
     v1 = build_index(str(root), samples, lm, CFG)
     v2 = build_index(str(root), samples[:10], lm, CFG)
-    target = root / "versions" / v2 / "index.faiss"
+    target = root / "versions" / v2 / "shards" / "000000" / "sketch.npy"
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
-    with pytest.raises(IndexCorruptError, match="index.faiss"):
+    with pytest.raises(IndexCorruptError, match="sketch.npy"):
         Index.open(str(root), lm)
     idx = Index.open(str(root), lm, version=v1)
     assert idx.search(corpus(1, seed=8), k=2).hits
@@ -203,3 +203,14 @@ def test_add_rejects_existing_ids(tmp_path, lm):
     with pytest.raises(DataError, match="s3"):
         build_index(str(root), [samples[3]], lm, CFG, base=IndexRoot(str(root)).load())
     assert IndexRoot(str(root)).load().n == 12
+
+
+def test_storage_summary(built):
+    from forvalue.indexer.build import storage_summary
+
+    root, samples, name = built
+    m = IndexRoot(str(root)).load(name).manifest
+    st = storage_summary(m)
+    # the sketch is dim · 4 bytes per sample plus the .npy headers, stored once
+    assert 4 * m["sketch"]["dim"] <= st["first_stage_bytes_per_sample"] < 4 * m["sketch"]["dim"] + 128
+    assert st["rerank_bytes_per_sample"] > 0 and st["total_bytes"] == sum(f["bytes"] for f in m["files"].values())
