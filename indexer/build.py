@@ -101,13 +101,24 @@ def _row_metadata(s: Sample) -> dict:
     return row
 
 
-def fit_maps(lm: LoadedModel, head: Head, samples: Sequence[Sample], config: BuildConfig) -> Sketcher:
-    """Fits the sketch maps on a seeded sample of `samples`."""
+def fit_maps(lm: LoadedModel, head: Head, samples: Sequence[Sample], config: BuildConfig
+             ) -> tuple[Sketcher, dict[int, Features]]:
+    """Fits the sketch maps on a seeded sample of `samples`.
+
+    Returns:
+        The maps, and the features of the fit sample by corpus index, so that the shards holding those
+        samples need no second forward pass (for a corpus no larger than the fit sample: none at all).
+    """
     g = torch.Generator().manual_seed(config.sketch.seed)
     order = torch.randperm(len(samples), generator=g)[: config.sketch.fit_samples].sort().values.tolist()
     pairs = [(samples[i].prompt, samples[i].response) for i in order]
-    parts = [f for _, f in iter_features(lm.model, lm.tokenizer, pairs, config.forward(), head)]
-    return fit_sketcher(Features.concat(parts), head, config.sketch)
+    cache: dict[int, Features] = {}
+    parts = []
+    for idx, f in iter_features(lm.model, lm.tokenizer, pairs, config.forward(), head):
+        parts.append(f)
+        for j, i in enumerate(idx):
+            cache[order[i]] = f.select([j])
+    return fit_sketcher(Features.concat(parts), head, config.sketch), cache
 
 
 def _save_maps(build: Build, sk: Sketcher) -> None:
@@ -123,21 +134,37 @@ def load_maps(arrays: dict[str, np.ndarray], buckets: int) -> Sketcher:
 
 
 def encode_shard(lm: LoadedModel, head: Head, sk: Sketcher, samples: Sequence[Sample], config: BuildConfig,
-                 bar=None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, list[dict]]:
+                 bar=None, known: Sequence[Features | None] | None = None
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, list[dict]]:
     """Forward pass + sketch for one shard → (per-sample arrays, per-token arrays, token offsets, metadata
-    rows), in sample order."""
-    pairs = [(s.prompt, s.response) for s in samples]
+    rows), in sample order.
+
+    Args:
+        known: per sample, its features if already computed (by the fit), else None.
+    """
+    known = list(known) if known is not None else [None] * len(samples)
+    todo = [j for j, f in enumerate(known) if f is None]
+    batches: list[tuple[list[int], Features]] = []
+    if len(todo) < len(samples):
+        have = [j for j, f in enumerate(known) if f is not None]
+        batches.append((have, Features.concat([known[j] for j in have])))
+        if bar is not None:
+            bar.update(len(have))
+    pairs = [(samples[j].prompt, samples[j].response) for j in todo]
+    if todo:
+        for idx, f in iter_features(lm.model, lm.tokenizer, pairs, config.forward(), head, with_lse=False):
+            batches.append(([todo[i] for i in idx], f))
+            if bar is not None:
+                bar.update(len(idx))
     order: list[int] = []
     parts: list[Features] = []
     sketches: list[torch.Tensor] = []
-    for idx, f in iter_features(lm.model, lm.tokenizer, pairs, config.forward(), head, with_lse=False):
-        lse, res = bucket_residuals(f.h, f.y, head, sk.bucket, sk.sign, sk.buckets)
-        f.lse = lse
+    for idx, f in batches:
+        # one pass over the vocabulary gives the log-partition and the bucketed residuals
+        f.lse, res = bucket_residuals(f.h, f.y, head, sk.bucket, sk.sign, sk.buckets)
         sketches.append(sketch_from_residuals(f, res, sk.projection))
         parts.append(f)
         order.extend(idx)
-        if bar is not None:
-            bar.update(len(idx))
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
     feats = Features.concat(parts).select(inverse)
@@ -190,12 +217,13 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
         if not build.has_file("projection.npy"):
             build.link_shards_from(base, 0)
             _save_maps(build, sk)
-    else:
+    fitted: dict[int, Features] = {}
+    if base is None:
         first = 0
         if build.has_file("projection.npy"):
             sk = load_maps({n: build.read_array(n) for n in MAP_FILES}, config.sketch.buckets)
         else:
-            sk = fit_maps(lm, head, samples, config)
+            sk, fitted = fit_maps(lm, head, samples, config)
             _save_maps(build, sk)
 
     n_new = (len(samples) + config.shard_size - 1) // config.shard_size
@@ -211,8 +239,10 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
         for j in range(n_new):
             if first + j in done:
                 continue
-            chunk = samples[j * config.shard_size : (j + 1) * config.shard_size]
-            arrays, tokens, offsets, rows = encode_shard(lm, head, sk, chunk, config, bar)
+            a = j * config.shard_size
+            chunk = samples[a : a + config.shard_size]
+            known = [fitted.pop(a + i, None) for i in range(len(chunk))]
+            arrays, tokens, offsets, rows = encode_shard(lm, head, sk, chunk, config, bar, known)
             build.write_shard(first + j, arrays, rows, token_arrays=tokens, offsets=offsets)
     finally:
         if bar is not None:

@@ -88,7 +88,7 @@ def main() -> None:
                                                                  fit_samples=min(args.rows, 256)),
                          shard_size=128, batch_tokens=args.batch_tokens)
     t0 = time.perf_counter()
-    sk = fit_maps(lm, head, samples, config)
+    sk, _ = fit_maps(lm, head, samples, config)
     fit_s = time.perf_counter() - t0
     bare, idx = [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -147,9 +147,12 @@ def test_resume_after_crash_equals_clean_build(tmp_path, lm, monkeypatch):
     a, b = IndexRoot(str(clean)).load(), IndexRoot(str(crashed)).load()
     assert a.n == b.n == 50
     assert [r["id"] for r in a.rows(np.arange(50))] == [r["id"] for r in b.rows(np.arange(50))]
-    for name in ("sketch",):
-        np.testing.assert_array_equal(a.array(name), b.array(name))
-    np.testing.assert_array_equal(a.token_rows(np.arange(50))["h"], b.token_rows(np.arange(50))["h"])
+    # equal to float tolerance: the clean build reuses the fit pass's features, batched differently
+    np.testing.assert_allclose(a.array("sketch"), b.array("sketch"), rtol=1e-4, atol=1e-4)
+    ta, tb = a.token_rows(np.arange(50)), b.token_rows(np.arange(50))
+    np.testing.assert_allclose(ta["h"], tb["h"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(ta["y"], tb["y"])
+    np.testing.assert_array_equal(ta["offsets"], tb["offsets"])
 
 
 def test_other_model_refused(built):
