@@ -90,11 +90,13 @@ class Sketcher:
 
 
 def bucket_residuals(h: torch.Tensor, y: torch.Tensor, head: Head, bucket: torch.Tensor, sign: torch.Tensor,
-                     m: int, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+                     m: int, chunk: int = 16384, rows: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """log-partition and R(e_y − π) for every row, in one pass over the vocabulary.
 
     The π-part is accumulated relative to a running maximum of the logits (as in an online softmax) and
-    rescaled by exp(max − lse) at the end, so each vocabulary chunk's logits are computed once.
+    rescaled by exp(max − lse) at the end, so each vocabulary chunk's logits are computed once. Signs are
+    folded into 2m accumulators (positive and negative half) so the exponentials are scattered as they
+    are, in place, without a signed copy; rows are processed in blocks to bound the temporaries.
 
     Args:
         h: (T, d) hidden states; y: (T,) targets; bucket, sign: (V,) the vocabulary map; m: buckets.
@@ -103,21 +105,27 @@ def bucket_residuals(h: torch.Tensor, y: torch.Tensor, head: Head, bucket: torch
         lse (T,), residuals (T, m).
     """
     T = h.shape[0]
-    run_max = torch.full((T,), -math.inf, dtype=h.dtype)
-    total = torch.zeros(T, dtype=h.dtype)        # Σ exp(z − run_max)
-    acc = torch.zeros(T, m, dtype=h.dtype)       # Σ sign · exp(z − run_max), by bucket
-    for c0 in range(0, head.vocab_size, chunk):
-        cols = slice(c0, min(c0 + chunk, head.vocab_size))
-        z = head.logits(h, cols)
-        new_max = torch.maximum(run_max, z.max(dim=1).values)
-        scale = torch.exp(run_max - new_max)
-        e = torch.exp(z - new_max[:, None])
-        total = total * scale + e.sum(1)
-        acc *= scale[:, None]
-        acc.index_add_(1, bucket[cols], e * sign[cols])
-        run_max = new_max
-    lse = run_max + torch.log(total)
-    res = acc * -torch.exp(run_max - lse)[:, None]
+    signed = bucket + m * (sign < 0).long()               # (V,) index into the 2m accumulators
+    lse = torch.empty(T, dtype=h.dtype)
+    res = torch.empty(T, m, dtype=h.dtype)
+    for a in range(0, T, rows):
+        hb = h[a : a + rows]
+        R = hb.shape[0]
+        run_max = torch.full((R,), -math.inf, dtype=h.dtype)
+        total = torch.zeros(R, dtype=h.dtype)              # Σ exp(z − run_max)
+        acc = torch.zeros(R, 2 * m, dtype=h.dtype)         # Σ exp(z − run_max), by signed bucket
+        for c0 in range(0, head.vocab_size, chunk):
+            cols = slice(c0, min(c0 + chunk, head.vocab_size))
+            z = head.logits(hb, cols)
+            new_max = torch.maximum(run_max, z.amax(dim=1))
+            scale = torch.exp(run_max - new_max)
+            z.sub_(new_max[:, None]).exp_()
+            total = total * scale + z.sum(1)
+            acc.mul_(scale[:, None])
+            acc.index_add_(1, signed[cols], z)
+            run_max = new_max
+        lse[a : a + R] = run_max + torch.log(total)
+        res[a : a + R] = (acc[:, m:] - acc[:, :m]) * torch.exp(run_max - lse[a : a + R])[:, None]
     res[torch.arange(T), bucket[y]] += sign[y]
     return lse, res
 

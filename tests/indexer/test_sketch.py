@@ -18,14 +18,14 @@ def feats(model64, tokenizer, texts):
     return f, Head.from_model(model64, torch.float64)
 
 
-@pytest.mark.parametrize("chunk", [7, 128])
-def test_bucket_residuals_fused_equals_reference(feats, chunk):
+@pytest.mark.parametrize("chunk, rows", [(7, 3), (128, 512), (50, 1)])
+def test_bucket_residuals_fused_equals_reference(feats, chunk, rows):
     f, head = feats
     g = torch.Generator().manual_seed(3)
     m = 10
     bucket = torch.randint(0, m, (head.vocab_size,), generator=g)
     sign = (torch.randint(0, 2, (head.vocab_size,), generator=g) * 2 - 1).double()
-    lse, res = bucket_residuals(f.h, f.y, head, bucket, sign, m, chunk)
+    lse, res = bucket_residuals(f.h, f.y, head, bucket, sign, m, chunk, rows)
     torch.testing.assert_close(lse, f.lse, atol=1e-10, rtol=1e-10)
     pi = torch.softmax(head.logits(f.h), -1)
     e = torch.zeros_like(pi)
