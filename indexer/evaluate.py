@@ -20,7 +20,7 @@ from . import metrics
 from .data import Sample
 from .forward import ForwardConfig, Head, extract_features
 from .model import LoadedModel
-from .score import ScoreConfig, scores
+from .score import ScoreConfig, exact_scores, scores
 
 
 @dataclass(frozen=True)
@@ -108,15 +108,22 @@ def _overlap(answer: torch.Tensor, truth: torch.Tensor) -> float:
 
 def run_index_eval(index, valuation: Sequence[Sample], rerank: int = 100, k: int = 10,
                    progress: bool = False) -> dict:
-    """Evaluates through an index: AUC/Recall of the index's rankings next to exact ones, and fidelity.
+    """Evaluates through an index, next to exact For-Value recomputed from scratch on the same rows.
 
-    The training set is the index's rows; their labels (and clean flags) come from the stored metadata.
+    The training set is the index's rows; their texts, labels (and clean flags) come from the stored
+    metadata. The exact reference runs a fresh forward pass over those texts, independent of the index.
 
     Returns:
-        auc/recall (through the index), exact_auc/exact_recall (exact For-Value on the same rows),
-        fidelity_top10_{most,least}: overlap of the index's top-k with exact For-Value's top-k over the
-        whole training set, candidate_recall_{most,least}: share of the exact top-k in the first stage's
-        top-`rerank`; plus sizes, timings and peak memory.
+        auc_mean/recall_mean: AUC and Recall of the index's ScoreAll values (exact For-Value from the
+            stored re-rank data); exact_auc_mean/exact_recall_mean: of the fresh exact reference;
+            max_abs_score_diff: largest |ScoreAll − reference| over all pairs.
+        fidelity_top10_{most,least}: overlap of the index's top-k answer (first stage top-`rerank`,
+            re-ranked exactly) with the reference's top-k over the whole training set;
+            candidate_recall_{most,least}: share of the reference's top-k in the first stage's top-`rerank`.
+        topk_auc_mean/topk_recall_mean: of the ranking made of the re-ranked most answer, the first
+            stage's order, then the re-ranked least answer (a stress test of the first stage alone);
+            sketch_auc_mean/sketch_recall_mean: of the first-stage scores alone.
+        Plus sizes, timings and peak memory.
     """
     t0 = time.perf_counter()
     rows = index.version.rows(range(index.n))
@@ -132,8 +139,12 @@ def run_index_eval(index, valuation: Sequence[Sample], rerank: int = 100, k: int
                           index.forward, index.head, progress, "valuation")
     t1 = time.perf_counter()
     approx = index.sketch_scores(fv).double()
-    exact = index.score_all(fv).double()
+    through = index.score_all(fv).double()
     t2 = time.perf_counter()
+    ft = extract_features(index.lm.model, index.lm.tokenizer, [(r["prompt"], r["response"]) for r in rows],
+                          index.forward, index.head, progress, "reference")
+    exact = exact_scores(fv, ft, index._cpu_head).double()
+    t3 = time.perf_counter()
     # the first stage as served: FAISS over the query sketches, most and least
     q = index.sketcher.sketch(fv, index._cpu_head).float().numpy()
     C = min(rerank, index.n)
@@ -143,31 +154,35 @@ def run_index_eval(index, valuation: Sequence[Sample], rerank: int = 100, k: int
     ranked, fid_most, fid_least, cand_most, cand_least = [], [], [], [], []
     for i in range(fv.n):
         top, bottom = torch.from_numpy(top_ids[i]), torch.from_numpy(bottom_ids[i])
-        ranked.append(index_ranking(approx[i], exact[i], top, bottom))
+        ranked.append(index_ranking(approx[i], through[i], top, bottom))
         true_most = torch.argsort(exact[i], descending=True, stable=True)[:k]
         true_least = torch.argsort(exact[i], descending=False, stable=True)[:k]
-        ans_most = top[torch.argsort(exact[i][top], descending=True, stable=True)[:k]]
-        ans_least = bottom[torch.argsort(exact[i][bottom], descending=False, stable=True)[:k]]
+        ans_most = top[torch.argsort(through[i][top], descending=True, stable=True)[:k]]
+        ans_least = bottom[torch.argsort(through[i][bottom], descending=False, stable=True)[:k]]
         fid_most.append(_overlap(ans_most, true_most))
         fid_least.append(_overlap(ans_least, true_least))
-        cand_most.append(_overlap(top, true_most) * 1.0)
-        cand_least.append(_overlap(bottom, true_least) * 1.0)
-    ranked = torch.stack(ranked)
+        cand_most.append(_overlap(top, true_most))
+        cand_least.append(_overlap(bottom, true_least))
     val_labels = [s.label for s in valuation]
-    through = metrics.evaluate(ranked.numpy(), val_labels, train_labels, clean)
-    ref = metrics.evaluate(exact.numpy(), val_labels, train_labels, clean)
+    m_through = metrics.evaluate(through.numpy(), val_labels, train_labels, clean)
+    m_exact = metrics.evaluate(exact.numpy(), val_labels, train_labels, clean)
+    m_topk = metrics.evaluate(torch.stack(ranked).numpy(), val_labels, train_labels, clean)
+    m_sketch = metrics.evaluate(approx.numpy(), val_labels, train_labels, clean)
     report = {
-        "auc_mean": through["auc_mean"], "auc_std": through["auc_std"],
-        "recall_mean": through["recall_mean"], "recall_std": through["recall_std"],
-        "exact_auc_mean": ref["auc_mean"], "exact_recall_mean": ref["recall_mean"],
+        "auc_mean": m_through["auc_mean"], "auc_std": m_through["auc_std"],
+        "recall_mean": m_through["recall_mean"], "recall_std": m_through["recall_std"],
+        "exact_auc_mean": m_exact["auc_mean"], "exact_recall_mean": m_exact["recall_mean"],
+        "max_abs_score_diff": float((through - exact).abs().max()),
         "fidelity_top10_most": float(np.mean(fid_most)), "fidelity_top10_least": float(np.mean(fid_least)),
         "candidate_recall_most": float(np.mean(cand_most)), "candidate_recall_least": float(np.mean(cand_least)),
+        "topk_auc_mean": m_topk["auc_mean"], "topk_recall_mean": m_topk["recall_mean"],
+        "sketch_auc_mean": m_sketch["auc_mean"], "sketch_recall_mean": m_sketch["recall_mean"],
         "rerank": rerank, "k": k, "n_valuation": fv.n, "n_train": index.n,
         "index_version": index.version.name, "tokens": index.forward.tokens, "model": index.lm.name,
         "sketch_dim": index.manifest["sketch"]["dim"],
-        "forward_seconds": t1 - t0, "score_seconds": t2 - t1, "seconds": time.perf_counter() - t0,
-        "peak_memory_mb": peak_rss_mb(),
+        "forward_seconds": t1 - t0, "score_seconds": t2 - t1, "reference_seconds": t3 - t2,
+        "seconds": time.perf_counter() - t0, "peak_memory_mb": peak_rss_mb(),
     }
     if clean is not None:
-        report.update(clean_auc=through["clean_auc"], clean_share_top10=through["clean_share_top10"])
+        report.update(clean_auc=m_through["clean_auc"], clean_share_top10=m_through["clean_share_top10"])
     return report
