@@ -340,6 +340,109 @@ def _print_summary(m: dict, name: str) -> None:
                            "build_seconds": m["build_seconds"]}, sort_keys=True))
 
 
+@main.command("serve")
+@click.option("--index", "index_dir", required=True, help="Index directory; its CURRENT version is served.")
+@click.option("--model", "model_path", default=None,
+              help="The model the index was built with (HF directory or .gguf) [default: SmolLM2-135M-Instruct].")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=50051, show_default=True,
+              help="Port to listen on; 0 picks a free one (printed).")
+@click.option("--device", default="cpu", show_default=True, help="torch device for the forward pass.")
+@click.option("--k-cap", type=click.IntRange(1), default=1000, show_default=True, help="Largest k a request may ask for.")
+@click.option("--max-queue", type=click.IntRange(1), default=None,
+              help="Calls in flight beyond which new calls get RESOURCE_EXHAUSTED at once [default: no limit].")
+@click.option("--grace", type=click.FloatRange(0), default=10.0, show_default=True,
+              help="Seconds in-flight calls may take to finish after SIGTERM.")
+@click.option("--no-reflection", is_flag=True, help="Do not serve gRPC server reflection.")
+@handle_errors
+def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_queue, grace, no_reflection):
+    """Serve an index over gRPC (forvalue.v1.Influence, grpc.health.v1, reflection) until SIGTERM."""
+    from forvalue.server.app import serve
+    from forvalue.server.config import ServerConfig
+
+    config = ServerConfig(index_dir=index_dir, model_path=model_path, device=device, k_cap=k_cap,
+                          max_queue=max_queue, reflection=not no_reflection, grace_seconds=grace)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # IPv6 literal
+    serve(config, f"{host}:{port}", announce=lambda message: click.echo(f"forvalue: {message}", err=True))
+
+
+@main.command("query")
+@click.option("--server", "server", default=None, help="host:port of a forvalue server to ask.")
+@click.option("--index", "index_dir", default=None, help="Or: an index directory, queried in-process.")
+@click.option("--model", "model_path", default=None,
+              help="With --index: the model the index was built with [default: SmolLM2-135M-Instruct].")
+@click.option("--device", default="cpu", show_default=True, help="With --index: torch device for the forward pass.")
+@click.option("--prompt", default="", help="Prompt of the valuation sample (may be empty).")
+@click.option("--response", default=None, help="The response whose training sources are asked for.")
+@click.option("--valuation", "valuation_path", default=None,
+              help="Or: a file of valuation samples (JSONL, Parquet, *.hf), queried as one group (mean).")
+@click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True, help="Training samples to list.")
+@click.option("--least", is_flag=True, help="The least valuable instead of the most valuable.")
+@click.option("--rerank", type=click.IntRange(1), default=100, show_default=True,
+              help="First-stage candidates scored exactly.")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
+@field_options
+@handle_errors
+def query_cmd(server, index_dir, model_path, device, prompt, response, valuation_path, k, least, rerank, as_json,
+              prompt_field, response_field, label_field, split_field, clean_field, id_field):
+    """Which training samples drove this response? The top k by exact For-Value, from a server or an index."""
+    if (server is None) == (index_dir is None):
+        _fail("give exactly one of --server ADDR or --index DIR")
+    if (response is None) == (valuation_path is None):
+        _fail("give exactly one of --response TEXT (with --prompt) or --valuation FILE")
+    if valuation_path is not None:
+        from forvalue.indexer.data import load_valuation_set
+
+        fields = _fields(prompt_field, response_field, label_field, split_field, clean_field, id_field)
+        samples = [(s.prompt, s.response) for s in load_valuation_set(valuation_path, fields)]
+    else:
+        if not response.strip():
+            _fail("--response must not be empty or whitespace only")
+        samples = [(prompt, response)]
+    direction = "least" if least else "most"
+    if server is not None:
+        from forvalue.client.client import InfluenceClient
+
+        with InfluenceClient(server) as client:
+            result = client.search(samples, k=k, direction=direction, rerank=rerank)
+        source = f"server {server}"
+    else:
+        from forvalue.indexer.index import Index
+        from forvalue.indexer.model import load_model
+
+        result = Index.open(index_dir, load_model(model_path, device=device)).search(
+            samples, k=k, direction=direction, rerank=rerank)
+        source = f"index {index_dir}"
+    if as_json:
+        click.echo(json.dumps(_result_json(result, source, len(samples)), sort_keys=True))
+        return
+    click.echo(_format_hits(result, source, len(samples)))
+
+
+def _result_json(result, source: str, n_queries: int) -> dict:
+    return {"source": source, "version": result.version, "direction": result.direction,
+            "candidates": result.candidates, "n_queries": n_queries,
+            "hits": [{"rank": h.rank, "score": h.score, "id": h.id, "row": h.row, "metadata": h.metadata}
+                     for h in result.hits]}
+
+
+def _snippet(metadata: dict, width: int = 72) -> str:
+    text = " ".join(f"{metadata.get('prompt', '')} → {metadata.get('response', '')}".split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _format_hits(result, source: str, n_queries: int) -> str:
+    group = f"the mean of {n_queries} valuation samples" if n_queries > 1 else "the valuation sample"
+    lines = [f"{source}, version {result.version}: the {len(result.hits)} {result.direction} valuable training "
+             f"samples for {group} ({result.candidates} candidates scored exactly)"]
+    id_width = max([len("id")] + [len(h.id) for h in result.hits])
+    lines.append(f"{'rank':>4}  {'score':>12}  {'id':<{id_width}}  training sample (prompt → response)")
+    for h in result.hits:
+        lines.append(f"{h.rank:>4}  {h.score:>12.6g}  {h.id:<{id_width}}  {_snippet(h.metadata)}")
+    return "\n".join(lines)
+
+
 @main.command("example")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
 @click.option("--classes", type=click.IntRange(2), default=6, show_default=True)

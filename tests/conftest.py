@@ -43,3 +43,60 @@ def model32():
 @pytest.fixture(scope="session")
 def texts():
     return list(TEXTS)
+
+
+# --- the influence service: one tiny model directory, one tiny index, one server for the session ------
+
+
+@pytest.fixture(scope="session")
+def served_model_dir(tmp_path_factory, model32, tokenizer):
+    """The tiny model saved as a Hugging Face directory (what `--model` takes)."""
+    d = tmp_path_factory.mktemp("served-model")
+    model32.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def served_lm(served_model_dir):
+    from forvalue.indexer.model import load_model
+
+    return load_model(served_model_dir)
+
+
+@pytest.fixture(scope="session")
+def served_index(tmp_path_factory, served_lm):
+    """(index directory, its training samples): 36 samples built with the tiny model."""
+    from forvalue.indexer.build import BuildConfig, build_index
+    from forvalue.indexer.sketch import SketchConfig
+
+    from serving import corpus
+
+    root = tmp_path_factory.mktemp("served-index")
+    samples = corpus(36)
+    cfg = BuildConfig(tokens="response", sketch=SketchConfig(rank=4, buckets=32, fit_samples=36), shard_size=16)
+    build_index(str(root), samples, served_lm, cfg, progress=False)
+    return str(root), samples
+
+
+@pytest.fixture(scope="session")
+def local_index(served_index, served_lm):
+    """The served index opened in-process: the reference every remote answer is compared with."""
+    from forvalue.indexer.index import Index
+
+    return Index.open(served_index[0], served_lm)
+
+
+@pytest.fixture(scope="session")
+def influence_server(served_index, served_model_dir):
+    """A running server (default loader: model directory + index directory), ready; yields ServerThread."""
+    from forvalue.server.config import ServerConfig
+
+    from serving import ServerThread
+
+    srv = ServerThread(ServerConfig(index_dir=served_index[0], model_path=served_model_dir, k_cap=20))
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()

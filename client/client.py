@@ -1,0 +1,154 @@
+"""The Python client of the influence service, with the calls and result types of the in-process `Index`.
+
+    with InfluenceClient("127.0.0.1:50051") as c:
+        res = c.search([("Translate: chat ->", " cat")], k=10)      # forvalue.indexer.index.SearchResult
+        ids, scores = c.score_all(valuation_pairs)                  # every training row's value
+
+Every failed call raises `ServerError` (a ForValueError) carrying the gRPC status code and the server's
+message, e.g. "server 127.0.0.1:50051: INVALID_ARGUMENT: k: must be between 1 and 1000, got 0".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from forvalue.indexer.data import Sample
+from forvalue.indexer.errors import ConfigError, ForValueError
+from forvalue.indexer.index import SearchResult
+from forvalue.server import convert
+from forvalue.server.protocol import pb, pb_grpc
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class ServerError(ForValueError, RuntimeError):
+    """A call to the influence service failed.
+
+    Attributes:
+        code: the grpc.StatusCode (None when the server broke the protocol). details: the server's message.
+    """
+
+    def __init__(self, address: str, code: grpc.StatusCode | None, details: str):
+        self.code = code
+        self.details = details
+        super().__init__(f"server {address}: {code.name if code else 'protocol error'}: {details}")
+
+
+def _credentials(tls: bool | str | None) -> grpc.ChannelCredentials | None:
+    if tls is None or tls is False:
+        return None
+    if tls is True:
+        return grpc.ssl_channel_credentials()
+    try:
+        with open(tls, "rb") as f:
+            return grpc.ssl_channel_credentials(root_certificates=f.read())
+    except OSError as exc:
+        raise ConfigError(f"tls: cannot read the root certificates {tls!r}: {exc.strerror}") from exc
+
+
+class InfluenceClient:
+    """A connection to a forvalue influence server.
+
+    Args:
+        address: host:port of the server.
+        token: sent as `authorization: Bearer <token>` metadata with every call, if given.
+        tls: None or False = plaintext; True = TLS with the system's root certificates; a path = TLS with
+            the root certificates in that PEM file.
+        timeout: deadline of every call in seconds (None = none).
+    """
+
+    def __init__(self, address: str, token: str | None = None, tls: bool | str | None = None,
+                 timeout: float | None = None):
+        self.address = address
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        creds = _credentials(tls)
+        self._channel = (grpc.insecure_channel(address, options=options) if creds is None
+                         else grpc.secure_channel(address, creds, options=options))
+        self._stub = pb_grpc.InfluenceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise ServerError(self.address, exc.code(), exc.details() or "") from None
+
+    def search(self, samples: Sequence[Sample | tuple[str, str]], k: int = 10, direction: str = "most",
+               rerank: int = 100) -> SearchResult:
+        """Top-k most (or least) valuable training samples for the group `samples`, as `Index.search`.
+
+        Args:
+            k: answers wanted (at most the server's cap).
+            direction: "most" or "least".
+            rerank: first-stage candidates scored exactly (raised to k, as in-process).
+        """
+        if direction not in ("most", "least"):
+            raise ConfigError(f"direction must be one of ('most', 'least'), got {direction!r}")
+        return self.top_k(samples, k, direction, rerank, group=True)[0][1]
+
+    def top_k(self, samples: Sequence[Sample | tuple[str, str]], k: int = 10, direction: str = "most",
+              rerank: int = 100, group: bool = True, max_text_chars: int = 0) -> list[tuple[int, SearchResult]]:
+        """Every answer of a TopK call: [(query index, or -1 for the group, result)], per direction.
+
+        Args:
+            direction: "most", "least" or "both" (two answers per query: most, then least).
+            group: one answer for the mean of `samples`; False: one per sample.
+            max_text_chars: cut returned prompts and responses to this many characters (0 = whole).
+        """
+        request = pb.TopKRequest(samples=convert.samples_to_pb(samples), k=k,
+                                 direction=convert.direction_to_pb(direction),
+                                 rerank=rerank if rerank < 0 else max(rerank, k), group=group,
+                                 max_text_chars=max_text_chars)
+        response = self._call(self._stub.TopK, request)
+        return [(a.query_index, convert.search_result(a, response.index_version)) for a in response.answers]
+
+    def score_all(self, samples: Sequence[Sample | tuple[str, str]], chunk_size: int = 0
+                  ) -> tuple[list[str], np.ndarray]:
+        """The exact value of every training row to the group `samples`, as `Index.score_all(...).mean(0)`.
+
+        Returns:
+            (ids in row order, scores (n,) float64).
+        """
+        request = pb.ScoreAllRequest(samples=convert.samples_to_pb(samples), chunk_size=chunk_size)
+        ids: list[str] = []
+        scores: list[float] = []
+        versions = set()
+        try:
+            for chunk in self._stub.ScoreAll(request, timeout=self.timeout, metadata=self._metadata):
+                if chunk.offset != len(ids) or len(chunk.ids) != len(chunk.scores):
+                    raise ServerError(self.address, None, f"ScoreAll chunk at offset {chunk.offset} does not "
+                                                          f"follow row {len(ids)}")
+                ids.extend(chunk.ids)
+                scores.extend(chunk.scores)
+                versions.add(chunk.index_version)
+        except grpc.RpcError as exc:
+            raise ServerError(self.address, exc.code(), exc.details() or "") from None
+        if len(versions) > 1:
+            raise ServerError(self.address, None, f"ScoreAll mixed index versions {sorted(versions)}")
+        return ids, np.asarray(scores, dtype=np.float64)
+
+    def info(self) -> dict:
+        """The serving index: index_version, model_name, model_fingerprint, tokens, n_samples, sketch_dim,
+        index_kind and its manifest (without file checksums)."""
+        return convert.info_dict(self._call(self._stub.Info, pb.InfoRequest()))
+
+    def health(self, service: str = "") -> str:
+        """grpc.health.v1 status name: "SERVING", "NOT_SERVING", ... ("" = the whole server)."""
+        reply = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> InfluenceClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,230 @@
+"""Protobuf ↔ domain objects for the influence service, and validation of requests.
+
+Server side: `topk_query` / `score_all_query` validate a request against the `ServerConfig` limits and
+return plain queries, raising `InvalidRequestError` naming the offending field; `topk_response`,
+`score_chunks` and `info_response` turn library results into messages. Client side: `samples_to_pb`,
+`direction_to_pb`, `search_result`, `info_dict` turn them back into the in-process types
+(`forvalue.indexer.index.Hit` / `SearchResult`).
+
+The training sample's prompt and response travel in their own Hit fields (truncatable); its other stored
+fields go in `metadata` as a google.protobuf.Struct, whose numbers are doubles: integral values come back
+as Python ints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from google.protobuf import json_format
+
+from forvalue.indexer.data import Sample
+from forvalue.indexer.errors import ConfigError
+from forvalue.indexer.index import Hit, SearchResult
+
+from .config import ServerConfig
+from .protocol import pb
+
+_DIRECTIONS = {pb.DIRECTION_UNSPECIFIED: ("most",), pb.MOST: ("most",), pb.LEAST: ("least",),
+               pb.BOTH: ("most", "least")}
+_TO_PB = {"most": pb.MOST, "least": pb.LEAST, "both": pb.BOTH}
+_FROM_PB = {pb.MOST: "most", pb.LEAST: "least"}
+_OWN_FIELDS = ("id", "prompt", "response")  # Hit fields of their own, not repeated in metadata
+GROUP = -1  # Answer.query_index of a group answer
+
+
+class InvalidRequestError(ConfigError):
+    """A request field has an invalid value; `field` names it (e.g. "samples[2].response")."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass(frozen=True)
+class TopKQuery:
+    """A validated TopK request.
+
+    Attributes:
+        samples: (prompt, response) pairs. k: answers per direction. directions: ("most",), ("least",) or
+        both. rerank: first-stage candidates scored exactly (>= k). group: one answer for the mean of the
+        samples, or one per sample. max_text_chars: truncation of returned texts, 0 = none.
+    """
+
+    samples: list[tuple[str, str]]
+    k: int
+    directions: tuple[str, ...]
+    rerank: int
+    group: bool
+    max_text_chars: int
+
+
+@dataclass(frozen=True)
+class ScoreAllQuery:
+    samples: list[tuple[str, str]]
+    chunk_size: int
+
+
+def _samples(items: Sequence[pb.ValuationSample], config: ServerConfig, accepts_images: bool
+             ) -> list[tuple[str, str]]:
+    if not items:
+        raise InvalidRequestError("samples", "at least one valuation sample is needed")
+    if len(items) > config.max_samples:
+        raise InvalidRequestError("samples", f"at most {config.max_samples} per request, got {len(items)}")
+    out = []
+    for i, s in enumerate(items):
+        if not s.response.strip():
+            raise InvalidRequestError(f"samples[{i}].response", "must not be empty or whitespace only")
+        if s.image and not accepts_images:
+            raise InvalidRequestError(f"samples[{i}].image", "this index is text-only; send no image")
+        if s.image and not s.image_mime_type:
+            raise InvalidRequestError(f"samples[{i}].image_mime_type", "required with an image")
+        if s.image_mime_type and not s.image:
+            raise InvalidRequestError(f"samples[{i}].image_mime_type", "set without an image")
+        out.append((s.prompt, s.response))
+    return out
+
+
+def topk_query(request: pb.TopKRequest, config: ServerConfig, accepts_images: bool = False) -> TopKQuery:
+    """Validate a TopK request.
+
+    Raises:
+        InvalidRequestError: no or too many samples, an empty response, an image for a text-only index,
+            k outside 1..k_cap, an unknown direction, rerank < 0, 0 < rerank < k or above max_rerank,
+            max_text_chars < 0.
+    """
+    samples = _samples(request.samples, config, accepts_images)
+    if not 1 <= request.k <= config.k_cap:
+        raise InvalidRequestError("k", f"must be between 1 and {config.k_cap}, got {request.k}")
+    if request.direction not in _DIRECTIONS:
+        raise InvalidRequestError("direction", f"unknown value {request.direction}; use MOST, LEAST or BOTH")
+    rerank = request.rerank
+    if rerank < 0:
+        raise InvalidRequestError("rerank", f"must be >= 0 (0 = server default), got {rerank}")
+    if rerank == 0:
+        rerank = max(config.default_rerank, request.k)
+    elif rerank < request.k:
+        raise InvalidRequestError("rerank", f"must be 0 (server default) or >= k ({request.k}), got {rerank}")
+    if rerank > config.max_rerank:
+        raise InvalidRequestError("rerank", f"must be at most {config.max_rerank}, got {rerank}")
+    if request.max_text_chars < 0:
+        raise InvalidRequestError("max_text_chars", f"must be >= 0 (0 = no limit), got {request.max_text_chars}")
+    return TopKQuery(samples, request.k, _DIRECTIONS[request.direction], rerank, request.group,
+                     request.max_text_chars)
+
+
+def score_all_query(request: pb.ScoreAllRequest, config: ServerConfig, accepts_images: bool = False
+                    ) -> ScoreAllQuery:
+    """Validate a ScoreAll request.
+
+    Raises:
+        InvalidRequestError: as for samples in `topk_query`; chunk_size < 0 or above max_chunk.
+    """
+    samples = _samples(request.samples, config, accepts_images)
+    if not 0 <= request.chunk_size <= config.max_chunk:
+        raise InvalidRequestError("chunk_size", f"must be between 0 (server default) and {config.max_chunk}, "
+                                                f"got {request.chunk_size}")
+    return ScoreAllQuery(samples, request.chunk_size or config.default_chunk)
+
+
+def _cut(text: str, limit: int) -> tuple[str, bool]:
+    if limit and len(text) > limit:
+        return text[:limit], True
+    return text, False
+
+
+def hit_to_pb(hit: Hit, max_text_chars: int = 0) -> pb.Hit:
+    """An answer's hit; prompt and response cut to `max_text_chars` characters (0 = whole)."""
+    prompt, cut_p = _cut(str(hit.metadata.get("prompt", "")), max_text_chars)
+    response, cut_r = _cut(str(hit.metadata.get("response", "")), max_text_chars)
+    msg = pb.Hit(id=hit.id, score=hit.score, rank=hit.rank, row=hit.row, prompt=prompt, response=response,
+                 truncated=cut_p or cut_r)
+    msg.metadata.update({k: v for k, v in hit.metadata.items() if k not in _OWN_FIELDS})
+    return msg
+
+
+def answer_to_pb(query_index: int, result: SearchResult, max_text_chars: int = 0) -> pb.Answer:
+    return pb.Answer(query_index=query_index, direction=_TO_PB[result.direction], candidates=result.candidates,
+                     hits=[hit_to_pb(h, max_text_chars) for h in result.hits])
+
+
+def topk_response(answers: Sequence[tuple[int, SearchResult]], version: str, max_text_chars: int = 0
+                  ) -> pb.TopKResponse:
+    """A TopK response from (query index or GROUP, result) pairs, all answered by index `version`."""
+    assert all(r.version == version for _, r in answers), "one response mixes index versions"
+    return pb.TopKResponse(index_version=version,
+                           answers=[answer_to_pb(q, r, max_text_chars) for q, r in answers])
+
+
+def score_chunks(ids: Sequence[str], scores: Sequence[float], chunk_size: int, version: str
+                 ) -> Iterator[pb.ScoreAllChunk]:
+    """ScoreAll's stream: consecutive chunks of (ids, scores), each with its offset and the version."""
+    assert len(ids) == len(scores)
+    for a in range(0, len(ids), chunk_size):
+        yield pb.ScoreAllChunk(offset=a, ids=ids[a : a + chunk_size], scores=scores[a : a + chunk_size],
+                               index_version=version)
+
+
+def info_response(manifest: dict, version: str) -> pb.InfoResponse:
+    """Info about an index version from its manifest (file checksums left out)."""
+    msg = pb.InfoResponse(index_version=version, model_name=manifest["model"]["name"],
+                          model_fingerprint=manifest["model"]["fingerprint"], tokens=manifest["tokens"],
+                          n_samples=int(manifest["n_samples"]), sketch_dim=int(manifest["sketch"]["dim"]),
+                          index_kind=manifest["index"]["kind"])
+    msg.manifest.update({k: v for k, v in manifest.items() if k != "files"})
+    return msg
+
+
+# --- client side -------------------------------------------------------------------------------------
+
+
+def samples_to_pb(samples: Sequence[Sample | tuple[str, str]]) -> list[pb.ValuationSample]:
+    out = []
+    for s in samples:
+        prompt, response = (s.prompt, s.response) if isinstance(s, Sample) else (str(s[0]), str(s[1]))
+        out.append(pb.ValuationSample(prompt=prompt, response=response))
+    return out
+
+
+def direction_to_pb(direction: str) -> int:
+    """"most", "least" or "both" → the Direction enum value.
+
+    Raises:
+        ConfigError: another name.
+    """
+    if direction not in _TO_PB:
+        raise ConfigError(f"direction must be one of {tuple(_TO_PB)}, got {direction!r}")
+    return _TO_PB[direction]
+
+
+def _plain(value):
+    """Struct values → JSON-like Python: integral doubles back to int."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def struct_to_dict(struct) -> dict:
+    return _plain(json_format.MessageToDict(struct))
+
+
+def hit_from_pb(msg: pb.Hit) -> Hit:
+    """The in-process Hit; its metadata holds id, prompt and response (as sent) and the other stored fields."""
+    metadata = {"id": msg.id, "prompt": msg.prompt, "response": msg.response, **struct_to_dict(msg.metadata)}
+    return Hit(id=msg.id, score=msg.score, rank=msg.rank, row=msg.row, metadata=metadata)
+
+
+def search_result(answer: pb.Answer, version: str) -> SearchResult:
+    """The in-process SearchResult of one answer."""
+    return SearchResult(hits=[hit_from_pb(h) for h in answer.hits], version=version,
+                        direction=_FROM_PB[answer.direction], candidates=answer.candidates)
+
+
+def info_dict(msg: pb.InfoResponse) -> dict:
+    return {"index_version": msg.index_version, "model_name": msg.model_name,
+            "model_fingerprint": msg.model_fingerprint, "tokens": msg.tokens, "n_samples": msg.n_samples,
+            "sketch_dim": msg.sketch_dim, "index_kind": msg.index_kind, "manifest": struct_to_dict(msg.manifest)}

@@ -1,0 +1,103 @@
+"""The one place where exceptions become gRPC status codes, and where request bytes are parsed.
+
+`rpc(RequestType)` decorates a servicer method (a coroutine, or an async generator for server streaming):
+the handler is registered with raw bytes in (see `servicer.add_to_server`), so a malformed message is
+answered INVALID_ARGUMENT here instead of grpc.aio's UNKNOWN. Then:
+
+| raised                                             | status              |
+|----------------------------------------------------|---------------------|
+| NotReadyError (model and index still loading)      | UNAVAILABLE         |
+| IndexMismatchError, IndexCorruptError, ModelError  | FAILED_PRECONDITION |
+| any other ForValueError (a bad request)            | INVALID_ARGUMENT    |
+| anything else                                      | INTERNAL, logged with its traceback |
+
+Cancellation (asyncio.CancelledError) and `context.abort` pass through untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from forvalue.indexer.errors import ForValueError, IndexCorruptError, IndexMismatchError, ModelError
+
+from .convert import InvalidRequestError
+
+log = logging.getLogger("forvalue.server")
+
+
+class NotReadyError(ForValueError, RuntimeError):
+    """The server is still loading its model and index (or failed to)."""
+
+
+_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (NotReadyError, grpc.StatusCode.UNAVAILABLE),
+    (IndexMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
+    (IndexCorruptError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ModelError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ForValueError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    """The status code for an exception raised while answering (INTERNAL when it is not ours)."""
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception):
+    """Answer the call with `exc`'s status (called inside the `except` block, so the traceback is logged)."""
+    code = status_of(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("%s failed unexpectedly", method)
+        message = f"internal error in {method} ({type(exc).__name__}); see the server log"
+    else:
+        message = str(exc)
+    await context.abort(code, message)
+
+
+def _parse(request_type, raw: bytes):
+    try:
+        return request_type.FromString(raw)
+    except DecodeError as exc:
+        raise InvalidRequestError("request", f"not a valid {request_type.DESCRIPTOR.full_name} message ({exc})"
+                                  ) from exc
+
+
+def rpc(request_type):
+    """Decorate a servicer method: parse its raw request as `request_type`, map its errors to statuses."""
+
+    def wrap(fn):
+        method = fn.__name__
+        if inspect.isasyncgenfunction(fn):
+
+            @functools.wraps(fn)
+            async def stream(self, raw, context):
+                try:
+                    async for item in fn(self, _parse(request_type, raw), context):
+                        yield item
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await _abort(context, method, exc)
+
+            return stream
+
+        @functools.wraps(fn)
+        async def unary(self, raw, context):
+            try:
+                return await fn(self, _parse(request_type, raw), context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(context, method, exc)
+
+        return unary
+
+    return wrap

@@ -1,0 +1,66 @@
+"""Test helpers for the influence service: a tiny served corpus and a server on its own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+
+from forvalue.indexer.data import Sample
+
+WORDS = "red green blue cat dog sun moon tree rock fish bird star sky sea hill".split()
+OPS = ("Reverse", "Upper", "Repeat")
+
+
+def corpus(n: int, seed: int = 0, prefix: str = "s") -> list[Sample]:
+    """n seeded sentence-transformation samples with a label and one extra metadata field."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        w = list(rng.choice(WORDS, size=int(rng.integers(2, 5))))
+        op = OPS[i % 3]
+        resp = {"Reverse": " ".join(w[::-1]), "Upper": " ".join(w).upper(),
+                "Repeat": " ".join(x + " " + x for x in w)}[op]
+        out.append(Sample(id=f"{prefix}{i}", prompt=f"{op}: {' '.join(w)} ->", response=" " + resp, label=op,
+                          meta={"source": ["a", "b"][i % 2], "n_words": len(w)}))
+    return out
+
+
+class ServerThread:
+    """A `create_server` server running on its own event loop in a daemon thread (tests stay synchronous).
+
+    Args:
+        config: the ServerConfig.
+        load: the blocking index loader (None = the server's default, from config).
+    """
+
+    def __init__(self, config, load=None):
+        from forvalue.server.app import create_server
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
+        self.thread.start()
+
+        async def start():
+            server, port = create_server(config, "127.0.0.1:0", load=load)
+            await server.start()
+            return server, port
+
+        self.server, self.port = self.run(start())
+        self.address = f"127.0.0.1:{self.port}"
+
+    def run(self, coro, timeout: float = 60):
+        """Run a coroutine on the server's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        self.run(self.server.wait_until_ready(timeout), timeout + 5)
+
+    def stop(self, grace: float | None = None) -> None:
+        try:
+            self.run(self.server.stop(grace), 30 if grace is None else grace + 30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(30)
+            self.loop.close()
