@@ -51,7 +51,7 @@ def texts():
 @pytest.fixture(scope="session")
 def served_model_dir(tmp_path_factory, model32, tokenizer):
     """The tiny model saved as a Hugging Face directory (what `--model` takes)."""
-    d = tmp_path_factory.mktemp("served-model")
+    d = tmp_path_factory.mktemp("tiny-model")
     model32.save_pretrained(d)
     tokenizer.save_pretrained(d)
     return str(d)

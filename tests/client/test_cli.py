@@ -12,11 +12,9 @@ from forvalue.indexer.examples import write_example
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, model32, tokenizer):
-    d = tmp_path_factory.mktemp("tiny-model")
-    model32.save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return str(d)
+def tiny_dir(served_model_dir):
+    """The tiny model as a Hugging Face directory (conftest's session fixture)."""
+    return served_model_dir
 
 
 @pytest.fixture(scope="module")
