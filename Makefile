@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/forvalue example --out $(OUT)/example.jsonl
-	# exact For-Value: are the training rows of each valuation row's own class the most valuable?
+	# 6 sentence transformations; 10% of the training rows carry another class's answer (clean: false)
+	$(BIN)/forvalue example --out $(OUT)/example.jsonl --noise 0.1
+	# exact For-Value: do the clean training rows of each valuation row's own class rank first, and do
+	# the corrupted rows stand out (clean AUC)?
 	$(BIN)/forvalue eval $(OUT)/example.jsonl --tokens all
 	# the influence index over the training rows, then the same evaluation through it
 	$(BIN)/forvalue index build --data $(OUT)/example.jsonl --split train --out $(OUT)/index --tokens all

@@ -192,8 +192,9 @@ def _format_report(r: dict) -> str:
         f"AUC         {f(r['auc_mean'])} ± {f(r['auc_std'])}   (over {r['n_rows_scored']} valuation rows)",
         f"Recall      {f(r['recall_mean'])} ± {f(r['recall_std'])}",
     ]
-    if "clean_auc" in r:
-        lines.append(f"clean AUC   {f(r['clean_auc'])}   clean share in top 10%: {f(r['clean_share_top10'])}")
+    if "clean_auc" in r and r["clean_auc"] is not None and math.isfinite(r["clean_auc"]):
+        lines.append(f"clean AUC   {f(r['clean_auc'])}   (clean vs corrupted training rows, by mean value)   "
+                     f"clean share in top 10%: {f(r['clean_share_top10'])}")
     lines.append(
         f"time        {r['seconds']:.1f} s (load {r['load_seconds']:.1f} s, forward {r['forward_seconds']:.1f} s, "
         f"scores {r['score_seconds']:.1f} s)   peak memory {r['peak_memory_mb']:.0f} MiB"
