@@ -101,7 +101,7 @@ def _row_metadata(s: Sample) -> dict:
     return row
 
 
-def fit_maps(lm: LoadedModel, head: Head, samples: Sequence[Sample], config: BuildConfig
+def fit_maps(lm: LoadedModel, head: Head, samples: Sequence[Sample], config: BuildConfig, progress: bool = False
              ) -> tuple[Sketcher, dict[int, Features]]:
     """Fits the sketch maps on a seeded sample of `samples`.
 
@@ -114,7 +114,7 @@ def fit_maps(lm: LoadedModel, head: Head, samples: Sequence[Sample], config: Bui
     pairs = [(samples[i].prompt, samples[i].response) for i in order]
     cache: dict[int, Features] = {}
     parts = []
-    for idx, f in iter_features(lm.model, lm.tokenizer, pairs, config.forward(), head):
+    for idx, f in iter_features(lm.model, lm.tokenizer, pairs, config.forward(), head, progress, "fit"):
         parts.append(f)
         for j, i in enumerate(idx):
             cache[order[i]] = f.select([j])
@@ -223,7 +223,7 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
         if build.has_file("projection.npy"):
             sk = load_maps({n: build.read_array(n) for n in MAP_FILES}, config.sketch.buckets)
         else:
-            sk, fitted = fit_maps(lm, head, samples, config)
+            sk, fitted = fit_maps(lm, head, samples, config, progress)
             _save_maps(build, sk)
 
     n_new = (len(samples) + config.shard_size - 1) // config.shard_size
