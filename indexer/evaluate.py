@@ -138,7 +138,8 @@ def run_index_eval(index, valuation: Sequence[Sample], rerank: int = 100, k: int
     fv = extract_features(index.lm.model, index.lm.tokenizer, [(s.prompt, s.response) for s in valuation],
                           index.forward, index.head, progress, "valuation")
     t1 = time.perf_counter()
-    approx = index.sketch_scores(fv).double()
+    q = index.query_sketches(fv)
+    approx = index.sketch_scores(q).double()
     through = index.score_all(fv).double()
     t2 = time.perf_counter()
     ft = extract_features(index.lm.model, index.lm.tokenizer, [(r["prompt"], r["response"]) for r in rows],
@@ -146,7 +147,7 @@ def run_index_eval(index, valuation: Sequence[Sample], rerank: int = 100, k: int
     exact = exact_scores(fv, ft, index._cpu_head).double()
     t3 = time.perf_counter()
     # the first stage as served: FAISS over the query sketches, most and least
-    q = index.sketcher.sketch(fv, index._cpu_head).float().numpy()
+    q = q.float().numpy()
     C = min(rerank, index.n)
     _, top_ids = index.ann.search(q, C, "most")
     _, bottom_ids = index.ann.search(q, C, "least")

@@ -124,7 +124,7 @@ class Index:
             features = self.encode(samples)
         k = min(k, self.n)
         C = min(max(rerank, k), self.n)
-        q = self.sketcher.sketch(features, self._cpu_head).mean(0, keepdim=True)
+        q = self.query_sketches(features).mean(0, keepdim=True)
         _, ids = self.ann.search(q.numpy().astype(np.float32), C, direction)
         cand = ids[0][ids[0] >= 0]
         exact = exact_scores(features, self.candidate_features(cand), self._cpu_head).mean(0)
@@ -135,11 +135,14 @@ class Index:
                 for r, (o, row, md) in enumerate(zip(order.tolist(), rows.tolist(), meta))]
         return SearchResult(hits, self.version.name, direction, int(cand.size))
 
-    def sketch_scores(self, features: Features) -> torch.Tensor:
-        """First-stage scores of every training row for each query row → (nq, n)."""
-        q = self.sketcher.sketch(features, self._cpu_head)
+    def query_sketches(self, features: Features) -> torch.Tensor:
+        """First-stage sketches of the query rows → (nq, dim)."""
+        return self.sketcher.sketch(features, self._cpu_head)
+
+    def sketch_scores(self, sketches: torch.Tensor) -> torch.Tensor:
+        """First-stage scores of every training row for each query sketch (nq, dim) → (nq, n)."""
         X = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.float32) for a in self.version.shard_arrays("sketch")]))
-        return q @ X.T
+        return sketches.float() @ X.T
 
     def score_all(self, features: Features, block: int = 512) -> torch.Tensor:
         """Exact For-Value of every training row for each query row → (nq, n), streaming over the store."""
