@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -94,7 +95,8 @@ class Head:
     @classmethod
     def from_model(cls, model: nn.Module, dtype: torch.dtype = torch.float32) -> Head:
         """Reads the output embedding of a transformers causal LM (or VLM) and its logit post-processing."""
-        out = model.get_output_embeddings()
+        with model_lock(model):  # never while a pass has swapped it out
+            out = model.get_output_embeddings()
         if out is None or not hasattr(out, "weight"):
             raise ModelError(f"{type(model).__name__} has no output embedding (lm_head); not a causal LM")
         cfg = model.config
@@ -244,6 +246,15 @@ def encode(tokenizer, prompt: str, response: str, config: ForwardConfig) -> Enco
     return Encoded(ids, score_from, truncated)
 
 
+_LOCKS_LOCK = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The lock that serialises forvalue's passes through `model` and reads of its output embedding."""
+    with _LOCKS_LOCK:
+        return model.__dict__.setdefault("_forvalue_pass_lock", threading.RLock())
+
+
 class _PassThrough(nn.Module):
     """Stands in for lm_head during a pass: records its input and returns it unchanged (no |V| logits)."""
 
@@ -258,14 +269,19 @@ class _PassThrough(nn.Module):
 
 @contextlib.contextmanager
 def capture_unembedding_input(model: nn.Module) -> Iterator[_PassThrough]:
-    """Within the block, model(...) skips its lm_head and the head's input is in `.captured`."""
-    head = model.get_output_embeddings()
-    probe = _PassThrough()
-    model.set_output_embeddings(probe)
-    try:
-        yield probe
-    finally:
-        model.set_output_embeddings(head)
+    """Within the block, model(...) skips its lm_head and the head's input is in `.captured`.
+
+    The swap changes the model object, so passes through it are serialised (one lock per model): two
+    threads sharing a model never see each other's pass-through.
+    """
+    with model_lock(model):
+        head = model.get_output_embeddings()
+        probe = _PassThrough()
+        model.set_output_embeddings(probe)
+        try:
+            yield probe
+        finally:
+            model.set_output_embeddings(head)
 
 
 def plan_batches(lengths: Sequence[int], batch_tokens: int, max_batch: int) -> list[list[int]]:

@@ -94,3 +94,16 @@ def test_select_roundtrip(model64, tokenizer, texts):
 def test_config_validation(bad):
     with pytest.raises(ConfigError):
         ForwardConfig(**bad)
+
+
+def test_concurrent_passes_on_one_model_are_safe(model64, tokenizer, texts):
+    """Threads sharing a model get the same features as one thread (the head swap is serialised)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = ForwardConfig(dtype=torch.float64, batch_tokens=16)
+    ref = extract_features(model64, tokenizer, texts, cfg)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda _: extract_features(model64, tokenizer, texts, cfg), range(8)))
+    for got in outs:
+        torch.testing.assert_close(got.h, ref.h, atol=1e-10, rtol=1e-10)
+    assert model64.get_output_embeddings().__class__.__name__ == "Linear"
