@@ -107,8 +107,8 @@ def generate(out_dir: Path = GENERATED_DIR, proto_root: Path = PROTO_ROOT) -> No
         ImportError: no .proto files, grpcio-tools missing, or protoc failed.
     """
     if not proto_files(proto_root):
-        raise ImportError(f"no .proto files under {proto_root / PROTO_PACKAGE}; the protocol code can only be "
-                          "generated from a source checkout of forvalue (pip install -e .)")
+        raise ImportError(f"no .proto files under {proto_root / PROTO_PACKAGE}; reinstall forvalue (the wheel "
+                          "ships them as forvalue/proto) or install from a source checkout (pip install -e .)")
     stamp = wanted_stamp(proto_root)
     tmp = Path(tempfile.mkdtemp(prefix=".generated-", dir=out_dir.parent))
     try:
