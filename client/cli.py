@@ -156,7 +156,7 @@ def _eval_through_index(data, index_dir, model_path, device, rerank, as_json, no
     if as_json:
         click.echo(json.dumps(_jsonable(report), sort_keys=True))
         return
-    f = lambda x: "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3f}"  # noqa: E731
+    f = _fmt
     click.echo("\n".join([
         f"data        {report['data']}",
         f"index       {report['index']} ({report['index_version']}, {report['n_train']} samples, "
@@ -181,9 +181,13 @@ def _jsonable(obj):
     return obj
 
 
+def _fmt(x) -> str:
+    """A metric with three decimals, or n/a when undefined (None or NaN)."""
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3f}"
+
+
 def _format_report(r: dict) -> str:
-    def f(x):
-        return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3f}"
+    f = _fmt
 
     lines = [
         f"data        {r['data']}",
@@ -192,7 +196,7 @@ def _format_report(r: dict) -> str:
         f"AUC         {f(r['auc_mean'])} ± {f(r['auc_std'])}   (over {r['n_rows_scored']} valuation rows)",
         f"Recall      {f(r['recall_mean'])} ± {f(r['recall_std'])}",
     ]
-    if "clean_auc" in r and r["clean_auc"] is not None and math.isfinite(r["clean_auc"]):
+    if _fmt(r.get("clean_auc")) != "n/a":
         lines.append(f"clean AUC   {f(r['clean_auc'])}   (clean vs corrupted training rows, by mean value)   "
                      f"clean share in top 10%: {f(r['clean_share_top10'])}")
     lines.append(

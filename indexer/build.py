@@ -79,10 +79,10 @@ def _sketch_params(cfg: SketchConfig) -> dict:
 
 
 def _params(lm: LoadedModel, config: BuildConfig) -> dict:
+    vocab_size, hidden_size = lm.model.get_output_embeddings().weight.shape
     return {
         "model": {"name": lm.name, "fingerprint": lm.fingerprint, "tokenizer_fingerprint": lm.tokenizer_fingerprint,
-                  "vocab_size": int(lm.model.get_output_embeddings().weight.shape[0]),
-                  "hidden_size": int(lm.model.get_output_embeddings().weight.shape[1])},
+                  "vocab_size": int(vocab_size), "hidden_size": int(hidden_size)},
         "tokens": config.tokens, "max_length": config.max_length, "add_eos": True,
         "sketch": _sketch_params(config.sketch), "rerank_dtype": config.rerank_dtype,
     }
@@ -203,22 +203,22 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
         if dup is not None:
             raise DataError(f"id {dup.id!r} is already in index version {base.name}; give new samples new ids "
                             "(or delete the old sample first)", path=dup.source or None, row=dup.row if dup.row >= 0 else None)
-    key_src = json.dumps({"params": params, "corpus": corpus_fingerprint(samples),
+    corpus = corpus_fingerprint(samples)
+    key_src = json.dumps({"params": params, "corpus": corpus,
                           "base": base.name if base is not None else None}, sort_keys=True)
     build = idx_root.open_build(hashlib.sha256(key_src.encode()).hexdigest()[:24])
     device = next(lm.model.parameters()).device
     head = Head.from_model(lm.model).to(device)
     t0 = time.perf_counter()
 
+    fitted: dict[int, Features] = {}
     if base is not None:
-        maps = {n: base.global_array(n) for n in MAP_FILES}
-        sk = load_maps(maps, config.sketch.buckets)
+        sk = load_maps({n: base.global_array(n) for n in MAP_FILES}, config.sketch.buckets)
         first = len(base.manifest["shards"])
         if not build.has_file("projection.npy"):
             build.link_shards_from(base, 0)
             _save_maps(build, sk)
-    fitted: dict[int, Features] = {}
-    if base is None:
+    else:
         first = 0
         if build.has_file("projection.npy"):
             sk = load_maps({n: build.read_array(n) for n in MAP_FILES}, config.sketch.buckets)
@@ -255,7 +255,7 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
         **params,
         "forvalue_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "corpus_fingerprint": corpus_fingerprint(samples),
+        "corpus_fingerprint": corpus,
         "base_version": base.name if base is not None else None,
         "n_samples": sum(counts),
         "shard_sizes": counts,
@@ -268,13 +268,13 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
 def storage_summary(manifest: dict) -> dict:
     """Bytes on disk per sample, by role, from the manifest's file list.
 
-    first_stage: the sketch vectors and the FAISS index; rerank: per-token hidden states, targets,
+    first_stage: the sketch vectors (the flat FAISS index is built from them on load); rerank: per-token hidden states, targets,
     log-partitions and offsets; metadata: the stored rows; maps: the fitted sketch maps (per index).
     """
     roles = {"first_stage": 0, "rerank": 0, "metadata": 0, "maps": 0, "other": 0}
     for path, info in manifest.get("files", {}).items():
         name = path.rsplit("/", 1)[-1]
-        if name in ("sketch.npy", "index.faiss"):
+        if name == "sketch.npy":
             role = "first_stage"
         elif name in ("h.npy", "y.npy", "lse.npy", "offsets.npy"):
             role = "rerank"

@@ -77,11 +77,8 @@ class Index:
         maps = {n: version.global_array(n) for n in MAP_FILES}
         self.sketcher = load_maps(maps, m["sketch"]["buckets"])
         self.n = int(m["n_samples"])
-        kind = m["index"]["kind"]
-        if m["index"].get("stored", False):
-            self.ann = SketchIndex.from_bytes(version.global_file("index.faiss").read_bytes())
-        else:  # flat: exact search over the (checksummed) sketch arrays, built on load
-            self.ann = SketchIndex.build(version.shard_arrays("sketch"), int(m["sketch"]["dim"]), kind=kind)
+        # flat: exact search over the (checksummed) sketch arrays, built on load
+        self.ann = SketchIndex.build(version.shard_arrays("sketch"), int(m["sketch"]["dim"]), kind=m["index"]["kind"])
         if self.ann.ntotal != self.n:
             raise IndexCorruptError(f"index {version.path}: the first stage holds {self.ann.ntotal} vectors but the "
                                     f"manifest counts {self.n} samples; rebuild the index")
@@ -141,8 +138,7 @@ class Index:
 
     def sketch_scores(self, sketches: torch.Tensor) -> torch.Tensor:
         """First-stage scores of every training row for each query sketch (nq, dim) → (nq, n)."""
-        X = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.float32) for a in self.version.shard_arrays("sketch")]))
-        return sketches.float() @ X.T
+        return torch.from_numpy(self.ann.all_scores(sketches.float().numpy()))
 
     def score_all(self, features: Features, block: int = 512) -> torch.Tensor:
         """Exact For-Value of every training row for each query row → (nq, n), streaming over the store."""
