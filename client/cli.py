@@ -79,6 +79,61 @@ def model_options(fn):
     return fn
 
 
+TOKEN_ENV = "FORVALUE_TOKEN"
+
+
+def read_token(token_file: str | None) -> str | None:
+    """The bearer token: from `token_file`, else from the FORVALUE_TOKEN environment variable, else None.
+
+    Raises:
+        ConfigError: the file is unreadable or empty, or FORVALUE_TOKEN is set but empty.
+    """
+    from forvalue.indexer.errors import ConfigError
+    from forvalue.server.security import read_token_file
+
+    if token_file is not None:
+        return read_token_file(token_file)
+    token = os.environ.get(TOKEN_ENV)
+    if token is None:
+        return None
+    if not token.strip():
+        raise ConfigError(f"{TOKEN_ENV} is set but empty; put the token in it, or unset it for no token")
+    return token.strip()
+
+
+def client_options(fn):
+    """--token-file, --tls, --tls-ca: how to reach a server; hand them to `connect`."""
+    opts = [
+        click.option("--tls-ca", "tls_ca", default=None, metavar="PATH",
+                     help="PEM file of the root certificates that sign the server's certificate (turns TLS on)."),
+        click.option("--tls", "tls", is_flag=True,
+                     help="Connect with TLS, checking the server against the system's root certificates."),
+        click.option("--token-file", "token_file", default=None, metavar="PATH",
+                     help=f"File holding the server's bearer token [default: the {TOKEN_ENV} environment variable, "
+                          "if set]."),
+    ]
+    for opt in opts:
+        fn = opt(fn)
+    return fn
+
+
+def connect(server: str, token_file: str | None, tls: bool, tls_ca: str | None):
+    """An `InfluenceClient` for `server` with the options of `client_options` (the caller closes it).
+
+    Args:
+        server: host:port.
+        token_file: file with the bearer token; None = FORVALUE_TOKEN if set, else no token.
+        tls: TLS with the system's root certificates.
+        tls_ca: PEM root certificates; implies TLS (and wins over `tls`).
+
+    Raises:
+        ConfigError: the token file, FORVALUE_TOKEN or the root certificates file is unusable.
+    """
+    from forvalue.client.client import InfluenceClient
+
+    return InfluenceClient(server, token=read_token(token_file), tls=tls_ca if tls_ca is not None else tls)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="forvalue")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
@@ -218,6 +273,9 @@ def sketch_options(fn):
                      help="Samples of the corpus used to fit the sketch maps."),
         click.option("--rerank-dtype", type=click.Choice(["float32", "float16"]), default="float32",
                      show_default=True, help="Storage of the hidden states kept for exact re-ranking."),
+        click.option("--rerank-top", type=click.IntRange(0), default=32, show_default=True,
+                     help="Largest next-token probabilities stored per training token, so queries score exactly "
+                          "only the candidates that can be in the answer (0 = score every candidate)."),
         click.option("--shard-size", type=click.IntRange(1), default=1024, show_default=True,
                      help="Samples per shard (the unit a killed build resumes from)."),
         click.option("--rank", type=click.IntRange(1), default=4, show_default=True,
@@ -230,7 +288,8 @@ def sketch_options(fn):
     return fn
 
 
-def _build_config(tokens, max_length, batch_tokens, dim, rank, shard_size, rerank_dtype, fit_samples, seed):
+def _build_config(tokens, max_length, batch_tokens, dim, rank, shard_size, rerank_dtype, fit_samples, seed,
+                  rerank_top=32):
     from forvalue.indexer.build import BuildConfig
     from forvalue.indexer.errors import ConfigError
     from forvalue.indexer.sketch import SketchConfig
@@ -239,6 +298,7 @@ def _build_config(tokens, max_length, batch_tokens, dim, rank, shard_size, reran
         raise ConfigError(f"--dim ({dim}) must be a multiple of --rank ({rank})")
     sketch = SketchConfig(rank=rank, buckets=dim // rank, seed=seed, fit_samples=fit_samples)
     return BuildConfig(tokens=tokens, sketch=sketch, shard_size=shard_size, rerank_dtype=rerank_dtype,
+                       rerank_top=rerank_top,
                        max_length=max_length, batch_tokens=batch_tokens)
 
 
@@ -264,7 +324,7 @@ def _train_rows(data, fields, split):
 @field_options
 @handle_errors
 def index_build_cmd(data, out_dir, split, model_path, tokens, max_length, batch_tokens, device, dim, rank, shard_size,
-                    rerank_dtype, fit_samples, seed, no_progress, prompt_field, response_field, label_field,
+                    rerank_top, rerank_dtype, fit_samples, seed, no_progress, prompt_field, response_field, label_field,
                     split_field, clean_field, id_field):
     """Build a new index version over a training corpus and make it CURRENT (resumes a killed build)."""
     from forvalue.indexer.build import build_index
@@ -272,7 +332,8 @@ def index_build_cmd(data, out_dir, split, model_path, tokens, max_length, batch_
     from forvalue.indexer.store import IndexRoot
 
     fields = _fields(prompt_field, response_field, label_field, split_field, clean_field, id_field)
-    config = _build_config(tokens, max_length, batch_tokens, dim, rank, shard_size, rerank_dtype, fit_samples, seed)
+    config = _build_config(tokens, max_length, batch_tokens, dim, rank, shard_size, rerank_dtype, fit_samples, seed,
+                           rerank_top)
     samples = _train_rows(data, fields, split)
     lm = load_model(model_path, device=device)
     name = build_index(out_dir, samples, lm, config, progress=not no_progress)
@@ -303,6 +364,7 @@ def index_add_cmd(index_dir, data, split, model_path, device, batch_tokens, no_p
     sk = m["sketch"]
     config = BuildConfig(
         tokens=m["tokens"], max_length=m["max_length"], rerank_dtype=m["rerank_dtype"], batch_tokens=batch_tokens,
+        rerank_top=int(m.get("rerank_top", 0)),
         sketch=SketchConfig(rank=sk["rank"], buckets=sk["buckets"], dedicated=sk["dedicated"], seed=sk["seed"],
                             fit_samples=sk["fit_samples"]),
     )
@@ -358,15 +420,34 @@ def _print_summary(m: dict, name: str) -> None:
               help="Calls in flight beyond which new calls get RESOURCE_EXHAUSTED at once [default: no limit].")
 @click.option("--grace", type=click.FloatRange(0), default=10.0, show_default=True,
               help="Seconds in-flight calls may take to finish after SIGTERM.")
+@click.option("--batch-wait-ms", type=click.FloatRange(0, 60_000), default=5.0, show_default=True,
+              help="How long a TopK request may wait for others to share its forward pass (0: no wait).")
+@click.option("--batch-tokens", type=click.IntRange(1), default=16_384, show_default=True,
+              help="Estimated tokens (about 4 characters each) beyond which no more requests join a batch.")
+@click.option("--watch-seconds", type=click.FloatRange(0), default=2.0, show_default=True,
+              help="How often to check the index's CURRENT and serve a new version without a restart (0: never).")
 @click.option("--no-reflection", is_flag=True, help="Do not serve gRPC server reflection.")
+@click.option("--token-file", "token_file", default=None, metavar="PATH",
+              help=f"File holding the bearer token every call but health checks must carry [default: the {TOKEN_ENV} "
+                   "environment variable; neither: no authentication].")
+@click.option("--tls-cert", "tls_cert", default=None, metavar="PATH",
+              help="PEM certificate (chain) of the server; with --tls-key: TLS.")
+@click.option("--tls-key", "tls_key", default=None, metavar="PATH",
+              help="PEM private key (unencrypted) of --tls-cert.")
 @handle_errors
-def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_queue, grace, no_reflection):
+def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_queue, grace, batch_wait_ms, batch_tokens,
+              watch_seconds, no_reflection, token_file, tls_cert, tls_key):
     """Serve an index over gRPC (forvalue.v1.Influence, grpc.health.v1, reflection) until SIGTERM."""
     from forvalue.server.app import serve
     from forvalue.server.config import ServerConfig
 
     config = ServerConfig(index_dir=index_dir, model_path=model_path, device=device, k_cap=k_cap,
-                          max_queue=max_queue, reflection=not no_reflection, grace_seconds=grace)
+                          max_queue=max_queue, reflection=not no_reflection, grace_seconds=grace,
+                          batch_wait_ms=batch_wait_ms, batch_tokens=batch_tokens, watch_seconds=watch_seconds,
+                          token=read_token(token_file), tls_cert=tls_cert, tls_key=tls_key)
+    if config.token is not None and config.tls_cert is None and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo("forvalue: warning: the bearer token crosses the network in plaintext; add --tls-cert and "
+                   "--tls-key", err=True)
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"  # IPv6 literal
     serve(config, f"{host}:{port}", announce=lambda message: click.echo(f"forvalue: {message}", err=True))
@@ -385,12 +466,14 @@ def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_queue, grace
 @click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True, help="Training samples to list.")
 @click.option("--least", is_flag=True, help="The least valuable instead of the most valuable.")
 @click.option("--rerank", type=click.IntRange(1), default=100, show_default=True,
-              help="First-stage candidates scored exactly.")
+              help="First-stage candidates re-ranked exactly (those that cannot be in the answer are ruled "
+                   "out by certified bounds first).")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
+@client_options
 @field_options
 @handle_errors
 def query_cmd(server, index_dir, model_path, device, prompt, response, valuation_path, k, least, rerank, as_json,
-              prompt_field, response_field, label_field, split_field, clean_field, id_field):
+              token_file, tls, tls_ca, prompt_field, response_field, label_field, split_field, clean_field, id_field):
     """Which training samples drove this response? The top k by exact For-Value, from a server or an index."""
     if (server is None) == (index_dir is None):
         _fail("give exactly one of --server ADDR or --index DIR")
@@ -407,9 +490,7 @@ def query_cmd(server, index_dir, model_path, device, prompt, response, valuation
         samples = [(prompt, response)]
     direction = "least" if least else "most"
     if server is not None:
-        from forvalue.client.client import InfluenceClient
-
-        with InfluenceClient(server) as client:
+        with connect(server, token_file, tls, tls_ca) as client:
             result = client.search(samples, k=k, direction=direction, rerank=rerank)
         source = f"server {server}"
     else:
@@ -427,7 +508,7 @@ def query_cmd(server, index_dir, model_path, device, prompt, response, valuation
 
 def _result_json(result, source: str, n_queries: int) -> dict:
     return {"source": source, "version": result.version, "direction": result.direction,
-            "candidates": result.candidates, "n_queries": n_queries,
+            "candidates": result.candidates, "exact_scored": result.exact_scored, "n_queries": n_queries,
             "hits": [{"rank": h.rank, "score": h.score, "id": h.id, "row": h.row, "metadata": h.metadata}
                      for h in result.hits]}
 
@@ -437,14 +518,170 @@ def _snippet(metadata: dict, width: int = 72) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _scored(result) -> str:
+    return "all" if result.exact_scored in (None, result.candidates) else str(result.exact_scored)
+
+
 def _format_hits(result, source: str, n_queries: int) -> str:
     group = f"the mean of {n_queries} valuation samples" if n_queries > 1 else "the valuation sample"
     lines = [f"{source}, version {result.version}: the {len(result.hits)} {result.direction} valuable training "
-             f"samples for {group} ({result.candidates} candidates scored exactly)"]
+             f"samples for {group} ({result.candidates} candidates, {_scored(result)} scored exactly)"]
     id_width = max([len("id")] + [len(h.id) for h in result.hits])
     lines.append(f"{'rank':>4}  {'score':>12}  {'id':<{id_width}}  training sample (prompt → response)")
     for h in result.hits:
         lines.append(f"{h.rank:>4}  {h.score:>12.6g}  {h.id:<{id_width}}  {_snippet(h.metadata)}")
+    return "\n".join(lines)
+
+
+@main.command("rank")
+@click.option("--server", "server", default=None, help="host:port of a forvalue server whose index is ranked.")
+@click.option("--index", "index_dir", default=None, help="Or: an index directory, scored in-process.")
+@click.option("--model", "model_path", default=None,
+              help="With --index: the model the index was built with [default: SmolLM2-135M-Instruct].")
+@click.option("--device", default="cpu", show_default=True, help="With --index: torch device for the forward pass.")
+@click.option("--batch", type=click.IntRange(1), default=64, show_default=True,
+              help="With --index: valuation samples per forward pass.")
+@click.option("--valuation", "valuation_path", required=True,
+              help="Valuation samples (JSONL, Parquet, *.hf); a training row's value is its mean score over them.")
+@click.option("--out", "out_path", required=True,
+              help="Every training row's id, row, score, rank, percentile and selected flag, rank order: "
+                   ".jsonl or .parquet.")
+@click.option("--select", "select_spec", default=None,
+              help="Select the best rows: a percentage of the rows (5%) or a count (500).")
+@click.option("--lowest", is_flag=True,
+              help="Rank (and select) the lowest-valued rows first: noisy or mislabeled data detection.")
+@click.option("--selected-out", "selected_out", default=None,
+              help="With --select: write the selected training rows, rank order, as .jsonl in the training-data "
+                   "format (what `forvalue index build --data` reads).")
+@click.option("--data", "data_path", default=None,
+              help="With --server and --selected-out: the training corpus the server's index was built from "
+                   "(rows matched by id).")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON summary object on stdout.")
+@client_options
+@field_options
+@handle_errors
+def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, out_path, select_spec, lowest, selected_out,
+             data_path, as_json, token_file, tls, tls_ca, prompt_field, response_field, label_field, split_field,
+             clean_field, id_field):
+    """Value every training row for a valuation set; select the best rows (data selection) or, with --lowest,
+    the worst (noisy data)."""
+    from forvalue.indexer.selection import parse_select, scores_format
+
+    if (server is None) == (index_dir is None):
+        _fail("give exactly one of --server ADDR or --index DIR")
+    scores_format(out_path)
+    if selected_out is not None:
+        if select_spec is None:
+            _fail("--selected-out needs --select (which rows to write), e.g. --select 5%")
+        if os.path.splitext(selected_out)[1].lower() != ".jsonl":
+            _fail(f"--selected-out {selected_out!r}: the selected rows are written as JSONL; name a .jsonl file")
+        if os.path.abspath(selected_out) == os.path.abspath(out_path):
+            _fail("--selected-out and --out name the same file; give each its own")
+        if server is not None and data_path is None:
+            _fail("--selected-out with --server needs --data TRAIN: the corpus the server's index was built from")
+    if data_path is not None and (server is None or selected_out is None):
+        _fail("--data is only read with --server and --selected-out (with --index the rows come from the index)")
+    inputs = {os.path.abspath(p) for p in (valuation_path, data_path) if p is not None}
+    for option, path in (("--out", out_path), ("--selected-out", selected_out)):
+        if path is not None and os.path.abspath(path) in inputs:
+            _fail(f"{option} {path!r} is an input of this command; write to another file")
+    if select_spec is not None:
+        parse_select(select_spec, sys.maxsize)  # a malformed spec fails now; a count above n once n is known
+
+    from forvalue.indexer.data import load_valuation_set, read_samples
+
+    fields = _fields(prompt_field, response_field, label_field, split_field, clean_field, id_field)
+    samples = [(s.prompt, s.response) for s in load_valuation_set(valuation_path, fields)]
+    if server is not None:
+        corpus = {s.id: s for s in read_samples(data_path, fields)} if data_path is not None else None
+        with connect(server, token_file, tls, tls_ca) as client:
+            ids, scores, version = client.score_all(samples, return_version=True)
+        source = f"server {server}"
+        ranked = _rank_and_select(ids, scores, select_spec, lowest)
+        subset = None if selected_out is None else _corpus_rows(corpus, [ids[i] for i in ranked[0]], data_path)
+    else:
+        from forvalue.indexer.index import Index
+        from forvalue.indexer.model import load_model
+
+        index = Index.open(index_dir, load_model(model_path, device=device))
+        scores = _index_score_all(index, samples, batch)
+        ids = [str(row["id"]) for row in index.version.rows(list(range(index.n)))]
+        version, source = index.version.name, f"index {index_dir}"
+        ranked = _rank_and_select(ids, scores, select_spec, lowest)
+        subset = None if selected_out is None else [_stored_sample(row) for row in index.version.rows(ranked[0])]
+    chosen, order, ranks, percentiles = ranked
+    summary = _write_ranking(out_path, selected_out, ids, scores, chosen, order, ranks, percentiles, subset)
+    summary = {"source": source, "version": version, "n_valuation": len(samples), "n_scored": len(ids),
+               "direction": "lowest" if lowest else "highest", **summary}
+    if as_json:
+        click.echo(json.dumps(_jsonable(summary), sort_keys=True))
+        return
+    click.echo(_format_rank_summary(summary), err=True)
+
+
+def _index_score_all(index, samples: list[tuple[str, str]], batch: int):
+    """The mean exact value of every training row to `samples`, (n,) float64, `batch` samples per forward pass."""
+    import numpy as np
+
+    total = np.zeros(index.n, dtype=np.float64)
+    for a in range(0, len(samples), batch):
+        total += index.score_all(index.encode(samples[a : a + batch])).double().sum(0).numpy()
+    return total / len(samples)
+
+
+def _rank_and_select(ids, scores, select_spec, lowest):
+    """(selected rows, best first; order; ranks; percentiles): see forvalue.indexer.selection."""
+    from forvalue.indexer.selection import parse_select, rank_scores
+
+    order, ranks, percentiles = rank_scores(ids, scores, lowest=lowest)
+    k = parse_select(select_spec, len(ids)) if select_spec is not None else 0
+    return order[:k], order, ranks, percentiles
+
+
+def _corpus_rows(corpus: dict, chosen_ids: list[str], data_path: str) -> list:
+    """The --data rows of the chosen ids, in that order."""
+    from forvalue.indexer.errors import DataError
+
+    for i in chosen_ids:
+        if i not in corpus:
+            raise DataError(f"the server's training row {i!r} (selected) has no row with that id here; pass the "
+                            "corpus the server's index was built from", path=str(data_path))
+    return [corpus[i] for i in chosen_ids]
+
+
+def _stored_sample(row: dict):
+    """A training row as the index stored it (see forvalue.indexer.build) → the Sample it was built from."""
+    from forvalue.indexer.data import Sample
+
+    return Sample(id=str(row["id"]), prompt=row["prompt"], response=row["response"], label=row.get("label"),
+                  split=row.get("split"), clean=row.get("clean"), meta=dict(row.get("meta") or {}))
+
+
+def _write_ranking(out_path, selected_out, ids, scores, chosen, order, ranks, percentiles, subset) -> dict:
+    """Write --out (every row, rank order) and --selected-out; the summary's part about the selection."""
+    import numpy as np
+
+    from forvalue.indexer.data import write_jsonl
+    from forvalue.indexer.selection import write_scores
+
+    selected = np.zeros(len(ids), dtype=bool)
+    selected[chosen] = True
+    if subset is not None:  # first: a failure here leaves an existing --out as it was
+        write_jsonl(selected_out, subset)
+    write_scores(out_path, [ids[i] for i in order], order, scores[order], ranks[order], percentiles[order],
+                 selected[order])
+    return {"n_selected": int(chosen.size), "cutoff_score": float(scores[chosen[-1]]) if chosen.size else None,
+            "out": str(out_path), "selected_out": None if selected_out is None else str(selected_out)}
+
+
+def _format_rank_summary(s: dict) -> str:
+    lines = [f"forvalue: {s['source']}, version {s['version']}: scored {s['n_scored']} training rows by their mean "
+             f"value to {s['n_valuation']} valuation samples"]
+    if s["n_selected"]:
+        lines.append(f"forvalue: selected the {s['n_selected']} {s['direction']}-valued rows "
+                     f"(cut-off score {s['cutoff_score']:.6g})")
+    lines.append(f"forvalue: wrote the scores to {s['out']}"
+                 + (f" and the selected rows to {s['selected_out']}" if s["selected_out"] else ""))
     return "\n".join(lines)
 
 

@@ -109,12 +109,16 @@ class InfluenceClient:
         response = self._call(self._stub.TopK, request)
         return [(a.query_index, convert.search_result(a, response.index_version)) for a in response.answers]
 
-    def score_all(self, samples: Sequence[Sample | tuple[str, str]], chunk_size: int = 0
-                  ) -> tuple[list[str], np.ndarray]:
+    def score_all(self, samples: Sequence[Sample | tuple[str, str]], chunk_size: int = 0,
+                  return_version: bool = False
+                  ) -> tuple[list[str], np.ndarray] | tuple[list[str], np.ndarray, str]:
         """The exact value of every training row to the group `samples`, as `Index.score_all(...).mean(0)`.
 
+        Args:
+            return_version: also return the index version that answered.
+
         Returns:
-            (ids in row order, scores (n,) float64).
+            (ids in row order, scores (n,) float64), and the version ("" for an empty index) if asked.
         """
         request = pb.ScoreAllRequest(samples=convert.samples_to_pb(samples), chunk_size=chunk_size)
         ids: list[str] = []
@@ -132,6 +136,8 @@ class InfluenceClient:
             raise ServerError(self.address, exc.code(), exc.details() or "") from None
         if len(versions) > 1:
             raise ServerError(self.address, None, f"ScoreAll mixed index versions {sorted(versions)}")
+        if return_version:
+            return ids, np.asarray(scores, dtype=np.float64), next(iter(versions), "")
         return ids, np.asarray(scores, dtype=np.float64)
 
     def info(self) -> dict:

@@ -24,7 +24,7 @@ from .data import Sample
 from .errors import ConfigError, DataError, IndexMismatchError
 from .forward import TOKEN_SCOPES, Features, ForwardConfig, Head, iter_features
 from .model import LoadedModel
-from .sketch import SketchConfig, Sketcher, bucket_residuals, fit_sketcher, sketch_from_residuals
+from .sketch import SketchConfig, Sketcher, fit_sketcher, sketch_from_residuals, vocab_pass
 from .store import Build, IndexRoot, Version
 
 RERANK_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -42,6 +42,9 @@ class BuildConfig:
         rerank_dtype: storage of the hidden states kept for exact re-ranking: "float32" (exact) or
             "float16" (half the bytes; scores then differ from exact in the 3rd-4th digit).
         max_length, batch_tokens: as in ForwardConfig.
+        rerank_top: per training token, the largest next-token probabilities stored (with the norm of the
+            rest) so that queries rule out candidates by certified bounds before exact scoring (rerank.py);
+            0 = none (every candidate is scored exactly). 8 + 4/m bytes per token each.
     """
 
     tokens: str = "response"
@@ -50,6 +53,7 @@ class BuildConfig:
     rerank_dtype: str = "float32"
     max_length: int = 2048
     batch_tokens: int = 4096
+    rerank_top: int = 32
 
     def __post_init__(self) -> None:
         if self.tokens not in TOKEN_SCOPES:
@@ -58,6 +62,8 @@ class BuildConfig:
             raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")
         if self.rerank_dtype not in RERANK_DTYPES:
             raise ConfigError(f"rerank_dtype must be one of {sorted(RERANK_DTYPES)}, got {self.rerank_dtype!r}")
+        if self.rerank_top < 0:
+            raise ConfigError(f"rerank_top must be >= 0, got {self.rerank_top}")
 
     def forward(self) -> ForwardConfig:
         return ForwardConfig(tokens=self.tokens, max_length=self.max_length, batch_tokens=self.batch_tokens)
@@ -85,6 +91,7 @@ def _params(lm: LoadedModel, config: BuildConfig) -> dict:
                   "vocab_size": int(vocab_size), "hidden_size": int(hidden_size)},
         "tokens": config.tokens, "max_length": config.max_length, "add_eos": True,
         "sketch": _sketch_params(config.sketch), "rerank_dtype": config.rerank_dtype,
+        "rerank_top": config.rerank_top,
     }
 
 
@@ -159,22 +166,35 @@ def encode_shard(lm: LoadedModel, head: Head, sk: Sketcher, samples: Sequence[Sa
     order: list[int] = []
     parts: list[Features] = []
     sketches: list[torch.Tensor] = []
+    tops = []
+    store_dtype = RERANK_DTYPES[config.rerank_dtype]
     for idx, f in batches:
-        # one pass over the vocabulary gives the log-partition and the bucketed residuals
-        f.lse, res = bucket_residuals(f.h, f.y, head, sk.bucket, sk.sign, sk.buckets)
+        if store_dtype != np.float32:  # everything stored is computed from the h that is stored
+            f.h = torch.from_numpy(f.h.float().numpy().astype(store_dtype).astype(np.float32))
+        # one pass over the vocabulary gives the log-partition, the bucketed residuals and the top
+        # probabilities
+        f.lse, res, top = vocab_pass(f.h, f.y, head, sk.bucket, sk.sign, sk.buckets, config.rerank_top)
         sketches.append(sketch_from_residuals(f, res, sk.projection))
         parts.append(f)
+        tops.append(top)
         order.extend(idx)
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
-    feats = Features.concat(parts).select(inverse)
+    cat = Features.concat(parts)
+    feats = cat.select(inverse)
     sketch = torch.cat(sketches)[inverse]
     arrays = {"sketch": sketch.float().numpy()}
     tokens = {
-        "h": feats.h.numpy().astype(RERANK_DTYPES[config.rerank_dtype]),
+        "h": feats.h.numpy().astype(store_dtype),
         "y": feats.y.numpy().astype(np.int32),
         "lse": feats.lse.float().numpy(),
     }
+    if config.rerank_top:
+        # token rows of the concatenation, in the order `select(inverse)` put them
+        src, _ = cat.token_index(inverse)
+        tokens["top_ids"] = torch.cat([t.ids for t in tops])[src].numpy().astype(np.int32)
+        tokens["top_p"] = torch.cat([t.probs for t in tops])[src].float().numpy()
+        tokens["tail_l2"] = torch.cat([t.tail_l2 for t in tops])[src].float().numpy()
     return arrays, tokens, feats.offsets.numpy().astype(np.int64), [_row_metadata(s) for s in samples]
 
 
@@ -276,7 +296,7 @@ def storage_summary(manifest: dict) -> dict:
         name = path.rsplit("/", 1)[-1]
         if name == "sketch.npy":
             role = "first_stage"
-        elif name in ("h.npy", "y.npy", "lse.npy", "offsets.npy"):
+        elif name in ("h.npy", "y.npy", "lse.npy", "offsets.npy", "top_ids.npy", "top_p.npy", "tail_l2.npy"):
             role = "rerank"
         elif name in ("metadata.jsonl", "rowindex.npy"):
             role = "metadata"
@@ -291,8 +311,9 @@ def storage_summary(manifest: dict) -> dict:
 
 
 def _check_compatible(manifest: dict, params: dict) -> None:
-    for key in ("model", "tokens", "max_length", "sketch", "rerank_dtype"):
-        if manifest.get(key) != params.get(key):
+    defaults = {"rerank_top": 0}  # indexes built before the key existed
+    for key in ("model", "tokens", "max_length", "sketch", "rerank_dtype", "rerank_top"):
+        if manifest.get(key, defaults.get(key)) != params.get(key):
             raise IndexMismatchError(
                 f"cannot add to this index: its {key} is {manifest.get(key)!r}, the new samples would use "
                 f"{params.get(key)!r}; use the same model and options, or build a new index"

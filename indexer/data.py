@@ -34,10 +34,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields as dc_fields, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from forvalue.indexer.errors import DataError
 
@@ -238,16 +238,35 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any] |
     Returns:
         The number of rows written.
     """
+    n = 0
+
+    def write(fh) -> None:
+        nonlocal n
+        for row in rows:
+            obj = row.to_dict() if isinstance(row, Sample) else dict(row)
+            fh.write((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
+            n += 1
+
+    write_atomically(Path(path), write)
+    return n
+
+
+def write_atomically(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write `path` through `write(binary file)` into a temporary file beside it, fsync'd and renamed in.
+
+    A reader (or a crash) sees the old file or the new one, never part of one; a failure leaves the old
+    file as it was. Missing parent folders are created; the file gets the permissions a plain open()
+    would give (0666 less the umask).
+    """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    n = 0
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                obj = row.to_dict() if isinstance(row, Sample) else dict(row)
-                fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
-                n += 1
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, p)
@@ -258,7 +277,6 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any] |
             pass
         raise
     _fsync_dir(p.parent)
-    return n
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -187,14 +187,18 @@ class Features:
 
     def select(self, idx: Sequence[int] | torch.Tensor) -> Features:
         """The features of samples `idx`, in that order."""
+        rows, offsets = self.token_index(idx)
+        return Features(self.h[rows], self.y[rows], self.lse[rows], offsets)
+
+    def token_index(self, idx: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token rows of samples `idx`, in that order; their offsets): what `select` gathers."""
         idx = torch.as_tensor(idx, dtype=torch.long)
         lens = self.lengths[idx]
         offsets = torch.zeros(idx.numel() + 1, dtype=torch.long)
         offsets[1:] = torch.cumsum(lens, 0)
         # row r of the result comes from offsets_self[idx[j]] + (r - offsets[j]) for the j that owns r
         shift = torch.repeat_interleave(self.offsets[:-1][idx] - offsets[:-1], lens)
-        rows = torch.arange(int(offsets[-1])) + shift
-        return Features(self.h[rows], self.y[rows], self.lse[rows], offsets)
+        return torch.arange(int(offsets[-1])) + shift, offsets
 
     @staticmethod
     def concat(parts: Sequence[Features]) -> Features:

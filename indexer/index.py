@@ -17,6 +17,7 @@ from .data import Sample
 from .errors import ConfigError, IndexCorruptError, IndexMismatchError
 from .forward import Features, ForwardConfig, Head, extract_features
 from .model import LoadedModel
+from .rerank import Candidates, must_score, pruning_pays, score_bounds
 from .score import exact_scores
 from .store import IndexRoot, Version
 
@@ -41,10 +42,19 @@ class Hit:
 
 @dataclass(frozen=True)
 class SearchResult:
+    """One answer.
+
+    Attributes:
+        hits: best first. version: the index version that answered. direction: "most" or "least".
+        candidates: first-stage candidates considered. exact_scored: how many of them were scored exactly
+            (the others were ruled out by certified bounds, see rerank.py); None when not reported.
+    """
+
     hits: list[Hit]
     version: str
     direction: str
     candidates: int
+    exact_scored: int | None = None
 
 
 def _pairs(samples: Sequence[Sample | tuple[str, str]]) -> list[tuple[str, str]]:
@@ -77,6 +87,8 @@ class Index:
         maps = {n: version.global_array(n) for n in MAP_FILES}
         self.sketcher = load_maps(maps, m["sketch"]["buckets"])
         self.n = int(m["n_samples"])
+        self.rerank_top = int(m.get("rerank_top", 0))  # 0: an index without top probabilities (no pruning)
+        self.query_top = 32
         # flat: exact search over the (checksummed) sketch arrays, built on load
         self.ann = SketchIndex.build(version.shard_arrays("sketch"), int(m["sketch"]["dim"]), kind=m["index"]["kind"])
         if self.ann.ntotal != self.n:
@@ -93,14 +105,47 @@ class Index:
 
     def candidate_features(self, rows: Sequence[int]) -> Features:
         """Stored re-rank features of training rows `rows`, in that order."""
-        d = self.version.token_rows(np.asarray(rows, dtype=np.int64))
+        return self._features(self.version.token_rows(np.asarray(rows, dtype=np.int64), ["h", "y", "lse"]))
+
+    @staticmethod
+    def _features(d: dict[str, np.ndarray]) -> Features:
         return Features(torch.from_numpy(np.asarray(d["h"], dtype=np.float32)),
                         torch.from_numpy(np.asarray(d["y"], dtype=np.int64)),
                         torch.from_numpy(np.asarray(d["lse"], dtype=np.float32)),
                         torch.from_numpy(np.asarray(d["offsets"], dtype=np.int64)))
 
+    def candidates(self, rows: Sequence[int]) -> Candidates:
+        """Stored re-rank features and top probabilities of training rows `rows` (needs rerank_top > 0)."""
+        d = self.version.token_rows(np.asarray(rows, dtype=np.int64), ["h", "y", "lse", "top_ids", "top_p", "tail_l2"])
+        return Candidates(self._features(d), torch.from_numpy(np.asarray(d["top_ids"], dtype=np.int64)),
+                          torch.from_numpy(np.asarray(d["top_p"], dtype=np.float32)),
+                          torch.from_numpy(np.asarray(d["tail_l2"], dtype=np.float32)))
+
+    def rerank(self, features: Features, cand: np.ndarray, k: int, direction: str, prune: bool = True
+               ) -> tuple[np.ndarray, torch.Tensor, int]:
+        """The exact top-k of candidate rows `cand` → (rows best first, their exact scores, rows scored exactly).
+
+        With `prune` (and top probabilities in the index), certified bounds rule out the candidates that
+        cannot be in the answer first (rerank.py); the answer is the same as scoring all of them.
+        """
+        keep = None
+        if prune and self.rerank_top and k < cand.size:
+            c = self.candidates(cand)
+            if pruning_pays(features, c.feats.h.shape[0], self._cpu_head, self.query_top):
+                lo, hi = score_bounds(features, c, self._cpu_head, self.query_top)
+                keep = torch.nonzero(must_score(lo.mean(0), hi.mean(0), k, direction)).flatten()
+                ft = c.feats.select(keep)
+            else:
+                ft = c.feats
+        else:
+            ft = self.candidate_features(cand)
+        exact = exact_scores(features, ft, self._cpu_head).mean(0)
+        order = torch.argsort(exact, descending=(direction == "most"), stable=True)[:k]
+        pos = order if keep is None else keep[order]
+        return cand[pos.numpy()], exact[order], int(exact.numel())
+
     def search(self, samples: Sequence[Sample | tuple[str, str]], k: int = 10, direction: str = "most",
-               rerank: int = 100, features: Features | None = None) -> SearchResult:
+               rerank: int = 100, features: Features | None = None, prune: bool = True) -> SearchResult:
         """Top-k most (or least) valuable training samples for the group `samples` (scored by the mean of G).
 
         Args:
@@ -108,6 +153,7 @@ class Index:
             direction: "most" or "least".
             rerank: candidates from the first stage that are scored exactly (>= k).
             features: the queries' features, when already computed (skips the forward pass).
+            prune: rule out candidates by certified bounds before exact scoring (same answer, less work).
         """
         if direction not in DIRECTIONS:
             raise ConfigError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -124,13 +170,11 @@ class Index:
         q = self.query_sketches(features).mean(0, keepdim=True)
         _, ids = self.ann.search(q.numpy().astype(np.float32), C, direction)
         cand = ids[0][ids[0] >= 0]
-        exact = exact_scores(features, self.candidate_features(cand), self._cpu_head).mean(0)
-        order = torch.argsort(exact, descending=(direction == "most"), stable=True)[:k]
-        rows = cand[order.numpy()]
+        rows, scores, scored = self.rerank(features, cand, k, direction, prune)
         meta = self.version.rows(rows)
-        hits = [Hit(id=str(md["id"]), score=float(exact[o]), rank=r + 1, row=int(row), metadata=md)
-                for r, (o, row, md) in enumerate(zip(order.tolist(), rows.tolist(), meta))]
-        return SearchResult(hits, self.version.name, direction, int(cand.size))
+        hits = [Hit(id=str(md["id"]), score=float(s), rank=r + 1, row=int(row), metadata=md)
+                for r, (s, row, md) in enumerate(zip(scores.tolist(), rows.tolist(), meta))]
+        return SearchResult(hits, self.version.name, direction, int(cand.size), scored)
 
     def query_sketches(self, features: Features) -> torch.Tensor:
         """First-stage sketches of the query rows → (nq, dim)."""

@@ -89,31 +89,70 @@ class Sketcher:
         return sketch_from_residuals(feats, r, self.projection)
 
 
+@dataclass(frozen=True)
+class TopProbs:
+    """The heaviest entries of each token's next-token distribution π, and the size of the rest.
+
+    Attributes:
+        ids: (T, m) int64 vocabulary ids of the m largest probabilities, largest first.
+        probs: (T, m) those probabilities.
+        tail_l2: (T,) ‖π restricted to the other ids‖₂, summed directly (no cancellation).
+    """
+
+    ids: torch.Tensor
+    probs: torch.Tensor
+    tail_l2: torch.Tensor
+
+
 def bucket_residuals(h: torch.Tensor, y: torch.Tensor, head: Head, bucket: torch.Tensor, sign: torch.Tensor,
                      m: int, chunk: int = 16384, rows: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """log-partition and R(e_y − π) for every row, in one pass over the vocabulary.
+    """log-partition and R(e_y − π) for every row, in one pass over the vocabulary (see `vocab_pass`).
+
+    Returns:
+        lse (T,), residuals (T, m).
+    """
+    lse, res, _ = vocab_pass(h, y, head, bucket, sign, m, 0, chunk, rows)
+    return lse, res
+
+
+def vocab_pass(h: torch.Tensor, y: torch.Tensor, head: Head, bucket: torch.Tensor, sign: torch.Tensor, m: int,
+               top: int = 0, chunk: int = 16384, rows: int = 512
+               ) -> tuple[torch.Tensor, torch.Tensor, TopProbs | None]:
+    """log-partition, R(e_y − π) and (optionally) the top-`top` probabilities of every row, in one pass
+    over the vocabulary.
 
     The π-part is accumulated relative to a running maximum of the logits (as in an online softmax) and
     rescaled by exp(max − lse) at the end, so each vocabulary chunk's logits are computed once. Signs are
     folded into 2m accumulators (positive and negative half) so the exponentials are scattered as they
     are, in place, without a signed copy; rows are processed in blocks to bound the temporaries.
+    The top entries are merged chunk by chunk; every entry that cannot (or can no longer) be among them
+    goes into the tail's sum of squares as it is seen, so the tail norm is a direct sum, not the
+    difference of two nearly equal numbers.
 
     Args:
         h: (T, d) hidden states; y: (T,) targets; bucket, sign: (V,) the vocabulary map; m: buckets.
+        top: probabilities kept per row (0 = none).
 
     Returns:
-        lse (T,), residuals (T, m).
+        lse (T,), residuals (T, m), TopProbs or None.
     """
     T = h.shape[0]
+    top = min(top, head.vocab_size)
     signed = bucket + m * (sign < 0).long()               # (V,) index into the 2m accumulators
     lse = torch.empty(T, dtype=h.dtype)
     res = torch.empty(T, m, dtype=h.dtype)
+    top_ids = torch.empty(T, top, dtype=torch.long)
+    top_p = torch.empty(T, top, dtype=h.dtype)
+    tail_l2 = torch.empty(T, dtype=h.dtype)
     for a in range(0, T, rows):
         hb = h[a : a + rows]
         R = hb.shape[0]
         run_max = torch.full((R,), -math.inf, dtype=h.dtype)
         total = torch.zeros(R, dtype=h.dtype)              # Σ exp(z − run_max)
         acc = torch.zeros(R, 2 * m, dtype=h.dtype)         # Σ exp(z − run_max), by signed bucket
+        pool_v = torch.empty(R, 0, dtype=h.dtype)          # top candidates, exp(z − run_max)
+        pool_i = torch.empty(R, 0, dtype=torch.long)
+        tail2 = torch.zeros(R, dtype=h.dtype)              # Σ exp(2(z − run_max)) outside the pool
         for c0 in range(0, head.vocab_size, chunk):
             cols = slice(c0, min(c0 + chunk, head.vocab_size))
             z = head.logits(hb, cols)
@@ -123,11 +162,27 @@ def bucket_residuals(h: torch.Tensor, y: torch.Tensor, head: Head, bucket: torch
             total = total * scale + z.sum(1)
             acc.mul_(scale[:, None])
             acc.index_add_(1, signed[cols], z)
+            if top:
+                cv, ci = z.topk(min(top, z.shape[1]), dim=1)
+                z.scatter_(1, ci, 0.0)
+                tail2 = tail2 * scale * scale + z.square_().sum(1)
+                pool_v = torch.cat([pool_v * scale[:, None], cv], dim=1)
+                pool_i = torch.cat([pool_i, ci + c0], dim=1)
+                if pool_v.shape[1] > top:
+                    keep_v, pos = pool_v.topk(top, dim=1)
+                    tail2 += pool_v.scatter(1, pos, 0.0).square_().sum(1)   # the dropped ones
+                    pool_v, pool_i = keep_v, pool_i.gather(1, pos)
             run_max = new_max
         lse[a : a + R] = run_max + torch.log(total)
-        res[a : a + R] = (acc[:, m:] - acc[:, :m]) * torch.exp(run_max - lse[a : a + R])[:, None]
+        f = torch.exp(run_max - lse[a : a + R])
+        res[a : a + R] = (acc[:, m:] - acc[:, :m]) * f[:, None]
+        if top:
+            order = torch.argsort(pool_v, dim=1, descending=True)
+            top_p[a : a + R] = pool_v.gather(1, order) * f[:, None]
+            top_ids[a : a + R] = pool_i.gather(1, order)
+            tail_l2[a : a + R] = tail2.clamp(min=0).sqrt() * f
     res[torch.arange(T), bucket[y]] += sign[y]
-    return lse, res
+    return lse, res, (TopProbs(top_ids, top_p, tail_l2) if top else None)
 
 
 def sketch_from_residuals(feats: Features, residuals: torch.Tensor, projection: torch.Tensor,

@@ -3,6 +3,11 @@
 The server starts listening before the model and index are loaded; grpc.health.v1 says NOT_SERVING (and
 Influence calls get UNAVAILABLE) until they are, SERVING after. On SIGTERM or SIGINT `serve` turns health
 to NOT_SERVING, lets in-flight calls finish for `grace_seconds` (new calls get UNAVAILABLE), then exits.
+
+Hot swap: every `watch_seconds` the server reads the index's CURRENT; when a rebuild moved it, the new
+version is opened with the model already loaded (on its own thread, not the model's) and then served from
+the next batch on. A version that fails to load is logged and the old one keeps serving (tried again
+when CURRENT changes, or on `reload()`).
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from forvalue.indexer.errors import ConfigError
+from forvalue.indexer.errors import ConfigError, ForValueError
 
 from .config import ServerConfig
 from .protocol import SERVICE_NAME
+from .security import TokenAuthInterceptor, server_credentials
 from .servicer import InfluenceServicer, add_to_server
 
 log = logging.getLogger("forvalue.server")
@@ -28,20 +34,28 @@ log = logging.getLogger("forvalue.server")
 __all__ = ["ServerConfig", "InfluenceServer", "create_server", "serve"]
 
 
-def open_index(config: ServerConfig):
-    """Load the model and open the index's CURRENT version (the default loader; blocking)."""
+def open_index(config: ServerConfig, lm=None, version: str | None = None):
+    """Open a version of the index (the default loader; blocking).
+
+    Args:
+        lm: the loaded model (LoadedModel); None = load config.model_path (done once, at start: a hot swap
+            passes the model of the version being served).
+        version: the version name; None = CURRENT.
+    """
     from forvalue.indexer.index import Index
     from forvalue.indexer.model import load_model
 
-    lm = load_model(config.model_path, device=config.device)
-    return Index.open(config.index_dir, lm)
+    if lm is None:
+        lm = load_model(config.model_path, device=config.device)
+    return Index.open(config.index_dir, lm, version=version)
 
 
 class InfluenceServer:
     """A bound grpc.aio server with its Influence, health and (optional) reflection services.
 
     `start()` starts listening and loads the model and index in the background; `wait_until_ready()`
-    waits for that (raising what the load raised); `stop(grace)` drains and stops.
+    waits for that (raising what the load raised); `stop(grace)` drains and stops. Once loaded, CURRENT is
+    watched every `config.watch_seconds` (hot swap); `reload()` checks it now.
     """
 
     def __init__(self, server: grpc.aio.Server, port: int, config: ServerConfig, servicer: InfluenceServicer,
@@ -54,6 +68,12 @@ class InfluenceServer:
         self._executor = executor
         self._load = load
         self._loading: asyncio.Future | None = None
+        # opening a new version reads files and builds FAISS: its own thread, so queries go on meanwhile
+        self._reload_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forvalue-reload")
+        self._reload_lock: asyncio.Lock | None = None
+        self._seen: str | None = None  # what CURRENT named at the last check
+        self._current_error: str | None = None  # why CURRENT could not be read at the last check
+        self._watching: asyncio.Task | None = None
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -71,8 +91,64 @@ class InfluenceServer:
             self.servicer.load_failed(exc)
             raise
         self.servicer.attach(index)
+        self._seen = index.version.name
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s (%s) on port %d", self.config.index_dir, index.version.name, self.port)
+        if self.config.watch_seconds > 0:
+            self._watching = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.watch_seconds)
+            try:
+                await self._check(retry=False)
+            except Exception:  # the watcher must outlive any one check
+                log.exception("checking %s for a new index version failed", self.config.index_dir)
+
+    def _open_version(self, name: str):
+        """Open version `name` with the model of the version being served (blocking; the reload thread)."""
+        return open_index(self.config, self.servicer.index.lm, name)
+
+    async def reload(self) -> str | None:
+        """Check CURRENT now and serve the version it names, if another (also one that failed before).
+
+        Returns:
+            the version served afterwards (None while the first load is still running). A version that
+            cannot be opened (corrupt, incomplete, another model) is logged, and the old one keeps serving.
+        """
+        return await self._check(retry=True)
+
+    async def _check(self, retry: bool) -> str | None:
+        from forvalue.indexer.store import IndexRoot
+
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
+        async with self._reload_lock:
+            served = self.servicer.version
+            if served is None:
+                return None
+            loop = asyncio.get_running_loop()
+            try:
+                name = await loop.run_in_executor(self._reload_executor, IndexRoot(self.config.index_dir).current)
+            except Exception as exc:  # a broken CURRENT: keep serving what we have, say so once
+                if retry or str(exc) != self._current_error:
+                    log.error("cannot read CURRENT of %s, still serving %s: %s", self.config.index_dir, served, exc)
+                self._current_error = str(exc)
+                return served
+            self._current_error = None
+            changed, self._seen = name != self._seen, name
+            if name is None or name == served or not (changed or retry):
+                return served
+            try:
+                index = await loop.run_in_executor(self._reload_executor, self._open_version, name)
+            except Exception as exc:
+                log.error("index version %s could not be loaded, still serving %s (tried again when CURRENT "
+                          "changes): %s: %s", name, served, type(exc).__name__, exc,
+                          exc_info=not isinstance(exc, ForValueError))
+                return served
+            self.servicer.attach(index)  # in-flight batches finish with the version they started with
+            log.info("now serving %s (was %s)", name, served)
+            return name
 
     async def wait_until_ready(self, timeout: float | None = None) -> None:
         """Wait until the model and index are loaded and health says SERVING.
@@ -88,12 +164,16 @@ class InfluenceServer:
         """Health NOT_SERVING, then stop: in-flight calls get `grace` seconds (None = cancel them now)."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self._watching is not None:
+            self._watching.cancel()
+        await self.servicer.close()
         if self._loading is not None:
             if not self._loading.done():
                 self._loading.cancel()
             elif not self._loading.cancelled():
                 self._loading.exception()  # a load failure was reported to callers already
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._reload_executor.shutdown(wait=False, cancel_futures=True)
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
@@ -112,12 +192,14 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0", load: Call
         (server, the bound port).
 
     Raises:
-        ConfigError: the address cannot be bound.
+        ConfigError: the address cannot be bound; a TLS certificate or key file is unreadable or invalid.
     """
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes),
                ("grpc.so_reuseport", 0)]
-    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_queue)
+    credentials = server_credentials(config)  # first: a bad TLS file fails before anything is built
+    interceptors = [TokenAuthInterceptor(config.token)] if config.token is not None else []
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_queue, interceptors=interceptors)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forvalue-model")
     servicer = InfluenceServicer(config, executor)
     add_to_server(servicer, server)
@@ -127,7 +209,8 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0", load: Call
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
     try:
-        port = server.add_insecure_port(address)
+        port = (server.add_insecure_port(address) if credentials is None
+                else server.add_secure_port(address, credentials))
     except RuntimeError as exc:
         raise ConfigError(f"cannot listen on {address}: {exc}") from exc
     if port == 0:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from forvalue.indexer.errors import ConfigError
 
@@ -23,9 +23,20 @@ class ServerConfig:
         max_chunk: largest chunk_size a ScoreAll request may ask for.
         max_message_bytes: largest request or response message.
         max_queue: calls in flight beyond which a new call is answered RESOURCE_EXHAUSTED at once (grpc's
-            maximum_concurrent_rpcs); None = no limit.
+            maximum_concurrent_rpcs); also bounds the requests waiting for or in the model. None = no limit.
+        batch_wait_ms: how long the oldest waiting TopK request may wait for others to share its forward
+            pass (0 = no wait: a batch takes only what is already waiting).
+        batch_tokens: estimated tokens (prompt + response, about 4 characters each) beyond which no more
+            requests join a batch; a single larger request still runs alone.
+        max_batch_requests: most TopK requests in one shared forward pass (1 = no batching).
+        watch_seconds: how often CURRENT is checked for a new index version to load and serve without a
+            restart (0 = never; `InfluenceServer.reload()` still checks on demand).
         reflection: serve gRPC server reflection (for grpcurl, grpc_cli).
         grace_seconds: on SIGTERM, how long in-flight calls may take to finish.
+        token: the bearer token every call but health checks must carry (`authorization: Bearer <token>`);
+            None = no authentication. Kept out of repr so it stays out of logs.
+        tls_cert: PEM certificate (chain) of the server; with tls_key, TLS is on. None = plaintext.
+        tls_key: PEM private key (unencrypted) of tls_cert.
 
     Raises:
         ConfigError: a field is out of range.
@@ -42,8 +53,15 @@ class ServerConfig:
     max_chunk: int = 65_536
     max_message_bytes: int = 64 * 1024 * 1024
     max_queue: int | None = None
+    batch_wait_ms: float = 5.0
+    batch_tokens: int = 16_384
+    max_batch_requests: int = 64
+    watch_seconds: float = 2.0
     reflection: bool = True
     grace_seconds: float = 10.0
+    token: str | None = field(default=None, repr=False)
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("k_cap", "default_rerank", "max_rerank", "max_samples", "default_chunk", "max_chunk",
@@ -52,9 +70,23 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue is not None and self.max_queue < 1:
             raise ConfigError(f"max_queue must be >= 1 or None, got {self.max_queue}")
+        for name in ("batch_tokens", "max_batch_requests"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.batch_wait_ms <= 60_000:
+            raise ConfigError(f"batch_wait_ms must be between 0 and 60000, got {self.batch_wait_ms}")
+        if not 0 <= self.watch_seconds < float("inf"):
+            raise ConfigError(f"watch_seconds must be >= 0 (0 = do not watch CURRENT), got {self.watch_seconds}")
         if self.max_rerank < self.default_rerank:
             raise ConfigError(f"max_rerank ({self.max_rerank}) must be >= default_rerank ({self.default_rerank})")
         if self.max_chunk < self.default_chunk:
             raise ConfigError(f"max_chunk ({self.max_chunk}) must be >= default_chunk ({self.default_chunk})")
         if self.grace_seconds < 0:
             raise ConfigError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        if self.token is not None and (not self.token or any(not "!" <= c <= "~" for c in self.token)):
+            raise ConfigError("token must be non-empty printable ASCII without spaces (None turns authentication "
+                              "off); make one with `python -c 'import secrets; print(secrets.token_urlsafe())'`")
+        for given, missing in (("tls_cert", "tls_key"), ("tls_key", "tls_cert")):
+            if getattr(self, given) is not None and getattr(self, missing) is None:
+                raise ConfigError(f"{missing} is missing: {given} is set, and TLS needs both the certificate and "
+                                  f"its private key (--tls-cert, --tls-key); give both, or neither for plaintext")

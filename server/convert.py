@@ -145,7 +145,7 @@ def hit_to_pb(hit: Hit, max_text_chars: int = 0) -> pb.Hit:
 
 def answer_to_pb(query_index: int, result: SearchResult, max_text_chars: int = 0) -> pb.Answer:
     return pb.Answer(query_index=query_index, direction=_TO_PB[result.direction], candidates=result.candidates,
-                     hits=[hit_to_pb(h, max_text_chars) for h in result.hits])
+                     exact_scored=result.exact_scored or 0, hits=[hit_to_pb(h, max_text_chars) for h in result.hits])
 
 
 def topk_response(answers: Sequence[tuple[int, SearchResult]], version: str, max_text_chars: int = 0
@@ -221,7 +221,8 @@ def hit_from_pb(msg: pb.Hit) -> Hit:
 def search_result(answer: pb.Answer, version: str) -> SearchResult:
     """The in-process SearchResult of one answer."""
     return SearchResult(hits=[hit_from_pb(h) for h in answer.hits], version=version,
-                        direction=_FROM_PB[answer.direction], candidates=answer.candidates)
+                        direction=_FROM_PB[answer.direction], candidates=answer.candidates,
+                        exact_scored=answer.exact_scored or None)
 
 
 def info_dict(msg: pb.InfoResponse) -> dict:

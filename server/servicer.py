@@ -1,23 +1,27 @@
 """The Influence servicer: validate → library call → protobuf, nothing else.
 
 Library calls (forward pass, FAISS, exact re-ranking) block, so they run in the model's executor (one
-thread), never on the event loop. Validation and conversion live in `convert`, the exception → status
-mapping in `status`.
+thread), never on the event loop, through the `Batcher` (concurrent TopK requests share forward passes;
+a bounded queue; expired or cancelled calls never reach the model). Validation and conversion live in
+`convert`, the exception → status mapping in `status`.
+
+The served version is one attribute, swapped atomically by `attach` (hot swap: `app.InfluenceServer`
+watches the index's CURRENT); a batch reads it once, so a response never mixes versions.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
+import functools
+import time
 from concurrent.futures import Executor
 
 import grpc
 
-from forvalue.indexer.index import Index, SearchResult
+from forvalue.indexer.index import Index
 
 from . import convert
+from .batching import Batcher, BatchStats, top_k  # noqa: F401 (top_k: the unbatched reference, re-exported)
 from .config import ServerConfig
-from .convert import GROUP, TopKQuery
 from .protocol import SERVICE_NAME, pb, pb_grpc
 from .status import NotReadyError, rpc
 
@@ -37,19 +41,17 @@ class Served:
         return self._ids
 
 
-def top_k(index: Index, query: TopKQuery) -> list[tuple[int, SearchResult]]:
-    """The answers to a TopK query: one forward pass for all its samples, then one search per answer."""
-    features = index.encode(query.samples)
-    if query.group:
-        return [(GROUP, index.search([], query.k, d, query.rerank, features=features)) for d in query.directions]
-    return [(i, index.search([], query.k, d, query.rerank, features=features.select([i])))
-            for i in range(features.n) for d in query.directions]
-
-
 def score_all(served: Served, samples: list[tuple[str, str]]) -> tuple[list[str], list[float]]:
     """(ids, exact For-Value of every training row to the group `samples`, the mean over its members)."""
     scores = served.index.score_all(served.index.encode(samples)).mean(0)
     return served.ids(), scores.tolist()
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the time.monotonic() clock (None: no deadline), never later than grpc's."""
+    now = time.monotonic()  # read first, so that now + remaining <= the true deadline
+    remaining = context.time_remaining()
+    return None if remaining is None else now + remaining
 
 
 class InfluenceServicer(pb_grpc.InfluenceServicer):
@@ -62,17 +64,32 @@ class InfluenceServicer(pb_grpc.InfluenceServicer):
 
     def __init__(self, config: ServerConfig, executor: Executor):
         self._config = config
-        self._executor = executor
-        self._served: Served | None = None
+        self._served: Served | None = None  # replaced whole by attach, never modified: the atomic swap
         self._load_error: BaseException | None = None
+        self.batcher = Batcher(config, executor, lambda: self._served)
 
     @property
     def version(self) -> str | None:
         """The index version being served, None before one is attached."""
         return None if self._served is None else self._served.version
 
+    @property
+    def stats(self) -> BatchStats:
+        """The batcher's counters (forward passes, batch sizes, dropped calls)."""
+        return self.batcher.stats
+
+    @property
+    def index(self) -> Index | None:
+        """The index version being served, None before one is attached."""
+        return None if self._served is None else self._served.index
+
     def attach(self, index: Index) -> None:
+        """Serve `index` from the next batch on; batches already running finish with the version they read."""
         self._served = Served(index)
+
+    async def close(self) -> None:
+        """Stop batching; calls still waiting get UNAVAILABLE."""
+        await self.batcher.close()
 
     def load_failed(self, exc: BaseException) -> None:
         self._load_error = exc
@@ -84,22 +101,20 @@ class InfluenceServicer(pb_grpc.InfluenceServicer):
             raise NotReadyError("the model and index are still loading; retry when health says SERVING")
         return self._served
 
-    async def _call(self, fn: Callable, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
     @rpc(pb.TopKRequest)
     async def TopK(self, request: pb.TopKRequest, context: grpc.aio.ServicerContext) -> pb.TopKResponse:
-        served = self._ready()
+        self._ready()
         query = convert.topk_query(request, self._config)
-        answers = await self._call(top_k, served.index, query)
-        return convert.topk_response(answers, served.version, query.max_text_chars)
+        version, answers = await self.batcher.top_k(query, deadline_of(context))
+        return convert.topk_response(answers, version, query.max_text_chars)
 
     @rpc(pb.ScoreAllRequest)
     async def ScoreAll(self, request: pb.ScoreAllRequest, context: grpc.aio.ServicerContext):
-        served = self._ready()
+        self._ready()
         query = convert.score_all_query(request, self._config)
-        ids, scores = await self._call(score_all, served, query.samples)
-        for chunk in convert.score_chunks(ids, scores, query.chunk_size, served.version):
+        version, (ids, scores) = await self.batcher.call(functools.partial(score_all, samples=query.samples),
+                                                          deadline_of(context))
+        for chunk in convert.score_chunks(ids, scores, query.chunk_size, version):
             yield chunk
 
     @rpc(pb.InfoRequest)

@@ -7,6 +7,8 @@ answered INVALID_ARGUMENT here instead of grpc.aio's UNKNOWN. Then:
 | raised                                             | status              |
 |----------------------------------------------------|---------------------|
 | NotReadyError (model and index still loading)      | UNAVAILABLE         |
+| ResourceExhaustedError (the model's queue is full) | RESOURCE_EXHAUSTED  |
+| DeadlineExceededError (expired before the model)   | DEADLINE_EXCEEDED   |
 | IndexMismatchError, IndexCorruptError, ModelError  | FAILED_PRECONDITION |
 | any other ForValueError (a bad request)            | INVALID_ARGUMENT    |
 | anything else                                      | INTERNAL, logged with its traceback |
@@ -31,11 +33,21 @@ log = logging.getLogger("forvalue.server")
 
 
 class NotReadyError(ForValueError, RuntimeError):
-    """The server is still loading its model and index (or failed to)."""
+    """The server is still loading its model and index (or failed to), or is stopping."""
+
+
+class ResourceExhaustedError(ForValueError, RuntimeError):
+    """The queue of requests waiting for the model is full (max_queue); retry later."""
+
+
+class DeadlineExceededError(ForValueError, TimeoutError):
+    """The call's deadline passed before its request reached the model (it never did)."""
 
 
 _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (NotReadyError, grpc.StatusCode.UNAVAILABLE),
+    (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (IndexMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
     (IndexCorruptError, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelError, grpc.StatusCode.FAILED_PRECONDITION),

@@ -1,0 +1,127 @@
+"""Exact re-ranking that scores exactly only the candidates that can still be in the answer.
+
+Exact For-Value of a candidate needs its tokens' full next-token distributions, |V|·d work per token:
+re-ranking C candidates that way costs C·T·|V|·d, several times the query's own forward pass. But the
+answer only needs the exact scores of its k members, and which candidates those are can be decided from
+bounds. With S(v, i) = Σ_kk' <h_k, h_k'> · α_kk' and
+
+    α_kk' = δ(y_k, y_k') − π_k'(y_k) − π_k(y_k') + <π_k, π_k'>,
+
+every term but the last is cheap from what the index stores (hidden states, targets, log-partitions).
+For the last, the index also stores each training token's top-m probabilities S_k' and the l2 norm of the
+rest of its distribution; the query contributes its own top-q tokens Q_k. Over K = Q_k ∪ S_k' the sum is
+computed from exact probabilities; outside K, by Cauchy–Schwarz,
+
+    0 ≤ Σ_{t∉K} π_k(t) π_k'(t) ≤ ‖π_k outside Q_k‖₂ · ‖π_k' outside S_k'‖₂,
+
+so each candidate's score lies in a certified interval [lo, hi] (widened by a float-rounding slack).
+A candidate whose interval cannot reach the k-th best lower bound (upper bound, for the least valuable)
+cannot be in the answer; the rest (typically k and a few) are scored exactly by `score.exact_scores`. The
+answer (ids, order, scores) is the one exact re-ranking of all C candidates gives — tested against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .forward import Features, Head
+from .score import segment_sum_rows
+
+# relative float-rounding slack between this computation and exact_scores', per |<h, h'>| (|α| ≤ 3)
+SLACK = 1e-4
+
+
+@dataclass
+class Candidates:
+    """Stored re-rank data of candidate rows: their features and their tokens' top probabilities.
+
+    Attributes:
+        feats: per-token h, y, lse and offsets. top_ids: (T, m) int64. top_p: (T, m). tail_l2: (T,).
+    """
+
+    feats: Features
+    top_ids: torch.Tensor
+    top_p: torch.Tensor
+    tail_l2: torch.Tensor
+
+
+def score_bounds(fv: Features, cand: Candidates, head: Head, query_top: int = 32, token_block: int = 2048
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Certified lower and upper bounds of S(v, i) for every query sample v and candidate i → (nv, nc) each.
+
+    Args:
+        query_top: q, the query tokens' top probabilities computed exactly against every candidate token.
+        token_block: candidate tokens per step (bounds the (Tv, block, m) gather).
+    """
+    ft = cand.feats
+    P = head.probs(fv.h, fv.lse)                                   # (Tv, V) the query's distributions
+    q = min(query_top, head.vocab_size)
+    qv, qi = P.topk(q, dim=1)
+    P_out = P.scatter(1, qi, 0.0)                                  # π_k outside Q_k
+    nv = P_out.square().sum(1).sqrt()                              # (Tv,)
+    U, inv = torch.unique(qi, return_inverse=True)
+    MQ = torch.zeros(P.shape[0], U.numel(), dtype=P.dtype).scatter_(1, inv, qv)
+    Tv, Tt = fv.h.shape[0], ft.h.shape[0]
+    base = torch.empty(Tv, Tt, dtype=P.dtype)
+    up = torch.empty(Tv, Tt, dtype=P.dtype)
+    down = torch.empty(Tv, Tt, dtype=P.dtype)
+    m = max(1, cand.top_ids.shape[1])
+    token_block = max(1, min(token_block, 2**24 // max(1, Tv * m)))
+    for a in range(0, Tt, token_block):
+        b = min(a + token_block, Tt)
+        h, lse = ft.h[a:b], ft.lse[a:b]
+        # <π_k, π_k'> over Q_k: the candidate's exact probabilities at the query's top ids
+        pp = MQ @ torch.exp(head.logits(h, U) - lse[:, None]).T
+        # ... and over S_k' \ Q_k: the stored probabilities, against π_k outside Q_k
+        ids, p = cand.top_ids[a:b], cand.top_p[a:b]
+        pp += (P_out[:, ids.reshape(-1)].view(Tv, b - a, -1) * p[None]).sum(-1)
+        alpha = (fv.y[:, None] == ft.y[None, a:b]).to(P.dtype)
+        alpha -= torch.exp(head.logits(h, fv.y) - lse[:, None]).T    # π_k'(y_k)
+        alpha -= P[:, ft.y[a:b]]                                     # π_k(y_k')
+        alpha += pp
+        g = fv.h @ h.T
+        B = nv[:, None] * cand.tail_l2[None, a:b]
+        base[:, a:b] = g * alpha - SLACK * g.abs()
+        up[:, a:b] = g.clamp(min=0) * B + 2 * SLACK * g.abs()
+        down[:, a:b] = g.clamp(max=0) * B
+
+    def per_sample(x: torch.Tensor) -> torch.Tensor:
+        z = segment_sum_rows(x, fv.segment, fv.n)                   # (nv, Tt)
+        return segment_sum_rows(z.T, ft.segment, ft.n).T             # (nv, nc)
+
+    lo = per_sample(base + down)
+    hi = lo + per_sample(up - down)
+    return lo, hi
+
+
+def must_score(lo: torch.Tensor, hi: torch.Tensor, k: int, direction: str) -> torch.Tensor:
+    """Candidates that can be among the top k (bounds of the group score, (nc,) each) → (nc,) bool.
+
+    most: every candidate whose upper bound reaches the k-th largest lower bound; least: every candidate
+    whose lower bound is at most the k-th smallest upper bound. The others are beaten by k candidates
+    whatever their exact scores.
+    """
+    n = lo.numel()
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool)
+    if direction == "most":
+        kth = torch.topk(lo, k).values[-1]
+        return hi >= kth
+    kth = torch.topk(hi, k, largest=False).values[-1]
+    return lo <= kth
+
+
+def pruning_pays(fv: Features, n_candidate_tokens: int, head: Head, query_top: int,
+                 memory_bytes: int = 512 * 2**20) -> bool:
+    """Whether bounding first is cheaper than scoring every candidate exactly, and fits in memory.
+
+    Bounds cost about Tv·|V|·d (the query's distributions, once) + Tt·(Tv·q + Tv)·d; exact scoring of
+    all candidates costs Tt·|V|·d. The query's distributions take Tv·|V| floats.
+    """
+    tv = fv.h.shape[0]
+    if tv * head.vocab_size * fv.h.element_size() > memory_bytes:
+        return False
+    bound_cost = tv * head.vocab_size + n_candidate_tokens * tv * (min(query_top, head.vocab_size) + 1)
+    return bound_cost < 0.5 * n_candidate_tokens * head.vocab_size

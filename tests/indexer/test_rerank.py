@@ -1,0 +1,145 @@
+"""Pruned exact re-ranking: top probabilities against brute force, certified bounds around the exact
+score, and the pruned answer equal to scoring every candidate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from forvalue.indexer import index as index_mod
+from forvalue.indexer.build import BuildConfig, build_index
+from forvalue.indexer.forward import ForwardConfig, Head, extract_features
+from forvalue.indexer.index import Index
+from forvalue.indexer.model import LoadedModel, model_fingerprint, tokenizer_fingerprint
+from forvalue.indexer.rerank import Candidates, must_score, score_bounds
+from forvalue.indexer.score import exact_scores
+from forvalue.indexer.sketch import SketchConfig, bucket_residuals, vocab_pass
+
+from serving import corpus
+
+
+@pytest.fixture(scope="module")
+def feats(model64, tokenizer, texts):
+    f = extract_features(model64, tokenizer, texts, ForwardConfig(tokens="all", dtype=torch.float64))
+    return f, Head.from_model(model64, torch.float64)
+
+
+def maps(head, m=10, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    bucket = torch.randint(0, m, (head.vocab_size,), generator=g)
+    sign = (torch.randint(0, 2, (head.vocab_size,), generator=g) * 2 - 1).double()
+    return bucket, sign, m
+
+
+def brute_top(h, lse, head, top):
+    pi = torch.exp(head.logits(h) - lse[:, None])
+    p, ids = torch.sort(pi, dim=1, descending=True, stable=True)
+    return ids[:, :top], p[:, :top], p[:, top:].square().sum(1).sqrt()
+
+
+@pytest.mark.parametrize("top, chunk, rows", [(5, 7, 3), (12, 128, 512), (1, 50, 2), (128, 40, 4), (40, 30, 5)])
+def test_vocab_pass_top_probabilities_equal_brute_force(feats, top, chunk, rows):
+    f, head = feats
+    bucket, sign, m = maps(head)
+    lse, res, tp = vocab_pass(f.h, f.y, head, bucket, sign, m, top, chunk, rows)
+    lse0, res0 = bucket_residuals(f.h, f.y, head, bucket, sign, m, chunk, rows)
+    torch.testing.assert_close((lse, res), (lse0, res0), atol=1e-12, rtol=1e-12)
+    ids, p, tail = brute_top(f.h, lse, head, top)
+    torch.testing.assert_close(tp.probs, p, atol=1e-12, rtol=1e-10)
+    # ids equal where probabilities are not tied
+    assert (head.weight.shape[0] >= top) and (tp.ids == ids).float().mean() > 0.99
+    torch.testing.assert_close(tp.tail_l2, tail, atol=1e-12, rtol=1e-8)
+    if top == head.vocab_size:
+        assert float(tp.tail_l2.abs().max()) == 0.0
+
+
+def candidates_of(ft, head, top) -> Candidates:
+    ids, p, tail = brute_top(ft.h, ft.lse, head, top)
+    return Candidates(ft, ids, p, tail)
+
+
+@pytest.mark.parametrize("top, query_top", [(4, 4), (16, 8), (1, 1), (40, 64)])
+def test_bounds_contain_exact_scores(feats, top, query_top):
+    f, head = feats
+    fv, ft = f.select([0, 3, 5]), f.select([1, 2, 4, 6])
+    lo, hi = score_bounds(fv, candidates_of(ft, head, top), head, query_top, token_block=5)
+    S = exact_scores(fv, ft, head)
+    assert (lo <= S).all() and (S <= hi).all()
+    assert (hi - lo).max() > 0
+
+
+def test_bounds_are_tight_when_everything_is_known(feats):
+    f, head = feats
+    fv, ft = f.select([0, 3]), f.select([1, 2, 4])
+    lo, hi = score_bounds(fv, candidates_of(ft, head, head.vocab_size), head, 8)
+    S = exact_scores(fv, ft, head)
+    scale = (fv.h.abs().sum() * ft.h.abs().sum()).item()  # bounds Σ|<h, h'>|
+    assert (hi - lo).max() <= 3e-4 * scale
+    assert (lo <= S).all() and (S <= hi).all()
+
+
+@pytest.mark.parametrize("direction", ["most", "least"])
+def test_must_score_keeps_every_possible_member(direction):
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n, k = int(torch.randint(2, 30, (1,), generator=g)), int(torch.randint(1, 8, (1,), generator=g))
+        exact = torch.randn(n, generator=g, dtype=torch.float64)
+        lo = exact - torch.rand(n, generator=g, dtype=torch.float64) * 0.5
+        hi = exact + torch.rand(n, generator=g, dtype=torch.float64) * 0.5
+        keep = must_score(lo, hi, k, direction)
+        top = torch.argsort(exact, descending=direction == "most")[: min(k, n)]
+        assert keep[top].all(), (trial, n, k)
+        assert int(keep.sum()) >= min(k, n)
+    # tight, separated intervals keep exactly k
+    exact = torch.arange(10, dtype=torch.float64)
+    assert int(must_score(exact - 0.1, exact + 0.1, 3, direction).sum()) == 3
+
+
+@pytest.fixture(scope="module")
+def lm(model32, tokenizer):
+    return LoadedModel(model32, tokenizer, "tiny", model_fingerprint(model32), tokenizer_fingerprint(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def pruned_index(tmp_path_factory, lm):
+    root = tmp_path_factory.mktemp("pruned")
+    cfg = BuildConfig(tokens="all", sketch=SketchConfig(rank=4, buckets=32, fit_samples=60), shard_size=16,
+                      rerank_top=8)
+    build_index(str(root), corpus(60), lm, cfg)
+    return Index.open(str(root), lm)
+
+
+@pytest.mark.parametrize("direction", ["most", "least"])
+@pytest.mark.parametrize("n_queries", [1, 3])
+def test_pruned_search_equals_scoring_every_candidate(pruned_index, monkeypatch, direction, n_queries):
+    monkeypatch.setattr(index_mod, "pruning_pays", lambda *a, **k: True)  # |V| = 128: never pays by cost
+    pruned_index.query_top = 4
+    scored = []
+    for seed in range(6):
+        q = [(s.prompt, s.response) for s in corpus(n_queries, seed=100 + seed, prefix="q")]
+        f = pruned_index.encode(q)
+        a = pruned_index.search([], 5, direction, 40, features=f, prune=True)
+        b = pruned_index.search([], 5, direction, 40, features=f, prune=False)
+        assert [h.id for h in a.hits] == [h.id for h in b.hits]
+        np.testing.assert_allclose([h.score for h in a.hits], [h.score for h in b.hits], rtol=1e-5, atol=1e-5)
+        assert b.exact_scored == 40 and 5 <= a.exact_scored <= 40
+        scored.append(a.exact_scored)
+    assert min(scored) < 40  # the bounds did rule candidates out
+
+
+def test_index_without_top_probabilities_scores_every_candidate(tmp_path, lm):
+    cfg = BuildConfig(tokens="response", sketch=SketchConfig(rank=4, buckets=32, fit_samples=20), rerank_top=0)
+    build_index(str(tmp_path), corpus(20), lm, cfg)
+    idx = Index.open(str(tmp_path), lm)
+    assert idx.rerank_top == 0 and "top_p" not in idx.version.arrays
+    res = idx.search(corpus(1, seed=5, prefix="q"), k=3, rerank=10)
+    assert res.exact_scored == 10
+
+
+def test_stored_top_probabilities_match_the_stored_hidden_states(pruned_index):
+    idx = pruned_index
+    c = idx.candidates(np.arange(idx.n))
+    ids, p, tail = brute_top(c.feats.h, c.feats.lse, idx._cpu_head, idx.rerank_top)
+    torch.testing.assert_close(c.top_p, p, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(c.tail_l2, tail, rtol=1e-3, atol=1e-6)

@@ -1,0 +1,169 @@
+"""Service latency and throughput against a bare forward pass, in one run; prints one JSON object.
+
+A `forvalue serve` process (its own process, as deployed) serves an index of the example corpus built
+with the same model. Then, in this order:
+
+bare        p50 of model(input_ids) over each query's tokens (prompt + response, logits included), in
+            this process while the server idles: the physical floor of answering a query;
+topk        p50 latency of single TopK calls (k = 10, --rerank 100 candidates), sequential;
+sequential  queries/s of one client calling TopK back to back;
+concurrent  queries/s of `--clients` clients (threads, one channel each) calling TopK at once, which the
+            server batches into shared forward passes.
+
+Targets (issue 4): topk p50 ≤ 1.5 × bare p50; concurrent ≥ 3 × sequential; zero failed requests.
+
+    python tools/bench_serve.py --json [--model DIR|FILE.gguf] [--index DIR] [--clients 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+
+def example_rows(seed: int = 0) -> tuple[list, list]:
+    from forvalue.indexer.data import Sample
+    from forvalue.indexer.examples import make_transform_dataset
+
+    rows = make_transform_dataset(n_classes=10, n_train_per_class=24, n_test_per_class=6, seed=seed)
+    train = [Sample(id=f"t{i}", prompt=r["prompt"], response=r["response"], label=r.get("label"))
+             for i, r in enumerate(r for r in rows if r["split"] == "train")]
+    test = [(r["prompt"], r["response"]) for r in rows if r["split"] == "test"]
+    return train, test
+
+
+def start_server(index_dir: str, model: str | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """`forvalue serve --port 0` in its own process → (process, address) once health says SERVING."""
+    cmd = [sys.executable, "-m", "forvalue.client.cli", "serve", "--index", index_dir, "--port", "0", *extra]
+    if model:
+        cmd += ["--model", model]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    address = None
+    for line in proc.stderr:
+        m = re.search(r"listening on (\S+):(\d+)", line)
+        if m:
+            address = f"{m.group(1)}:{m.group(2)}"
+        if line.startswith("forvalue: serving"):
+            break
+        if proc.poll() is not None:
+            break
+    if address is None or proc.poll() is not None:
+        proc.kill()
+        raise SystemExit(f"bench_serve: the server did not start: {line}")
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep draining
+    return proc, address
+
+
+def p50(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="HF directory or .gguf [default: SmolLM2-135M-Instruct]")
+    ap.add_argument("--index", default=None, help="an index built with --model [default: built here, example data]")
+    ap.add_argument("--tokens", default="response", choices=["response", "all"])
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=48, help="sequential TopK calls (and bare passes)")
+    ap.add_argument("--per-client", type=int, default=6, help="TopK calls per concurrent client")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--rerank", type=int, default=100, help="first-stage candidates re-ranked exactly")
+    ap.add_argument("--serve-arg", action="append", default=[], help="extra `forvalue serve` option (repeatable)")
+    ap.add_argument("--json", action="store_true", help="JSON only (the output is JSON anyway)")
+    args = ap.parse_args()
+
+    from forvalue.client.client import InfluenceClient, ServerError
+    from forvalue.indexer.build import BuildConfig, build_index
+    from forvalue.indexer.forward import ForwardConfig, encode
+    from forvalue.indexer.model import load_model
+
+    torch.set_grad_enabled(False)
+    lm = load_model(args.model)
+    train, queries = example_rows()
+    tmp = tempfile.TemporaryDirectory()
+    index_dir = args.index
+    build_s = None
+    if index_dir is None:
+        index_dir = os.path.join(tmp.name, "index")
+        t0 = time.perf_counter()
+        build_index(index_dir, train, lm, BuildConfig(tokens=args.tokens))
+        build_s = time.perf_counter() - t0
+    proc, address = start_server(index_dir, args.model, args.serve_arg)
+    try:
+        fwd = ForwardConfig(tokens=args.tokens)
+        ids = [torch.tensor([encode(lm.tokenizer, p, r, fwd).ids]) for p, r in queries]
+        qs = [queries[i % len(queries)] for i in range(args.requests)]
+        with InfluenceClient(address, timeout=600) as c:
+            c.search([qs[0]], k=args.k)  # warm-up (first call pays lazy loads)
+            lm.model(input_ids=ids[0], use_cache=False)
+            bare, topk = [], []
+            for rep in range(2):  # alternate, so slow phases of the shared machine hit both
+                for i in range(args.requests // 2):
+                    j = (rep * (args.requests // 2) + i) % len(queries)
+                    t0 = time.perf_counter()
+                    lm.model(input_ids=ids[j], use_cache=False)
+                    bare.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                for i in range(args.requests // 2):
+                    j = (rep * (args.requests // 2) + i) % len(queries)
+                    t1 = time.perf_counter()
+                    c.search([queries[j]], k=args.k, rerank=args.rerank)
+                    topk.append(time.perf_counter() - t1)
+            seq_qps = len(topk) / sum(topk)
+        failed: list[str] = []
+        done = [0]
+        lock = threading.Lock()
+
+        def client_loop(ci: int) -> None:
+            with InfluenceClient(address, timeout=600) as cc:
+                for r in range(args.per_client):
+                    q = queries[(ci * args.per_client + r) % len(queries)]
+                    try:
+                        cc.search([q], k=args.k, rerank=args.rerank)
+                        with lock:
+                            done[0] += 1
+                    except ServerError as exc:
+                        with lock:
+                            failed.append(str(exc))
+
+        threads = [threading.Thread(target=client_loop, args=(ci,)) for ci in range(args.clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        conc_qps = done[0] / wall
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        tmp.cleanup()
+    out = {
+        "device": "cpu", "model": lm.name, "tokens": args.tokens, "threads": torch.get_num_threads(),
+        "index_rows": len(train) if args.index is None else None, "index_build_seconds":
+            None if build_s is None else round(build_s, 1), "k": args.k,
+        "bare_forward_p50_ms": round(p50(bare) * 1000, 1), "topk_p50_ms": round(p50(topk) * 1000, 1),
+        "topk_p90_ms": round(statistics.quantiles(topk, n=10)[-1] * 1000, 1),
+        "latency_ratio": round(p50(topk) / p50(bare), 3),
+        "sequential_qps": round(seq_qps, 2), "concurrent_qps": round(conc_qps, 2), "clients": args.clients,
+        "throughput_ratio": round(conc_qps / seq_qps, 2),
+        "requests": len(topk) + args.clients * args.per_client, "failed": len(failed),
+        "failures": failed[:5],
+        "targets": {"latency_ratio_max": 1.5, "throughput_ratio_min": 3.0, "failed": 0},
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
