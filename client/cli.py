@@ -424,6 +424,8 @@ def _print_summary(m: dict, name: str) -> None:
               help="How long a TopK request may wait for others to share its forward pass (0: no wait).")
 @click.option("--batch-tokens", type=click.IntRange(1), default=16_384, show_default=True,
               help="Estimated tokens (about 4 characters each) beyond which no more requests join a batch.")
+@click.option("--max-batch-requests", type=click.IntRange(1), default=64, show_default=True,
+              help="Most TopK requests sharing one forward pass (1: no batching).")
 @click.option("--watch-seconds", type=click.FloatRange(0), default=2.0, show_default=True,
               help="How often to check the index's CURRENT and serve a new version without a restart (0: never).")
 @click.option("--no-reflection", is_flag=True, help="Do not serve gRPC server reflection.")
@@ -436,14 +438,15 @@ def _print_summary(m: dict, name: str) -> None:
               help="PEM private key (unencrypted) of --tls-cert.")
 @handle_errors
 def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_queue, grace, batch_wait_ms, batch_tokens,
-              watch_seconds, no_reflection, token_file, tls_cert, tls_key):
+              max_batch_requests, watch_seconds, no_reflection, token_file, tls_cert, tls_key):
     """Serve an index over gRPC (forvalue.v1.Influence, grpc.health.v1, reflection) until SIGTERM."""
     from forvalue.server.app import serve
     from forvalue.server.config import ServerConfig
 
     config = ServerConfig(index_dir=index_dir, model_path=model_path, device=device, k_cap=k_cap,
                           max_queue=max_queue, reflection=not no_reflection, grace_seconds=grace,
-                          batch_wait_ms=batch_wait_ms, batch_tokens=batch_tokens, watch_seconds=watch_seconds,
+                          batch_wait_ms=batch_wait_ms, batch_tokens=batch_tokens,
+                          max_batch_requests=max_batch_requests, watch_seconds=watch_seconds,
                           token=read_token(token_file), tls_cert=tls_cert, tls_key=tls_key)
     if config.token is not None and config.tls_cert is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo("forvalue: warning: the bearer token crosses the network in plaintext; add --tls-cert and "

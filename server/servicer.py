@@ -17,6 +17,7 @@ from concurrent.futures import Executor
 
 import grpc
 
+from forvalue.indexer.errors import IndexCorruptError, IndexMismatchError, ModelError
 from forvalue.indexer.index import Index
 
 from . import convert
@@ -96,8 +97,12 @@ class InfluenceServicer(pb_grpc.InfluenceServicer):
 
     def _ready(self) -> Served:
         if self._served is None:
-            if self._load_error is not None:
-                raise NotReadyError(f"the server could not load its index: {self._load_error}")
+            exc = self._load_error
+            if isinstance(exc, (IndexMismatchError, IndexCorruptError, ModelError)):
+                # permanent until an operator acts: FAILED_PRECONDITION, not a retryable UNAVAILABLE
+                raise type(exc)(f"the server could not load its index: {exc}")
+            if exc is not None:
+                raise NotReadyError(f"the server could not load its index: {exc}")
             raise NotReadyError("the model and index are still loading; retry when health says SERVING")
         return self._served
 

@@ -284,10 +284,12 @@ def test_cli_serve_options_reach_the_config(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(app, "serve", lambda config, address, announce=print: seen.update(config=config))
     r = CliRunner().invoke(main, ["serve", "--index", str(tmp_path), "--port", "0", "--batch-wait-ms", "2.5",
-                                  "--batch-tokens", "1000", "--watch-seconds", "0"], env={"FORVALUE_TOKEN": None})
+                                  "--batch-tokens", "1000", "--max-batch-requests", "3", "--watch-seconds", "0"],
+                            env={"FORVALUE_TOKEN": None})
     assert r.exit_code == 0, r.output
     config = seen["config"]
-    assert (config.batch_wait_ms, config.batch_tokens, config.watch_seconds) == (2.5, 1000, 0.0)
+    assert (config.batch_wait_ms, config.batch_tokens, config.max_batch_requests, config.watch_seconds) == \
+        (2.5, 1000, 3, 0.0)
 
 
 # --- hot swap -----------------------------------------------------------------------------------------------

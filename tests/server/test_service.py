@@ -198,9 +198,31 @@ def test_load_failure_keeps_not_serving(served_index):
             srv.wait_ready(30)
         with InfluenceClient(srv.address, timeout=30) as c:
             assert c.health() == "NOT_SERVING"
+            for call in (lambda: c.search(QUERIES[:1]), c.info, lambda: c.score_all(QUERIES[:1])):
+                with pytest.raises(ServerError) as err:
+                    call()
+                # permanent until an operator acts: not the retryable UNAVAILABLE of a server still loading
+                assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+                assert "could not load its index" in err.value.details and "another model" in err.value.details
+    finally:
+        srv.stop()
+
+
+def test_index_of_another_model_is_failed_precondition(served_index, tokenizer, tmp_path):
+    from factories import make_model
+
+    other = tmp_path / "other-model"
+    make_model(seed=1).save_pretrained(other)  # same architecture and tokenizer, other weights
+    tokenizer.save_pretrained(other)
+    srv = ServerThread(_config(served_index, model_path=str(other)))  # the real loader
+    try:
+        with pytest.raises(IndexMismatchError):
+            srv.wait_ready(60)
+        with InfluenceClient(srv.address, timeout=30) as c:
             with pytest.raises(ServerError) as err:
                 c.search(QUERIES[:1])
-            assert err.value.code == grpc.StatusCode.UNAVAILABLE and "another model" in err.value.details
+            assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "--model" in err.value.details
+            assert c.health() == "NOT_SERVING"
     finally:
         srv.stop()
 
