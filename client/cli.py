@@ -399,6 +399,30 @@ def index_info_cmd(index_dir, version, files, no_verify):
     click.echo(json.dumps(m, indent=2, sort_keys=True))
 
 
+@index_group.command("gc")
+@click.argument("index_dir")
+@click.option("--keep", type=int, required=True, help="How many of the newest versions to keep (>= 1).")
+@handle_errors
+def index_gc_cmd(index_dir, keep):
+    """Delete old versions of an index, keeping the --keep newest and CURRENT; prints what it removed as JSON.
+
+    A server still serving a deleted version goes on answering from it (its files stay open) until it
+    moves to CURRENT. Unpublished builds under builds/ are left alone.
+    """
+    from forvalue.indexer.store import IndexRoot
+
+    if keep < 1:
+        _fail(f"--keep must be at least 1 (the newest version is always kept), got {keep}")
+    if not os.path.isdir(index_dir):
+        _fail(f"{index_dir}: no such index directory")
+    root = IndexRoot(index_dir)
+    if not (root.path / "versions").is_dir():
+        _fail(f"{index_dir}: not an index directory (it has no versions/); nothing to remove")
+    current = root.current()  # a CURRENT that cannot be read stops gc before anything is deleted
+    removed = root.gc(keep)
+    click.echo(json.dumps({"removed": removed, "kept": root.versions(), "current": current}, sort_keys=True))
+
+
 def _print_summary(m: dict, name: str) -> None:
     from forvalue.indexer.build import storage_summary
 
@@ -416,8 +440,11 @@ def _print_summary(m: dict, name: str) -> None:
               help="Port to listen on; 0 picks a free one (printed).")
 @click.option("--device", default="cpu", show_default=True, help="torch device for the forward pass.")
 @click.option("--k-cap", type=click.IntRange(1), default=1000, show_default=True, help="Largest k a request may ask for.")
+@click.option("--max-sample-chars", type=click.IntRange(1), default=100_000, show_default=True,
+              help="Most characters in a valuation sample's prompt, and in its response (longer: INVALID_ARGUMENT).")
 @click.option("--max-queue", type=click.IntRange(1), default=None,
-              help="Calls in flight beyond which new calls get RESOURCE_EXHAUSTED at once [default: no limit].")
+              help="Requests waiting for or in the model beyond which new ones get RESOURCE_EXHAUSTED at once "
+                   "(health checks still answer) [default: no limit].")
 @click.option("--grace", type=click.FloatRange(0), default=10.0, show_default=True,
               help="Seconds in-flight calls may take to finish after SIGTERM.")
 @click.option("--batch-wait-ms", type=click.FloatRange(0, 60_000), default=5.0, show_default=True,
@@ -437,15 +464,15 @@ def _print_summary(m: dict, name: str) -> None:
 @click.option("--tls-key", "tls_key", default=None, metavar="PATH",
               help="PEM private key (unencrypted) of --tls-cert.")
 @handle_errors
-def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_queue, grace, batch_wait_ms, batch_tokens,
-              max_batch_requests, watch_seconds, no_reflection, token_file, tls_cert, tls_key):
+def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars, max_queue, grace, batch_wait_ms,
+              batch_tokens, max_batch_requests, watch_seconds, no_reflection, token_file, tls_cert, tls_key):
     """Serve an index over gRPC (forvalue.v1.Influence, grpc.health.v1, reflection) until SIGTERM."""
     from forvalue.server.app import serve
     from forvalue.server.config import ServerConfig
 
     config = ServerConfig(index_dir=index_dir, model_path=model_path, device=device, k_cap=k_cap,
-                          max_queue=max_queue, reflection=not no_reflection, grace_seconds=grace,
-                          batch_wait_ms=batch_wait_ms, batch_tokens=batch_tokens,
+                          max_sample_chars=max_sample_chars, max_queue=max_queue, reflection=not no_reflection,
+                          grace_seconds=grace, batch_wait_ms=batch_wait_ms, batch_tokens=batch_tokens,
                           max_batch_requests=max_batch_requests, watch_seconds=watch_seconds,
                           token=read_token(token_file), tls_cert=tls_cert, tls_key=tls_key)
     if config.token is not None and config.tls_cert is None and host not in ("127.0.0.1", "localhost", "::1"):
@@ -466,11 +493,12 @@ def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_queue, grace
 @click.option("--response", default=None, help="The response whose training sources are asked for.")
 @click.option("--valuation", "valuation_path", default=None,
               help="Or: a file of valuation samples (JSONL, Parquet, *.hf), queried as one group (mean).")
-@click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True, help="Training samples to list.")
+# -k and --rerank are checked by the server (or Index.search), so a bad value is one line naming it, exit 2
+@click.option("-k", "k", type=int, default=10, show_default=True, help="Training samples to list (>= 1).")
 @click.option("--least", is_flag=True, help="The least valuable instead of the most valuable.")
-@click.option("--rerank", type=click.IntRange(1), default=100, show_default=True,
+@click.option("--rerank", type=int, default=100, show_default=True,
               help="First-stage candidates re-ranked exactly (those that cannot be in the answer are ruled "
-                   "out by certified bounds first).")
+                   "out by certified bounds first); >= 0, raised to k.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 @client_options
 @field_options

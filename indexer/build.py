@@ -232,15 +232,17 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
     t0 = time.perf_counter()
 
     fitted: dict[int, Features] = {}
+    # the maps are written one file at a time: a build killed between two of them has to write them again
+    have_maps = all(build.has_file(n) for n in MAP_FILES)
     if base is not None:
         sk = load_maps({n: base.global_array(n) for n in MAP_FILES}, config.sketch.buckets)
         first = len(base.manifest["shards"])
-        if not build.has_file("projection.npy"):
+        if not have_maps:
             build.link_shards_from(base, 0)
             _save_maps(build, sk)
     else:
         first = 0
-        if build.has_file("projection.npy"):
+        if have_maps:
             sk = load_maps({n: build.read_array(n) for n in MAP_FILES}, config.sketch.buckets)
         else:
             sk, fitted = fit_maps(lm, head, samples, config, progress)

@@ -365,7 +365,8 @@ def _iter_json(p: Path) -> Iterator[tuple[int, Any]]:
                             path=str(p)) from exc
         yield from enumerate(array)
         return
-    for row, line in enumerate(text.splitlines()):
+    # lines end at "\n" only: str.splitlines would also cut at U+2028, U+0085, ..., which JSON strings hold raw
+    for row, line in enumerate(text.split("\n")):
         if not line.strip():
             continue
         try:

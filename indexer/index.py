@@ -17,7 +17,7 @@ from .data import Sample
 from .errors import ConfigError, IndexCorruptError, IndexMismatchError
 from .forward import Features, ForwardConfig, Head, extract_features
 from .model import LoadedModel
-from .rerank import Candidates, must_score, pruning_pays, score_bounds
+from .rerank import Candidates, must_score, pruning_pays, query_probs_fit, score_bounds
 from .score import exact_scores
 from .store import IndexRoot, Version
 
@@ -90,6 +90,7 @@ class Index:
         self.rerank_top = int(m.get("rerank_top", 0))  # 0: an index without top probabilities (no pruning)
         self.query_top = 32
         # flat: exact search over the (checksummed) sketch arrays, built on load
+        version.open_all()  # every file open now: serving goes on if gc deletes the version's directory
         self.ann = SketchIndex.build(version.shard_arrays("sketch"), int(m["sketch"]["dim"]), kind=m["index"]["kind"])
         if self.ann.ntotal != self.n:
             raise IndexCorruptError(f"index {version.path}: the first stage holds {self.ann.ntotal} vectors but the "
@@ -121,25 +122,28 @@ class Index:
                           torch.from_numpy(np.asarray(d["top_p"], dtype=np.float32)),
                           torch.from_numpy(np.asarray(d["tail_l2"], dtype=np.float32)))
 
-    def rerank(self, features: Features, cand: np.ndarray, k: int, direction: str, prune: bool = True
-               ) -> tuple[np.ndarray, torch.Tensor, int]:
+    def rerank(self, features: Features, cand: np.ndarray, k: int, direction: str, prune: bool = True,
+               probs: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor, int]:
         """The exact top-k of candidate rows `cand` → (rows best first, their exact scores, rows scored exactly).
 
         With `prune` (and top probabilities in the index), certified bounds rule out the candidates that
         cannot be in the answer first (rerank.py); the answer is the same as scoring all of them.
+
+        Args:
+            probs: the query tokens' distributions over the whole vocabulary (Tv, V), when computed already.
         """
         keep = None
         if prune and self.rerank_top and k < cand.size:
             c = self.candidates(cand)
             if pruning_pays(features, c.feats.h.shape[0], self._cpu_head, self.query_top):
-                lo, hi = score_bounds(features, c, self._cpu_head, self.query_top)
+                lo, hi = score_bounds(features, c, self._cpu_head, self.query_top, probs=probs)
                 keep = torch.nonzero(must_score(lo.mean(0), hi.mean(0), k, direction)).flatten()
                 ft = c.feats.select(keep)
             else:
                 ft = c.feats
         else:
             ft = self.candidate_features(cand)
-        exact = exact_scores(features, ft, self._cpu_head).mean(0)
+        exact = exact_scores(features, ft, self._cpu_head, pv=probs).mean(0)
         order = torch.argsort(exact, descending=(direction == "most"), stable=True)[:k]
         pos = order if keep is None else keep[order]
         return cand[pos.numpy()], exact[order], int(exact.numel())
@@ -167,18 +171,20 @@ class Index:
             features = self.encode(samples)
         k = min(k, self.n)
         C = min(max(rerank, k), self.n)
-        q = self.query_sketches(features).mean(0, keepdim=True)
+        # the query tokens' distributions, computed once for the sketch, the bounds and the exact scores
+        probs = self._cpu_head.probs(features.h, features.lse) if query_probs_fit(features, self._cpu_head) else None
+        q = self.query_sketches(features, probs).mean(0, keepdim=True)
         _, ids = self.ann.search(q.numpy().astype(np.float32), C, direction)
         cand = ids[0][ids[0] >= 0]
-        rows, scores, scored = self.rerank(features, cand, k, direction, prune)
+        rows, scores, scored = self.rerank(features, cand, k, direction, prune, probs)
         meta = self.version.rows(rows)
         hits = [Hit(id=str(md["id"]), score=float(s), rank=r + 1, row=int(row), metadata=md)
                 for r, (s, row, md) in enumerate(zip(scores.tolist(), rows.tolist(), meta))]
         return SearchResult(hits, self.version.name, direction, int(cand.size), scored)
 
-    def query_sketches(self, features: Features) -> torch.Tensor:
-        """First-stage sketches of the query rows → (nq, dim)."""
-        return self.sketcher.sketch(features, self._cpu_head)
+    def query_sketches(self, features: Features, probs: torch.Tensor | None = None) -> torch.Tensor:
+        """First-stage sketches of the query rows → (nq, dim) (`probs`: their tokens' distributions, if known)."""
+        return self.sketcher.sketch(features, self._cpu_head, probs=probs)
 
     def sketch_scores(self, sketches: torch.Tensor) -> torch.Tensor:
         """First-stage scores of every training row for each query sketch (nq, dim) → (nq, n)."""

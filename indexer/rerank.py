@@ -47,16 +47,17 @@ class Candidates:
     tail_l2: torch.Tensor
 
 
-def score_bounds(fv: Features, cand: Candidates, head: Head, query_top: int = 32, token_block: int = 2048
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def score_bounds(fv: Features, cand: Candidates, head: Head, query_top: int = 32, token_block: int = 2048,
+                 probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Certified lower and upper bounds of S(v, i) for every query sample v and candidate i → (nv, nc) each.
 
     Args:
         query_top: q, the query tokens' top probabilities computed exactly against every candidate token.
         token_block: candidate tokens per step (bounds the (Tv, block, m) gather).
+        probs: the query tokens' distributions (Tv, V), when already computed.
     """
     ft = cand.feats
-    P = head.probs(fv.h, fv.lse)                                   # (Tv, V) the query's distributions
+    P = head.probs(fv.h, fv.lse) if probs is None else probs       # (Tv, V) the query's distributions
     q = min(query_top, head.vocab_size)
     qv, qi = P.topk(q, dim=1)
     P_out = P.scatter(1, qi, 0.0)                                  # π_k outside Q_k
@@ -113,6 +114,11 @@ def must_score(lo: torch.Tensor, hi: torch.Tensor, k: int, direction: str) -> to
     return lo <= kth
 
 
+def query_probs_fit(fv: Features, head: Head, memory_bytes: int = 512 * 2**20) -> bool:
+    """Whether the query tokens' full distributions (Tv · |V| floats) fit in `memory_bytes`."""
+    return fv.h.shape[0] * head.vocab_size * fv.h.element_size() <= memory_bytes
+
+
 def pruning_pays(fv: Features, n_candidate_tokens: int, head: Head, query_top: int,
                  memory_bytes: int = 512 * 2**20) -> bool:
     """Whether bounding first is cheaper than scoring every candidate exactly, and fits in memory.
@@ -121,7 +127,7 @@ def pruning_pays(fv: Features, n_candidate_tokens: int, head: Head, query_top: i
     all candidates costs Tt·|V|·d. The query's distributions take Tv·|V| floats.
     """
     tv = fv.h.shape[0]
-    if tv * head.vocab_size * fv.h.element_size() > memory_bytes:
+    if not query_probs_fit(fv, head, memory_bytes):
         return False
     bound_cost = tv * head.vocab_size + n_candidate_tokens * tv * (min(query_top, head.vocab_size) + 1)
     return bound_cost < 0.5 * n_candidate_tokens * head.vocab_size

@@ -239,14 +239,24 @@ def pair_alpha(fv: Features, ft: Features, head: Head, vocab: torch.Tensor | Non
     return a
 
 
+def va_rows(feats: Features, a: int, b: int) -> slice:
+    """Token rows of samples a..b-1 (contiguous in the flat layout)."""
+    return slice(int(feats.offsets[a]), int(feats.offsets[b]))
+
+
 def scores_pairs(fv: Features, ft: Features, head: Head, vocab: torch.Tensor | None = None,
-                 memory_mb: int = 1024) -> torch.Tensor:
-    """Exact S over vocabulary U in the token-pair form → (nv, nt)."""
+                 memory_mb: int = 1024, pv_all: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact S over vocabulary U in the token-pair form → (nv, nt).
+
+    Args:
+        pv_all: π of every valuation token over U (Tv, |U|), when already computed (reused, not counted
+            in the memory budget).
+    """
     budget = int(memory_mb * 2**20) // fv.h.element_size()
     nu = head.vocab_size if vocab is None else vocab.numel()
     tv_all = fv.h.shape[0]
     # keep π of all valuation tokens when it takes at most a quarter of the budget (queries, small sets)
-    cache_pv = tv_all * nu <= budget // 4
+    cache_pv = pv_all is None and tv_all * nu <= budget // 4
     rest = budget - (tv_all * nu if cache_pv else 0)
     # blocks: Tv_b·Tt_b pair matrices (a few live at once) plus Tt_b·chunk probabilities
     side = max(1, int((rest // 6) ** 0.5))
@@ -257,7 +267,9 @@ def scores_pairs(fv: Features, ft: Features, head: Head, vocab: torch.Tensor | N
     for va, vb in v_blocks:
         vs = fv.select(range(va, vb))
         pv = None
-        if cache_pv:
+        if pv_all is not None:
+            pv = pv_all[va_rows(fv, va, vb)]
+        elif cache_pv:
             pv = torch.cat([head.probs(vs.h, vs.lse, c) for c in _vocab_chunks(head, vocab, chunk)], dim=1)
         vseg = vs.segment
         for ta, tb in t_blocks:
@@ -282,14 +294,19 @@ def estimate_flops(fv: Features, ft: Features, vocab_size: int, dim: int) -> dic
 
 
 def exact_scores(fv: Features, ft: Features, head: Head, vocab: torch.Tensor | None = None,
-                 strategy: str = "auto", memory_mb: int = 1024) -> torch.Tensor:
-    """S(v, i) over vocabulary U (all of it if None) → (nv, nt); the strategy only changes the cost."""
+                 strategy: str = "auto", memory_mb: int = 1024, pv: torch.Tensor | None = None) -> torch.Tensor:
+    """S(v, i) over vocabulary U (all of it if None) → (nv, nt); the strategy only changes the cost.
+
+    Args:
+        pv: π of every valuation token over U (Tv, |U|), when already computed (used by "pairs").
+    """
     if strategy == "auto":
         nu = head.vocab_size if vocab is None else vocab.numel()
         cost = estimate_flops(fv, ft, nu, head.dim)
         strategy = min(cost, key=cost.get)
-    fn = scores_pairs if strategy == "pairs" else scores_gram
-    return fn(fv, ft, head, vocab, memory_mb)
+    if strategy == "pairs":
+        return scores_pairs(fv, ft, head, vocab, memory_mb, pv)
+    return scores_gram(fv, ft, head, vocab, memory_mb)
 
 
 def scores(fv: Features, ft: Features, head: Head, config: ScoreConfig = ScoreConfig(),

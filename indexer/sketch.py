@@ -83,9 +83,20 @@ class Sketcher:
     def dim(self) -> int:
         return self.projection.shape[0] * self.buckets
 
-    def sketch(self, feats: Features, head: Head, chunk: int = 16384) -> torch.Tensor:
-        """Sketches of every sample of `feats` → (n, m · r)."""
-        _, r = bucket_residuals(feats.h, feats.y, head, self.bucket, self.sign, self.buckets, chunk)
+    def sketch(self, feats: Features, head: Head, chunk: int = 16384, probs: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """Sketches of every sample of `feats` → (n, m · r).
+
+        Args:
+            probs: π of every token row over the whole vocabulary (T, V), when already computed (a query's):
+                then no pass over the vocabulary is made.
+        """
+        if probs is None:
+            _, r = bucket_residuals(feats.h, feats.y, head, self.bucket, self.sign, self.buckets, chunk)
+        else:
+            r = torch.zeros(probs.shape[0], self.buckets, dtype=probs.dtype)
+            r.index_add_(1, self.bucket, probs * -self.sign.to(probs.dtype))
+            r[torch.arange(r.shape[0]), self.bucket[feats.y]] += self.sign[feats.y].to(probs.dtype)
         return sketch_from_residuals(feats, r, self.projection)
 
 

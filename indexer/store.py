@@ -24,10 +24,20 @@ renamed to `shards/<i:06d>` in one step; global files and CURRENT are written to
 `_DONE.json`) is removed when the build is reopened. Files are never modified in place, which is what
 makes hard-linking shards between versions (`Build.link_shards_from`) safe.
 
+Fault injection (for tests/reliability/test_crash.py only). With the environment variable
+FORVALUE_FAULT="<point>:<n>", the n-th time this process reaches <point> it kills itself with SIGKILL,
+as `kill -9` would: no `finally`, no cleanup. The points (FAULT_POINTS): shard-file (a shard file written
+into its .tmp- directory), shard-done (its `_DONE.json` written, before the rename into shards/),
+link-file (one file of a shard linked or copied from another version), file-replace (a global file or
+manifest.json written under its temporary name, before `os.replace`), publish-rename (the build renamed
+to versions/<name>, before CURRENT is switched), current-tmp (CURRENT.tmp-<pid> written, before
+`os.replace`), current-replaced (CURRENT replaced, before the fsync of DIR), gc-trash (a version renamed
+to .trash-*, before it is deleted). Unset, each point costs one environment lookup.
+
 Concurrency. One process at a time may hold a build open (an flock on the build directory; a second
 `open_build` of the same key raises). Publishers serialise on `DIR/.lock`. Readers take no lock: a
 published version never changes, so a server can keep an old version memory-mapped while a new one is
-published (and even after `gc` deletes it).
+published (and even after `gc` deletes it, once `Version.open_all` opened every file: `Index` does).
 
 Nothing here ever unpickles: every `np.load` passes `allow_pickle=False`.
 """
@@ -42,6 +52,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -79,6 +90,11 @@ RESERVED_GLOBAL_NAMES = frozenset({MANIFEST_FILE, SHARDS_DIR})
 # Manifest keys the store owns; publish overwrites any value the caller gave them.
 STORE_KEYS = ("format_version", "build_key", "n_rows", "shards", "arrays", "files", "manifest_sha256")
 ARRAY_KINDS = "biufcSU"  # bool, ints, floats, complex, bytes, str: no objects, no structured dtypes
+
+FAULT_ENV = "FORVALUE_FAULT"
+FAULT_POINTS = ("shard-file", "shard-done", "link-file", "file-replace", "publish-rename", "current-tmp",
+                "current-replaced", "gc-trash")
+_fault_hits: dict[str, int] = {}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -150,6 +166,16 @@ def sha256_file(path: str | os.PathLike) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def _fault(point: str) -> None:
+    """Crash-test hook: SIGKILL this process at the n-th arrival at `point` when FORVALUE_FAULT="<point>:<n>"."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or spec.partition(":")[0] != point:
+        return
+    _fault_hits[point] = _fault_hits.get(point, 0) + 1
+    if _fault_hits[point] == int(spec.partition(":")[2] or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -172,6 +198,7 @@ def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     _remove(tmp)
     try:
         _write_new_file(tmp, write)
+        _fault("file-replace")
         os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
@@ -594,6 +621,7 @@ class IndexRoot:
             os.rename(build.path, dest)
             _fsync_dir(versions)
             _fsync_dir(build.path.parent)
+            _fault("publish-rename")
             self._write_current(name)
         build._close(published_as=dest)
         return name
@@ -612,8 +640,9 @@ class IndexRoot:
     def gc(self, keep: int) -> list[str]:
         """Delete old versions, keeping the `keep` newest and the current one.
 
-        A reader that has a deleted version open keeps reading it (POSIX unlink semantics). A version is
-        first renamed to versions/.trash-*, so a half-deleted one never looks like a version.
+        A reader that opened every file of a deleted version (`Version.open_all`) keeps reading it (POSIX
+        unlink semantics). A version is first renamed to versions/.trash-*, so a half-deleted one never
+        looks like a version. Unpublished builds under builds/ are left alone.
 
         Args:
             keep: how many of the newest versions to keep, >= 1 (the newest is always kept, so version
@@ -633,6 +662,7 @@ class IndexRoot:
                 if name not in kept:
                     os.rename(versions / name, versions / f"{TRASH_PREFIX}{name}-{os.getpid()}")
                     removed.append(name)
+                    _fault("gc-trash")
             if versions.is_dir():
                 _fsync_dir(versions)
                 for p in versions.iterdir():
@@ -659,7 +689,9 @@ class IndexRoot:
             stale.unlink(missing_ok=True)
         tmp = self.path / f"{CURRENT_FILE}.tmp-{os.getpid()}"
         _write_new_file(tmp, lambda f: f.write(f"{name}\n".encode()))
+        _fault("current-tmp")
         os.replace(tmp, self.path / CURRENT_FILE)
+        _fault("current-replaced")
         _fsync_dir(self.path)
 
 
@@ -853,13 +885,16 @@ class Build:
         try:
             for fname, arr in payload.items():
                 _write_new_file(tmp / fname, _save_npy(arr))
+                _fault("shard-file")
             _write_new_file(tmp / METADATA_FILE, lambda f: f.writelines(lines))
+            _fault("shard-file")
             for fname in sorted(payload) + [METADATA_FILE]:
                 digest, size = sha256_file(tmp / fname)
                 record["files"][fname] = {"sha256": digest, "bytes": size}
             done = _json_bytes(record)
             _write_new_file(tmp / DONE_FILE, lambda f: f.write(done))
             _fsync_dir(tmp)
+            _fault("shard-done")
             self._install(tmp, i)
         except BaseException:
             _remove(tmp)
@@ -903,6 +938,7 @@ class Build:
                     except OSError:  # another file system, or links not allowed: copy instead
                         with open(src / fname, "rb") as fsrc:
                             _write_new_file(tmp / fname, lambda f: shutil.copyfileobj(fsrc, f, HASH_BLOCK))
+                    _fault("link-file")
                 _fsync_dir(tmp)
                 self._install(tmp, i)
             except BaseException:
@@ -1154,6 +1190,21 @@ class Version:
             with self._lock:
                 self._small[key] = arr
         return arr
+
+    def open_all(self) -> None:
+        """Map every array, read every row index and token offsets, and open every metadata file now.
+
+        Otherwise each is opened on first use. A version opened this way keeps answering after its
+        directory is deleted (`IndexRoot.gc`): open files and maps outlive their names (POSIX unlink
+        semantics). `Index` does this for every version it serves.
+        """
+        for name in self.arrays:
+            self.shard_arrays(name)
+        for s in range(self.n_shards):
+            self._shard_small(s, ROWINDEX_FILE)
+            if self.manifest["shards"][s]["tokens"] is not None:
+                self._shard_small(s, OFFSETS_FILE)
+            self._metadata_fd(s)
 
     def offsets(self) -> np.ndarray:
         """(n + 1,) int64 global token offsets: the tokens of row g are [o[g], o[g+1]) of `array(name)`."""

@@ -2,7 +2,8 @@
 
 The server starts listening before the model and index are loaded; grpc.health.v1 says NOT_SERVING (and
 Influence calls get UNAVAILABLE) until they are, SERVING after. On SIGTERM or SIGINT `serve` turns health
-to NOT_SERVING, lets in-flight calls finish for `grace_seconds` (new calls get UNAVAILABLE), then exits.
+to NOT_SERVING (and ends health Watch streams), lets in-flight calls finish for `grace_seconds` (new calls
+get UNAVAILABLE), then exits.
 
 Hot swap: every `watch_seconds` the server reads the index's CURRENT; when a rebuild moved it, the new
 version is opened with the model already loaded (on its own thread, not the model's) and then served from
@@ -48,6 +49,56 @@ def open_index(config: ServerConfig, lm=None, version: str | None = None):
     if lm is None:
         lm = load_model(config.model_path, device=config.device)
     return Index.open(config.index_dir, lm, version=version)
+
+
+class _Written:
+    """A health Watch call's context that knows whether the last status it wrote was other than SERVING."""
+
+    def __init__(self, context):
+        self._context = context
+        self.not_serving = asyncio.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+    async def write(self, reply: health_pb2.HealthCheckResponse) -> None:
+        await self._context.write(reply)
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            self.not_serving.clear()
+        else:
+            self.not_serving.set()
+
+
+class HealthServicer(health.aio.HealthServicer):
+    """grpc's health service, whose Watch streams end (OK) once the server drains and they sent NOT_SERVING.
+
+    An open Watch (grpc's client-side health checking keeps one per connection) is a call in flight like any
+    other: left open, it would hold every drain for the whole grace period.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._draining = asyncio.Event()
+
+    async def enter_graceful_shutdown(self) -> None:
+        await super().enter_graceful_shutdown()
+        self._draining.set()
+
+    async def _drained(self, written: _Written) -> None:
+        await self._draining.wait()
+        await written.not_serving.wait()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context) -> None:
+        written = _Written(context)
+        watching = asyncio.ensure_future(super().Watch(request, written))
+        drained = asyncio.ensure_future(self._drained(written))
+        try:
+            await asyncio.wait({watching, drained}, return_when=asyncio.FIRST_COMPLETED)
+            if watching.done():
+                watching.result()  # what the watch raised, if anything
+        finally:
+            watching.cancel()
+            drained.cancel()
 
 
 class InfluenceServer:
@@ -199,11 +250,13 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0", load: Call
                ("grpc.so_reuseport", 0)]
     credentials = server_credentials(config)  # first: a bad TLS file fails before anything is built
     interceptors = [TokenAuthInterceptor(config.token)] if config.token is not None else []
-    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_queue, interceptors=interceptors)
+    # no maximum_concurrent_rpcs: it would refuse health checks too under load; the batcher's queue bound
+    # (config.max_queue) refuses model work only
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forvalue-model")
     servicer = InfluenceServicer(config, executor)
     add_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

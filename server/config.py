@@ -19,11 +19,13 @@ class ServerConfig:
         default_rerank: first-stage candidates scored exactly when a request says rerank = 0.
         max_rerank: largest rerank a request may ask for.
         max_samples: most valuation samples in one request.
+        max_sample_chars: most characters in a valuation sample's prompt, and in its response; a longer one
+            is answered INVALID_ARGUMENT naming the field, before any tokenizing.
         default_chunk: ScoreAll rows per chunk when a request says chunk_size = 0.
         max_chunk: largest chunk_size a ScoreAll request may ask for.
         max_message_bytes: largest request or response message.
-        max_queue: calls in flight beyond which a new call is answered RESOURCE_EXHAUSTED at once (grpc's
-            maximum_concurrent_rpcs); also bounds the requests waiting for or in the model. None = no limit.
+        max_queue: TopK and ScoreAll requests waiting for or in the model beyond which a new one is answered
+            RESOURCE_EXHAUSTED at once (health checks and Info always answer). None = no limit.
         batch_wait_ms: how long the oldest waiting TopK request may wait for others to share its forward
             pass (0 = no wait: a batch takes only what is already waiting).
         batch_tokens: estimated tokens (prompt + response, about 4 characters each) beyond which no more
@@ -49,6 +51,7 @@ class ServerConfig:
     default_rerank: int = 100
     max_rerank: int = 10_000
     max_samples: int = 256
+    max_sample_chars: int = 100_000
     default_chunk: int = 4096
     max_chunk: int = 65_536
     max_message_bytes: int = 64 * 1024 * 1024
@@ -64,8 +67,8 @@ class ServerConfig:
     tls_key: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("k_cap", "default_rerank", "max_rerank", "max_samples", "default_chunk", "max_chunk",
-                     "max_message_bytes"):
+        for name in ("k_cap", "default_rerank", "max_rerank", "max_samples", "max_sample_chars", "default_chunk",
+                     "max_chunk", "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue is not None and self.max_queue < 1:

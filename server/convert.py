@@ -75,6 +75,11 @@ def _samples(items: Sequence[pb.ValuationSample], config: ServerConfig, accepts_
     for i, s in enumerate(items):
         if not s.response.strip():
             raise InvalidRequestError(f"samples[{i}].response", "must not be empty or whitespace only")
+        for name in ("prompt", "response"):
+            n = len(getattr(s, name))
+            if n > config.max_sample_chars:
+                raise InvalidRequestError(f"samples[{i}].{name}", f"at most {config.max_sample_chars} characters "
+                                          f"(the server's --max-sample-chars), got {n}")
         if s.image and not accepts_images:
             raise InvalidRequestError(f"samples[{i}].image", "this index is text-only; send no image")
         if s.image and not s.image_mime_type:
@@ -89,7 +94,8 @@ def topk_query(request: pb.TopKRequest, config: ServerConfig, accepts_images: bo
     """Validate a TopK request.
 
     Raises:
-        InvalidRequestError: no or too many samples, an empty response, an image for a text-only index,
+        InvalidRequestError: no or too many samples, an empty response, a prompt or response longer than
+            max_sample_chars, an image for a text-only index,
             k outside 1..k_cap, an unknown direction, rerank < 0, 0 < rerank < k or above max_rerank,
             max_text_chars < 0.
     """
@@ -179,9 +185,21 @@ def info_response(manifest: dict, version: str) -> pb.InfoResponse:
 
 
 def samples_to_pb(samples: Sequence[Sample | tuple[str, str]]) -> list[pb.ValuationSample]:
+    """Valuation samples as messages.
+
+    Raises:
+        InvalidRequestError: a prompt or response is not valid Unicode text (lone surrogates, e.g. from
+            undecodable command-line bytes): protobuf strings must be UTF-8.
+    """
     out = []
-    for s in samples:
+    for i, s in enumerate(samples):
         prompt, response = (s.prompt, s.response) if isinstance(s, Sample) else (str(s[0]), str(s[1]))
+        for name, text in (("prompt", prompt), ("response", response)):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidRequestError(f"samples[{i}].{name}", f"not valid UTF-8 text ({exc.reason} at "
+                                                                  f"character {exc.start})") from exc
         out.append(pb.ValuationSample(prompt=prompt, response=response))
     return out
 

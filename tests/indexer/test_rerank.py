@@ -143,3 +143,21 @@ def test_stored_top_probabilities_match_the_stored_hidden_states(pruned_index):
     ids, p, tail = brute_top(c.feats.h, c.feats.lse, idx._cpu_head, idx.rerank_top)
     torch.testing.assert_close(c.top_p, p, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(c.tail_l2, tail, rtol=1e-3, atol=1e-6)
+
+
+def test_query_distributions_computed_once_give_the_same_sketch_bounds_and_scores(feats):
+    from forvalue.indexer.sketch import Sketcher
+
+    f, head = feats
+    bucket, sign, m = maps(head)
+    projection = torch.linalg.qr(torch.randn(32, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))[0].T
+    sk = Sketcher(projection.contiguous(), bucket, sign, m)
+    fv, ft = f.select([0, 3, 5]), f.select([1, 2, 4, 6])
+    P = head.probs(fv.h, fv.lse)
+    torch.testing.assert_close(sk.sketch(fv, head, probs=P), sk.sketch(fv, head), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(exact_scores(fv, ft, head, strategy="pairs", pv=P),
+                               exact_scores(fv, ft, head, strategy="pairs"), atol=1e-9, rtol=1e-10)
+    torch.testing.assert_close(exact_scores(fv, ft, head, strategy="pairs", memory_mb=1, pv=P),
+                               exact_scores(fv, ft, head, strategy="gram"), atol=1e-9, rtol=1e-9)
+    c = candidates_of(ft, head, 6)
+    torch.testing.assert_close(score_bounds(fv, c, head, 4, probs=P), score_bounds(fv, c, head, 4))

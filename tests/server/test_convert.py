@@ -105,7 +105,7 @@ def test_direction_names():
 
 
 @pytest.mark.parametrize("bad", [dict(k_cap=0), dict(max_queue=0), dict(default_rerank=200, max_rerank=100),
-                                 dict(grace_seconds=-1)])
+                                 dict(grace_seconds=-1), dict(max_sample_chars=0)])
 def test_server_config_validates(bad):
     with pytest.raises(ConfigError):
         ServerConfig(index_dir="x", **bad)
