@@ -463,9 +463,13 @@ def _print_summary(m: dict, name: str) -> None:
               help="PEM certificate (chain) of the server; with --tls-key: TLS.")
 @click.option("--tls-key", "tls_key", default=None, metavar="PATH",
               help="PEM private key (unencrypted) of --tls-cert.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus metrics over HTTP (/metrics) on --host at this port; 0 picks a free one "
+                   "(printed) [default: no metrics endpoint].")
 @handle_errors
 def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars, max_queue, grace, batch_wait_ms,
-              batch_tokens, max_batch_requests, watch_seconds, no_reflection, token_file, tls_cert, tls_key):
+              batch_tokens, max_batch_requests, watch_seconds, no_reflection, token_file, tls_cert, tls_key,
+              metrics_port):
     """Serve an index over gRPC (forvalue.v1.Influence, grpc.health.v1, reflection) until SIGTERM."""
     from forvalue.server.app import serve
     from forvalue.server.config import ServerConfig
@@ -474,7 +478,7 @@ def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars
                           max_sample_chars=max_sample_chars, max_queue=max_queue, reflection=not no_reflection,
                           grace_seconds=grace, batch_wait_ms=batch_wait_ms, batch_tokens=batch_tokens,
                           max_batch_requests=max_batch_requests, watch_seconds=watch_seconds,
-                          token=read_token(token_file), tls_cert=tls_cert, tls_key=tls_key)
+                          token=read_token(token_file), tls_cert=tls_cert, tls_key=tls_key, metrics_port=metrics_port)
     if config.token is not None and config.tls_cert is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo("forvalue: warning: the bearer token crosses the network in plaintext; add --tls-cert and "
                    "--tls-key", err=True)

@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from forvalue.indexer.errors import ConfigError, ForValueError
 
 from .config import ServerConfig
+from .metrics import Metrics
 from .protocol import SERVICE_NAME
 from .security import TokenAuthInterceptor, server_credentials
 from .servicer import InfluenceServicer, add_to_server
@@ -106,13 +107,18 @@ class InfluenceServer:
 
     `start()` starts listening and loads the model and index in the background; `wait_until_ready()`
     waits for that (raising what the load raised); `stop(grace)` drains and stops. Once loaded, CURRENT is
-    watched every `config.watch_seconds` (hot swap); `reload()` checks it now.
+    watched every `config.watch_seconds` (hot swap); `reload()` checks it now. With `config.metrics_port`,
+    `start()` also serves Prometheus metrics over HTTP on `metrics_host`, port `metrics_port`.
     """
 
     def __init__(self, server: grpc.aio.Server, port: int, config: ServerConfig, servicer: InfluenceServicer,
-                 health_servicer: health.aio.HealthServicer, executor: ThreadPoolExecutor, load: Callable):
+                 health_servicer: health.aio.HealthServicer, executor: ThreadPoolExecutor, load: Callable,
+                 metrics_host: str = "127.0.0.1"):
         self.server = server
         self.port = port
+        self.metrics_host = metrics_host
+        self.metrics_port: int | None = None  # the bound port of the metrics endpoint once started
+        self._metrics_http = None  # (WSGIServer, thread) of prometheus_client
         self.config = config
         self.servicer = servicer
         self.health = health_servicer
@@ -132,8 +138,21 @@ class InfluenceServer:
 
     async def start(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.config.metrics_port is not None:
+            self._start_metrics()
         await self.server.start()
         self._loading = asyncio.ensure_future(self._load_index())
+
+    def _start_metrics(self) -> None:
+        from prometheus_client import start_http_server
+
+        try:
+            self._metrics_http = start_http_server(self.config.metrics_port, addr=self.metrics_host,
+                                                   registry=self.servicer.metrics.registry)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {self.metrics_host}:{self.config.metrics_port}: {exc}; "
+                              "choose another --metrics-port") from exc
+        self.metrics_port = self._metrics_http[0].server_port
 
     async def _load_index(self) -> None:
         try:
@@ -225,6 +244,12 @@ class InfluenceServer:
                 self._loading.exception()  # a load failure was reported to callers already
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._reload_executor.shutdown(wait=False, cancel_futures=True)
+        if self._metrics_http is not None:
+            httpd, thread = self._metrics_http
+            self._metrics_http = None
+            await asyncio.to_thread(httpd.shutdown)  # waits for serve_forever's poll (up to 0.5 s)
+            httpd.server_close()
+            thread.join()
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
@@ -254,7 +279,7 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0", load: Call
     # (config.max_queue) refuses model work only
     server = grpc.aio.server(options=options, interceptors=interceptors)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forvalue-model")
-    servicer = InfluenceServicer(config, executor)
+    servicer = InfluenceServicer(config, executor, Metrics())
     add_to_server(servicer, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -269,7 +294,8 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0", load: Call
     if port == 0:
         raise ConfigError(f"cannot listen on {address}")
     return InfluenceServer(server, port, config, servicer, health_servicer, executor,
-                           load or (lambda: open_index(config))), port
+                           load or (lambda: open_index(config)), metrics_host=address.rsplit(":", 1)[0].strip("[]")
+                           ), port
 
 
 def serve(config: ServerConfig, address: str, announce: Callable[[str], None] = print) -> None:
@@ -290,6 +316,8 @@ async def _serve(config: ServerConfig, address: str, announce: Callable[[str], N
     await server.start()
     host = address.rsplit(":", 1)[0]
     announce(f"listening on {host}:{port}; loading the model and index")
+    if server.metrics_port is not None:
+        announce(f"metrics on http://{host}:{server.metrics_port}/metrics")
     ready = asyncio.ensure_future(server.wait_until_ready())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -153,6 +153,7 @@ class Batcher:
         self._executor = executor
         self._served = served
         self.stats = BatchStats()
+        self.on_pass: Callable[[int], None] | None = None  # called with each forward pass's TopK requests
         self._pending: collections.deque[Job] = collections.deque()
         self._running: list[Job] = []
         self._open = 0  # jobs submitted and not yet answered: waiting or in the running batch
@@ -310,7 +311,7 @@ class Batcher:
             assert len(live) == 1, "an un-batched call shares its turn with nothing"
             return out + [self._guard(live[0], lambda: (served.version, live[0].call(served)))]
         self.stats.saw_batch(len(live))
-        self.stats.add(forward_passes=1)
+        self._forward_pass(len(live))
         try:
             features = served.index.encode([s for job in live for s in job.query.samples])
         except Exception as exc:
@@ -331,8 +332,14 @@ class Batcher:
         dropped = self._count_drop(job, time.monotonic())
         if dropped is not None:
             return job, None, dropped
-        self.stats.add(forward_passes=1)
+        self._forward_pass(1)
         return self._guard(job, lambda: (served.version, top_k(served.index, job.query)))
+
+    def _forward_pass(self, n: int) -> None:
+        """Count a forward pass of `n` TopK requests (model's thread)."""
+        self.stats.add(forward_passes=1)
+        if self.on_pass is not None:
+            self.on_pass(n)
 
     @staticmethod
     def _guard(job: Job, fn: Callable[[], Any]) -> tuple[Job, Any, BaseException | None]:

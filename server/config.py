@@ -39,6 +39,8 @@ class ServerConfig:
             None = no authentication. Kept out of repr so it stays out of logs.
         tls_cert: PEM certificate (chain) of the server; with tls_key, TLS is on. None = plaintext.
         tls_key: PEM private key (unencrypted) of tls_cert.
+        metrics_port: port of the Prometheus HTTP endpoint (/metrics), on the gRPC listening host; 0 picks a
+            free port (`InfluenceServer.metrics_port`); None = no endpoint.
 
     Raises:
         ConfigError: a field is out of range.
@@ -65,6 +67,7 @@ class ServerConfig:
     token: str | None = field(default=None, repr=False)
     tls_cert: str | None = None
     tls_key: str | None = None
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("k_cap", "default_rerank", "max_rerank", "max_samples", "max_sample_chars", "default_chunk",
@@ -84,6 +87,8 @@ class ServerConfig:
             raise ConfigError(f"max_rerank ({self.max_rerank}) must be >= default_rerank ({self.default_rerank})")
         if self.max_chunk < self.default_chunk:
             raise ConfigError(f"max_chunk ({self.max_chunk}) must be >= default_chunk ({self.default_chunk})")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be between 0 and 65535 (None: no endpoint), got {self.metrics_port}")
         if self.grace_seconds < 0:
             raise ConfigError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
         if self.token is not None and (not self.token or any(not "!" <= c <= "~" for c in self.token)):

@@ -23,6 +23,7 @@ from forvalue.indexer.index import Index
 from . import convert
 from .batching import Batcher, BatchStats, top_k  # noqa: F401 (top_k: the unbatched reference, re-exported)
 from .config import ServerConfig
+from .metrics import Metrics
 from .protocol import SERVICE_NAME, pb, pb_grpc
 from .status import NotReadyError, rpc
 
@@ -61,13 +62,16 @@ class InfluenceServicer(pb_grpc.InfluenceServicer):
     Args:
         config: limits on requests.
         executor: where library calls run (one worker: the model is used by one call at a time).
+        metrics: where calls, batches and the served version are counted; None = a fresh `Metrics`.
     """
 
-    def __init__(self, config: ServerConfig, executor: Executor):
+    def __init__(self, config: ServerConfig, executor: Executor, metrics: Metrics | None = None):
         self._config = config
         self._served: Served | None = None  # replaced whole by attach, never modified: the atomic swap
         self._load_error: BaseException | None = None
         self.batcher = Batcher(config, executor, lambda: self._served)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.watch(self.batcher)
 
     @property
     def version(self) -> str | None:
@@ -87,6 +91,7 @@ class InfluenceServicer(pb_grpc.InfluenceServicer):
     def attach(self, index: Index) -> None:
         """Serve `index` from the next batch on; batches already running finish with the version they read."""
         self._served = Served(index)
+        self.metrics.serving(self._served.version)
 
     async def close(self) -> None:
         """Stop batching; calls still waiting get UNAVAILABLE."""

@@ -14,10 +14,14 @@ answered INVALID_ARGUMENT here instead of grpc.aio's UNKNOWN. Then:
 | anything else                                      | INTERNAL, logged with its traceback |
 
 Cancellation (asyncio.CancelledError) and `context.abort` pass through untouched.
+
+It also times every call and counts its status (`metrics.Call`, on the servicer's `metrics`), and gives it
+a request id, sent back as `x-request-id` trailing metadata and written to the access log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -28,6 +32,7 @@ from google.protobuf.message import DecodeError
 from forvalue.indexer.errors import ForValueError, IndexCorruptError, IndexMismatchError, ModelError
 
 from .convert import InvalidRequestError
+from .metrics import Call
 
 log = logging.getLogger("forvalue.server")
 
@@ -63,15 +68,22 @@ def status_of(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception):
+async def _abort(context: grpc.aio.ServicerContext, call: Call, exc: Exception, version: str | None):
     """Answer the call with `exc`'s status (called inside the `except` block, so the traceback is logged)."""
     code = status_of(exc)
     if code is grpc.StatusCode.INTERNAL:
-        log.exception("%s failed unexpectedly", method)
-        message = f"internal error in {method} ({type(exc).__name__}); see the server log"
+        log.exception("%s failed unexpectedly (request id %s)", call.method, call.request_id)
+        message = f"internal error in {call.method} ({type(exc).__name__}); see the server log"
     else:
         message = str(exc)
-    await context.abort(code, message)
+    call.finish(code, version)
+    await context.abort(code, message, trailing_metadata=call.trailing_metadata)
+
+
+def _aborted(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status a handler's own `context.abort` set."""
+    code = context.code()
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
 
 def _parse(request_type, raw: bytes):
@@ -83,7 +95,10 @@ def _parse(request_type, raw: bytes):
 
 
 def rpc(request_type):
-    """Decorate a servicer method: parse its raw request as `request_type`, map its errors to statuses."""
+    """Decorate a servicer method: parse its raw request as `request_type`, map its errors to statuses.
+
+    The servicer (`self`) has `metrics` (a `metrics.Metrics`) and `version` (the version served, or None).
+    """
 
     def wrap(fn):
         method = fn.__name__
@@ -91,24 +106,44 @@ def rpc(request_type):
 
             @functools.wraps(fn)
             async def stream(self, raw, context):
+                call = self.metrics.begin(method, context)
+                version = None
                 try:
-                    async for item in fn(self, _parse(request_type, raw), context):
+                    request = _parse(request_type, raw)
+                    call.n_samples = len(getattr(request, "samples", ()))
+                    async for item in fn(self, request, context):
+                        version = item.index_version
                         yield item
                 except grpc.aio.AbortError:
+                    call.finish(_aborted(context), version or self.version)
+                    raise
+                except asyncio.CancelledError:
+                    call.finish(grpc.StatusCode.CANCELLED, version or self.version)
                     raise
                 except Exception as exc:
-                    await _abort(context, method, exc)
+                    await _abort(context, call, exc, version or self.version)
+                call.finish(grpc.StatusCode.OK, version or self.version)
 
             return stream
 
         @functools.wraps(fn)
         async def unary(self, raw, context):
+            call = self.metrics.begin(method, context)
             try:
-                return await fn(self, _parse(request_type, raw), context)
+                request = _parse(request_type, raw)
+                call.n_samples = len(getattr(request, "samples", ()))
+                response = await fn(self, request, context)
             except grpc.aio.AbortError:
+                call.finish(_aborted(context), self.version)
+                raise
+            except asyncio.CancelledError:
+                call.finish(grpc.StatusCode.CANCELLED, self.version)
                 raise
             except Exception as exc:
-                await _abort(context, method, exc)
+                await _abort(context, call, exc, self.version)
+            # counted before the status is sent (here and in _abort), so a scrape after the reply sees it
+            call.finish(grpc.StatusCode.OK, response.index_version)
+            return response
 
         return unary
 

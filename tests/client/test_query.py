@@ -9,9 +9,11 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 
 import pytest
 from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
 
 from forvalue.client.cli import main
 
@@ -110,18 +112,23 @@ def test_serve_process_answers_then_drains_on_sigterm(served_index, served_model
     from forvalue.client.client import InfluenceClient
 
     proc = subprocess.Popen([sys.executable, "-m", "forvalue.client.cli", "serve", "--index", served_index[0],
-                             "--model", served_model_dir, "--port", "0", "--grace", "5"],
+                             "--model", served_model_dir, "--port", "0", "--grace", "5", "--metrics-port", "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(proc.stderr, lines), daemon=True).start()
     try:
         address = _expect(lines, "listening on").split("listening on ")[1].split(";")[0]
+        metrics_url = _expect(lines, "metrics on ").split("metrics on ")[1].strip()
         _expect(lines, "serving")
         with InfluenceClient(address, timeout=60) as c:
             assert c.health() == "SERVING"
             res = c.search([(PROMPT, RESPONSE)], k=3)
             assert [h.id for h in res.hits] == [h.id for h in local_index.search([(PROMPT, RESPONSE)], k=3).hits]
+        with urllib.request.urlopen(metrics_url, timeout=10) as scraped:
+            families = text_string_to_metric_families(scraped.read().decode())
+            assert [(s.labels, s.value) for f in families for s in f.samples
+                    if s.name == "forvalue_requests_total"] == [({"method": "TopK", "code": "OK"}, 1)]
         proc.send_signal(signal.SIGTERM)
         _expect(lines, "stopping")
         assert proc.wait(timeout=60) == 0
