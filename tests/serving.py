@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 
@@ -64,3 +65,45 @@ class ServerThread:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(30)
             self.loop.close()
+
+
+def wait_for(predicate, timeout=30.0, what="condition"):
+    """Poll `predicate` until true; fail after `timeout` seconds (a bound, not a timing assumption)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def block_model(srv: ServerThread) -> threading.Event:
+    """Occupy the model's single worker until the returned event is set.
+
+    Returns only once the worker is inside the blocking task, so that the executor's queue then counts
+    the calls under test and not this task.
+    """
+    gate, running = threading.Event(), threading.Event()
+
+    def block():
+        running.set()
+        gate.wait(60)
+
+    srv.server._executor.submit(block)
+    assert running.wait(30), "the model worker never started the blocking task"
+    return gate
+
+
+def stderr_lines(stream, q) -> None:
+    """Put every line of a subprocess's stream into queue `q`, then None (run it in a thread)."""
+    for line in stream:
+        q.put(line)
+    q.put(None)
+
+
+def expect_line(q, text: str, timeout: float = 120) -> str:
+    """The next line from `stderr_lines`'s queue containing `text` (bounded wait)."""
+    while True:
+        line = q.get(timeout=timeout)
+        assert line is not None, f"forvalue serve exited before printing {text!r}"
+        if text in line:
+            return line

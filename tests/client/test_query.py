@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from forvalue.client.cli import main
 
-from serving import corpus
+from serving import corpus, expect_line, stderr_lines
 
 PROMPT, RESPONSE = "Reverse: red cat sun ->", " sun cat red"
 
@@ -93,21 +93,6 @@ def test_query_errors_are_one_line_exit_2(influence_server, served_model_dir, tm
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in r.stderr, r.stderr
 
 
-def _lines(stream, q):
-    for line in stream:
-        q.put(line)
-    q.put(None)
-
-
-def _expect(q, text, timeout=120):
-    """The next stderr line containing `text` (bounded wait)."""
-    while True:
-        line = q.get(timeout=timeout)
-        assert line is not None, f"forvalue serve exited before printing {text!r}"
-        if text in line:
-            return line
-
-
 def test_serve_process_answers_then_drains_on_sigterm(served_index, served_model_dir, local_index):
     from forvalue.client.client import InfluenceClient
 
@@ -116,11 +101,11 @@ def test_serve_process_answers_then_drains_on_sigterm(served_index, served_model
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_lines, args=(proc.stderr, lines), daemon=True).start()
+    threading.Thread(target=stderr_lines, args=(proc.stderr, lines), daemon=True).start()
     try:
-        address = _expect(lines, "listening on").split("listening on ")[1].split(";")[0]
-        metrics_url = _expect(lines, "metrics on ").split("metrics on ")[1].strip()
-        _expect(lines, "serving")
+        address = expect_line(lines, "listening on").split("listening on ")[1].split(";")[0]
+        metrics_url = expect_line(lines, "metrics on ").split("metrics on ")[1].strip()
+        expect_line(lines, "serving")
         with InfluenceClient(address, timeout=60) as c:
             assert c.health() == "SERVING"
             res = c.search([(PROMPT, RESPONSE)], k=3)
@@ -130,9 +115,9 @@ def test_serve_process_answers_then_drains_on_sigterm(served_index, served_model
             assert [(s.labels, s.value) for f in families for s in f.samples
                     if s.name == "forvalue_requests_total"] == [({"method": "TopK", "code": "OK"}, 1)]
         proc.send_signal(signal.SIGTERM)
-        _expect(lines, "stopping")
+        expect_line(lines, "stopping")
         assert proc.wait(timeout=60) == 0
-        _expect(lines, "stopped")
+        expect_line(lines, "stopped")
     finally:
         if proc.poll() is None:
             proc.kill()

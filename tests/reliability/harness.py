@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -13,19 +12,10 @@ from forvalue.server import convert
 from forvalue.server.config import ServerConfig
 from forvalue.server.protocol import pb, pb_grpc
 
-from serving import ServerThread, corpus
+from serving import ServerThread, block_model, corpus, wait_for  # noqa: F401 (re-exported)
 
 QUERIES = [(s.prompt, s.response) for s in corpus(25, seed=11, prefix="q")]
 K, RERANK = 5, 12  # rerank below the 36 rows: the FAISS first stage chooses the candidates
-
-
-def wait_for(predicate, timeout=30.0, what="condition"):
-    """Poll `predicate` until true; fail after `timeout` seconds (a bound, not a timing assumption)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def request(samples, k=K, direction=pb.MOST, rerank=RERANK) -> pb.TopKRequest:
@@ -68,19 +58,6 @@ def start(index_dir: str, load, **config) -> ServerThread:
     srv = ServerThread(ServerConfig(index_dir=index_dir, k_cap=20, **config), load=load)
     srv.wait_ready(30)
     return srv
-
-
-def block_model(srv: ServerThread) -> threading.Event:
-    """Occupy the model's single worker until the returned event is set (returns once it is inside)."""
-    gate, running = threading.Event(), threading.Event()
-
-    def block():
-        running.set()
-        gate.wait(60)
-
-    srv.server._executor.submit(block)
-    assert running.wait(30), "the model worker never started the blocking task"
-    return gate
 
 
 class HeldIndex:

@@ -17,25 +17,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from forvalue.server.protocol import pb_grpc
 
 from harness import QUERIES, assert_answer, request, wait_for
+from serving import expect_line, stderr_lines
 
 N = 30
 SAMPLES = 48  # valuation samples per call: each call is a forward pass of its own (--batch-tokens 1)
 GRACE = 30.0
-
-
-def _lines(stream, q):
-    for line in stream:
-        q.put(line)
-    q.put(None)
-
-
-def _expect(q, text, timeout=120):
-    """The next stderr line containing `text` (bounded wait)."""
-    while True:
-        line = q.get(timeout=timeout)
-        assert line is not None, f"forvalue serve exited before printing {text!r}"
-        if text in line:
-            return line
 
 
 def _watch(stream, q) -> None:
@@ -62,10 +48,10 @@ def test_sigterm_drains_the_calls_in_flight_and_exits_0(served_index, served_mod
                             # machine spinning OpenMP threads slow it many times over
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_lines, args=(proc.stderr, lines), daemon=True).start()
+    threading.Thread(target=stderr_lines, args=(proc.stderr, lines), daemon=True).start()
     try:
-        address = _expect(lines, "listening on").split("listening on ")[1].split(";")[0]
-        _expect(lines, "serving")
+        address = expect_line(lines, "listening on").split("listening on ")[1].split(";")[0]
+        expect_line(lines, "serving")
         with grpc.insecure_channel(address) as channel:
             stub, health = pb_grpc.InfluenceStub(channel), health_pb2_grpc.HealthStub(channel)
             statuses: queue.Queue = queue.Queue()
@@ -101,7 +87,7 @@ def test_sigterm_drains_the_calls_in_flight_and_exits_0(served_index, served_mod
             responses = [f.result(GRACE) for f in futures]  # every call in flight at SIGTERM: OK
         rc = proc.wait(timeout=GRACE + 30)
         exited = time.monotonic() - signalled
-        _expect(lines, "stopped")
+        expect_line(lines, "stopped")
     finally:
         if proc.poll() is None:
             proc.kill()

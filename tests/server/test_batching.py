@@ -22,32 +22,10 @@ from forvalue.server.protocol import pb, pb_grpc
 from forvalue.server.servicer import Served
 from forvalue.server.status import DeadlineExceededError, ResourceExhaustedError, status_of
 
-from serving import ServerThread, corpus
+from serving import ServerThread, block_model, corpus, wait_for
 
 QUERIES = [(s.prompt, s.response) for s in corpus(25, seed=11, prefix="q")]
 K, RERANK = 5, 12  # rerank below the 36 rows: the FAISS first stage chooses the candidates
-
-
-def wait_for(predicate, timeout=30.0, what="condition"):
-    """Poll `predicate` until true; fail after `timeout` seconds (a bound, not a timing assumption)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
-def block_model(srv):
-    """Occupy the model's single worker until the returned event is set (returns once it is inside)."""
-    gate, running = threading.Event(), threading.Event()
-
-    def block():
-        running.set()
-        gate.wait(60)
-
-    srv.server._executor.submit(block)
-    assert running.wait(30), "the model worker never started the blocking task"
-    return gate
 
 
 def request(samples, k=K, direction=pb.MOST, group=True):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -16,7 +15,7 @@ from forvalue.indexer.errors import ConfigError, ForValueError, IndexMismatchErr
 from forvalue.server.config import ServerConfig
 from forvalue.server.protocol import SERVICE_NAME, pb, pb_grpc
 
-from serving import ServerThread, corpus
+from serving import ServerThread, block_model, corpus, wait_for
 
 QUERIES = [(s.prompt, s.response) for s in corpus(3, seed=7, prefix="q")]
 RERANK = 12  # below the 36 rows: the FAISS first stage chooses the candidates
@@ -35,15 +34,6 @@ def assert_same(remote, local):
     assert [h.row for h in remote.hits] == [h.row for h in local.hits]
     assert [h.metadata for h in remote.hits] == [h.metadata for h in local.hits]
     assert (remote.version, remote.direction, remote.candidates) == (local.version, local.direction, local.candidates)
-
-
-def wait_for(predicate, timeout=30.0, what="condition"):
-    """Poll `predicate` until true; fail after `timeout` seconds (a bound, not a timing assumption)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("direction", ["most", "least"])
@@ -265,23 +255,6 @@ def test_port_in_use_is_a_config_error(influence_server, served_index):
         influence_server.run(second())
 
 
-def _block_model(srv):
-    """Occupy the model's single worker until the returned event is set.
-
-    Returns only once the worker is inside the blocking task, so that the executor's queue then counts
-    the calls under test and not this task.
-    """
-    gate, running = threading.Event(), threading.Event()
-
-    def block():
-        running.set()
-        gate.wait(60)
-
-    srv.server._executor.submit(block)
-    assert running.wait(30), "the model worker never started the blocking task"
-    return gate
-
-
 def _queued(srv, n):
     return lambda: srv.server._executor._work_queue.qsize() >= n
 
@@ -290,7 +263,7 @@ def test_full_queue_is_resource_exhausted(served_index, local_index):
     srv = ServerThread(_config(served_index, max_queue=1), load=lambda: local_index)
     try:
         srv.wait_ready(30)
-        gate = _block_model(srv)
+        gate = block_model(srv)
         with InfluenceClient(srv.address, timeout=60) as c:
             stub = pb_grpc.InfluenceStub(c._channel)
             request = pb.TopKRequest(samples=_samples(QUERIES[0]), k=3)
@@ -310,7 +283,7 @@ def test_stop_drains_in_flight_calls(served_index, local_index):
     stopped = None
     try:
         srv.wait_ready(30)
-        gate = _block_model(srv)
+        gate = block_model(srv)
         with InfluenceClient(srv.address, timeout=60) as c:
             in_flight = pb_grpc.InfluenceStub(c._channel).TopK.future(
                 pb.TopKRequest(samples=_samples(QUERIES[0]), k=3))
