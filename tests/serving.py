@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import queue
+import subprocess
+import sys
 import threading
 import time
 
@@ -107,3 +112,23 @@ def expect_line(q, text: str, timeout: float = 120) -> str:
         assert line is not None, f"forvalue serve exited before printing {text!r}"
         if text in line:
             return line
+
+
+@contextlib.contextmanager
+def serve_process(args: list[str], env: dict[str, str] | None = None):
+    """`forvalue serve ARGS` in a subprocess → (process, queue of its stderr lines, see `expect_line`).
+
+    The process is killed if it is still running when the block ends.
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "forvalue.client.cli", "serve", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=stderr_lines, args=(proc.stderr, lines), daemon=True).start()
+    try:
+        yield proc, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stderr.close()

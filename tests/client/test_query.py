@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import urllib.request
 
 import pytest
@@ -17,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from forvalue.client.cli import main
 
-from serving import corpus, expect_line, stderr_lines
+from serving import corpus, expect_line, serve_process
 
 PROMPT, RESPONSE = "Reverse: red cat sun ->", " sun cat red"
 
@@ -96,13 +93,8 @@ def test_query_errors_are_one_line_exit_2(influence_server, served_model_dir, tm
 def test_serve_process_answers_then_drains_on_sigterm(served_index, served_model_dir, local_index):
     from forvalue.client.client import InfluenceClient
 
-    proc = subprocess.Popen([sys.executable, "-m", "forvalue.client.cli", "serve", "--index", served_index[0],
-                             "--model", served_model_dir, "--port", "0", "--grace", "5", "--metrics-port", "0"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=stderr_lines, args=(proc.stderr, lines), daemon=True).start()
-    try:
+    with serve_process(["--index", served_index[0], "--model", served_model_dir, "--port", "0", "--grace", "5",
+                        "--metrics-port", "0"]) as (proc, lines):
         address = expect_line(lines, "listening on").split("listening on ")[1].split(";")[0]
         metrics_url = expect_line(lines, "metrics on ").split("metrics on ")[1].strip()
         expect_line(lines, "serving")
@@ -118,11 +110,6 @@ def test_serve_process_answers_then_drains_on_sigterm(served_index, served_model
         expect_line(lines, "stopping")
         assert proc.wait(timeout=60) == 0
         expect_line(lines, "stopped")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        proc.stderr.close()
 
 
 def test_cli_and_client_package_import_nothing_heavy():

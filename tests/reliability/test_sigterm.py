@@ -3,11 +3,8 @@ refuses new ones UNAVAILABLE, and exits 0 within its grace period."""
 
 from __future__ import annotations
 
-import os
 import queue
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -17,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from forvalue.server.protocol import pb_grpc
 
 from harness import QUERIES, assert_answer, request, wait_for
-from serving import expect_line, stderr_lines
+from serving import expect_line, serve_process
 
 N = 30
 SAMPLES = 48  # valuation samples per call: each call is a forward pass of its own (--batch-tokens 1)
@@ -40,16 +37,11 @@ def _samples(i: int) -> list[tuple[str, str]]:
 
 
 def test_sigterm_drains_the_calls_in_flight_and_exits_0(served_index, served_model_dir, local_index):
-    proc = subprocess.Popen([sys.executable, "-m", "forvalue.client.cli", "serve", "--index", served_index[0],
-                             "--model", served_model_dir, "--port", "0", "--grace", str(GRACE),
-                             "--batch-tokens", "1", "--batch-wait-ms", "0", "--watch-seconds", "0"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            # one torch thread: the tiny model gains nothing from more, and on a busy
-                            # machine spinning OpenMP threads slow it many times over
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=stderr_lines, args=(proc.stderr, lines), daemon=True).start()
-    try:
+    args = ["--index", served_index[0], "--model", served_model_dir, "--port", "0", "--grace", str(GRACE),
+            "--batch-tokens", "1", "--batch-wait-ms", "0", "--watch-seconds", "0"]
+    # one torch thread: the tiny model gains nothing from more, and on a busy machine spinning OpenMP
+    # threads slow it many times over
+    with serve_process(args, env={"OMP_NUM_THREADS": "1"}) as (proc, lines):
         address = expect_line(lines, "listening on").split("listening on ")[1].split(";")[0]
         expect_line(lines, "serving")
         with grpc.insecure_channel(address) as channel:
@@ -88,11 +80,6 @@ def test_sigterm_drains_the_calls_in_flight_and_exits_0(served_index, served_mod
         rc = proc.wait(timeout=GRACE + 30)
         exited = time.monotonic() - signalled
         expect_line(lines, "stopped")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        proc.stderr.close()
     print(f"{N} calls of {SAMPLES} samples; {in_flight} in flight at SIGTERM, all answered; exit {rc} "
           f"{exited:.2f} s after SIGTERM (grace {GRACE:.0f} s)")
     assert in_flight >= N // 2, f"only {in_flight} calls were in flight at SIGTERM: the test proves little"
