@@ -79,6 +79,13 @@ def model_options(fn):
     return fn
 
 
+def color_option(fn):
+    """--color/--no-color: colours and a compact table on a terminal (auto-detected when neither is given)."""
+    return click.option("--color/--no-color", "color", default=None,
+                        help="Colours and a compact table, or plain text [default: colours when the output is a "
+                             "terminal and NO_COLOR is unset].")(fn)
+
+
 TOKEN_ENV = "FORVALUE_TOKEN"
 
 
@@ -115,6 +122,19 @@ def client_options(fn):
     for opt in opts:
         fn = opt(fn)
     return fn
+
+
+def where_options(fn):
+    return click.option(
+        "--where", "where_items", multiple=True, metavar="FIELD=VALUE",
+        help="Only training samples whose metadata field has this value (e.g. source=gsm8k). Repeat a field for "
+             "any of several values, different fields must all match.")(fn)
+
+
+def _where(items):
+    from forvalue.indexer.filters import Where
+
+    return Where.parse(list(items)) if items else None
 
 
 def connect(server: str, token_file: str | None, tls: bool, tls_ca: str | None):
@@ -314,6 +334,46 @@ def _train_rows(data, fields, split):
     return samples
 
 
+def first_stage_options(fn):
+    """--index-kind ... --min-recall: the first stage; the command gets them as `first_stage` (FirstStageConfig).
+
+    Put it below @handle_errors, so an invalid combination is one line and exit 2.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, index_kind, approx_threshold, nlist, nprobe, pq_m, refine, min_recall, **kwargs):
+        from forvalue.indexer.firststage import FirstStageConfig
+
+        kwargs["first_stage"] = FirstStageConfig(kind=index_kind, approx_threshold=approx_threshold, nlist=nlist,
+                                                 nprobe=nprobe, pq_m=pq_m, refine=refine, min_recall=min_recall)
+        return fn(*args, **kwargs)
+
+    opts = [
+        click.option("--min-recall", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+                     help="Approximate first stage: the recall@10 against flat search (most and least, measured at "
+                          "build time on held-out training sketches) below which the build is refused."),
+        click.option("--refine", type=click.IntRange(1), default=2, show_default=True,
+                     help="Approximate first stage: candidates taken from the codes per wanted row, re-scored "
+                          "exactly from the stored sketches."),
+        click.option("--pq-m", "pq_m", type=click.IntRange(1), default=64, show_default=True,
+                     help="ivf-pq: bytes per row (must divide --dim)."),
+        click.option("--nprobe", type=click.IntRange(0), default=0, show_default=True,
+                     help="IVF lists searched per query; 0 = per direction, the smallest reaching --min-recall "
+                          "(chosen at build time)."),
+        click.option("--nlist", type=click.IntRange(0), default=0, show_default=True,
+                     help="IVF lists; 0 = about the square root of the corpus size."),
+        click.option("--approx-threshold", type=click.IntRange(1), default=1_000_000, show_default=True,
+                     help="--index-kind auto: corpus size from which the first stage is approximate (ivf-sq8)."),
+        click.option("--index-kind", type=click.Choice(["auto", "flat-ip", "ivf-sq8", "ivf-pq"]), default="auto",
+                     show_default=True,
+                     help="First stage: exact flat search, or an inverted file with 8-bit (sq8) or product-"
+                          "quantised (pq) codes; auto = flat below --approx-threshold rows."),
+    ]
+    for opt in opts:
+        wrapper = opt(wrapper)
+    return wrapper
+
+
 @index_group.command("build")
 @click.option("--data", required=True, help="Training corpus: JSONL, Parquet or one *.hf directory.")
 @click.option("--out", "out_dir", required=True, help="Index directory (created; new versions go beside old ones).")
@@ -322,11 +382,22 @@ def _train_rows(data, fields, split):
 @sketch_options
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @field_options
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="Encode the shards on a Ray cluster (Ray Data actors; pip install 'forvalue[ray]'): ADDRESS "
+                   "of the cluster, none = the one this machine belongs to, 'local' = start one here. --out must "
+                   "be on a file system every node sees.")
+@click.option("--ray-workers", type=click.IntRange(1), default=None,
+              help="With --ray: actors encoding shards [default: one per GPU with --ray-gpu, else one per CPU].")
+@click.option("--ray-gpu", is_flag=True, help="With --ray: one GPU per actor, forward passes on cuda.")
 @handle_errors
+@first_stage_options
 def index_build_cmd(data, out_dir, split, model_path, tokens, max_length, batch_tokens, device, dim, rank, shard_size,
                     rerank_top, rerank_dtype, fit_samples, seed, no_progress, prompt_field, response_field, label_field,
-                    split_field, clean_field, id_field):
+                    split_field, clean_field, id_field, first_stage, ray_address=None, ray_workers=None,
+                    ray_gpu=False):
     """Build a new index version over a training corpus and make it CURRENT (resumes a killed build)."""
+    import dataclasses
+
     from forvalue.indexer.build import build_index
     from forvalue.indexer.model import load_model
     from forvalue.indexer.store import IndexRoot
@@ -334,9 +405,16 @@ def index_build_cmd(data, out_dir, split, model_path, tokens, max_length, batch_
     fields = _fields(prompt_field, response_field, label_field, split_field, clean_field, id_field)
     config = _build_config(tokens, max_length, batch_tokens, dim, rank, shard_size, rerank_dtype, fit_samples, seed,
                            rerank_top)
+    config = dataclasses.replace(config, first_stage=first_stage)
     samples = _train_rows(data, fields, split)
     lm = load_model(model_path, device=device)
-    name = build_index(out_dir, samples, lm, config, progress=not no_progress)
+    if ray_address is not None:
+        from forvalue.indexer.raybuild import RayOptions, build_index_ray
+
+        options = RayOptions(address=ray_address, model_path=model_path, workers=ray_workers, use_gpu=ray_gpu)
+        name = build_index_ray(out_dir, samples, lm, config, options, progress=not no_progress)
+    else:
+        name = build_index(out_dir, samples, lm, config, progress=not no_progress)
     _print_summary(IndexRoot(out_dir).load(name, verify=False).manifest, name)
 
 
@@ -399,6 +477,27 @@ def index_info_cmd(index_dir, version, files, no_verify):
     click.echo(json.dumps(m, indent=2, sort_keys=True))
 
 
+@index_group.command("delete")
+@click.option("--index", "index_dir", required=True, help="Index directory whose CURRENT version loses the samples.")
+@click.option("--ids", "ids_path", required=True, metavar="FILE",
+              help="Ids to take down: one per line (# comments allowed), or JSON lines with an \"id\".")
+@click.option("--missing", type=click.Choice(["error", "ignore"]), default="error", show_default=True,
+              help="Ids found in no row: refuse the whole call (error), or record them as taken down anyway (ignore).")
+@handle_errors
+def index_delete_cmd(index_dir, ids_path, missing):
+    """Take samples down: publish a new version in which they are never returned (no rebuild, no model);
+    a later rebuild or add leaves them out physically. Prints what it did as JSON. A running server moves
+    to the new version by itself (hot swap)."""
+    from forvalue.indexer.deletion import delete_samples, read_id_file
+
+    if not os.path.isdir(index_dir):
+        _fail(f"{index_dir}: no such index directory")
+    result = delete_samples(index_dir, read_id_file(ids_path), missing=missing)
+    click.echo(json.dumps({"version": result.version, "base": result.base, "published": result.published,
+                           "deleted": result.deleted, "already_deleted": result.already, "unknown": result.unknown,
+                           "hidden_rows": result.hidden_rows}, sort_keys=True))
+
+
 @index_group.command("gc")
 @click.argument("index_dir")
 @click.option("--keep", type=int, required=True, help="How many of the newest versions to keep (>= 1).")
@@ -431,8 +530,50 @@ def _print_summary(m: dict, name: str) -> None:
                            "build_seconds": m["build_seconds"]}, sort_keys=True))
 
 
+def router_options(fn):
+    """--shards ADDR1,ADDR2,...: run a router over shard servers instead of serving an index (server/router.py).
+
+    Put it below @handle_errors. Without --shards the command runs as it is, with --index required.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, shards, shard_timeout, shard_tls_ca, **kwargs):
+        if shards is None:
+            if kwargs.get("index_dir") is None:
+                _fail("give --index DIR (serve an index) or --shards ADDR1,ADDR2,... (route over shard servers)")
+            return fn(*args, **kwargs)
+        if kwargs.get("index_dir") is not None:
+            _fail("give either --index DIR or --shards ADDR1,ADDR2,..., not both: a router serves no index itself")
+        from forvalue.server.router import RouterConfig, serve_router
+
+        host = kwargs["host"]
+        config = RouterConfig(shards=tuple(a.strip() for a in shards.split(",") if a.strip()),
+                              shard_timeout=shard_timeout, token=read_token(kwargs["token_file"]),
+                              tls_cert=kwargs["tls_cert"], tls_key=kwargs["tls_key"], shard_tls_ca=shard_tls_ca,
+                              reflection=not kwargs["no_reflection"], grace_seconds=kwargs["grace"])
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # IPv6 literal
+        serve_router(config, f"{host}:{kwargs['port']}",
+                     announce=lambda message: click.echo(f"forvalue: {message}", err=True))
+
+    opts = [
+        click.option("--shard-tls-ca", "shard_tls_ca", default=None, metavar="PATH",
+                     help="With --shards: PEM root certificates of the shards' TLS [default: plaintext to the "
+                          "shards]."),
+        click.option("--shard-timeout", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True,
+                     help="With --shards: seconds a shard may take when the caller set no deadline."),
+        click.option("--shards", default=None, metavar="ADDR1,ADDR2,...",
+                     help="Route over these shard servers (each a `forvalue serve` of one part of the corpus): "
+                          "answers merged exactly, a down shard is UNAVAILABLE unless the request allows partial "
+                          "answers. Model and index options are then the shards' business."),
+    ]
+    for opt in opts:
+        wrapper = opt(wrapper)
+    return wrapper
+
+
 @main.command("serve")
-@click.option("--index", "index_dir", required=True, help="Index directory; its CURRENT version is served.")
+@click.option("--index", "index_dir", default=None, help="Index directory; its CURRENT version is served.")
 @click.option("--model", "model_path", default=None,
               help="The model the index was built with (HF directory or .gguf) [default: SmolLM2-135M-Instruct].")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
@@ -466,10 +607,14 @@ def _print_summary(m: dict, name: str) -> None:
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve Prometheus metrics over HTTP (/metrics) on --host at this port; 0 picks a free one "
                    "(printed) [default: no metrics endpoint].")
+@click.option("--enable-admin", is_flag=True,
+              help="Also serve forvalue.v1.InfluenceAdmin (Delete: takedowns publish a new version without the "
+                   "samples and serve it). Off by default; use with --token-file.")
 @handle_errors
+@router_options
 def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars, max_queue, grace, batch_wait_ms,
               batch_tokens, max_batch_requests, watch_seconds, no_reflection, token_file, tls_cert, tls_key,
-              metrics_port):
+              metrics_port, enable_admin):
     """Serve an index over gRPC (forvalue.v1.Influence, grpc.health.v1, reflection) until SIGTERM."""
     from forvalue.server.app import serve
     from forvalue.server.config import ServerConfig
@@ -478,7 +623,11 @@ def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars
                           max_sample_chars=max_sample_chars, max_queue=max_queue, reflection=not no_reflection,
                           grace_seconds=grace, batch_wait_ms=batch_wait_ms, batch_tokens=batch_tokens,
                           max_batch_requests=max_batch_requests, watch_seconds=watch_seconds,
-                          token=read_token(token_file), tls_cert=tls_cert, tls_key=tls_key, metrics_port=metrics_port)
+                          token=read_token(token_file), tls_cert=tls_cert, tls_key=tls_key, metrics_port=metrics_port,
+                          admin=enable_admin)
+    if enable_admin and config.token is None:
+        click.echo("forvalue: warning: --enable-admin without --token-file: anyone who reaches the port can take "
+                   "samples down", err=True)
     if config.token is not None and config.tls_cert is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo("forvalue: warning: the bearer token crosses the network in plaintext; add --tls-cert and "
                    "--tls-key", err=True)
@@ -504,12 +653,29 @@ def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars
               help="First-stage candidates re-ranked exactly (those that cannot be in the answer are ruled "
                    "out by certified bounds first); >= 0, raised to k.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
+@click.option("--explain", is_flag=True,
+              help="Under each hit, the (query token, training token) pairs that contribute most to its score.")
+@click.option("--explain-pairs", type=click.IntRange(1), default=5, show_default=True,
+              help="With --explain or --html: top token pairs per hit (a server caps it).")
+@click.option("--html", "html_path", default=None, metavar="PATH",
+              help="Also write a self-contained HTML report: the query, its most and least valuable training "
+                   "samples, and the tokens of both texts coloured by their contribution.")
+@where_options
+@click.option("--group-by", "group_by", default=None, metavar="FIELD",
+              help="Which sources drove it: total and mean value per value of this metadata field (e.g. source), "
+                   "with the top -k samples of each. Scores every training sample in scope exactly: narrow "
+                   "large indexes with --where.")
+@color_option
 @client_options
 @field_options
 @handle_errors
 def query_cmd(server, index_dir, model_path, device, prompt, response, valuation_path, k, least, rerank, as_json,
-              token_file, tls, tls_ca, prompt_field, response_field, label_field, split_field, clean_field, id_field):
-    """Which training samples drove this response? The top k by exact For-Value, from a server or an index."""
+              explain, explain_pairs, html_path, where_items, group_by, color, token_file, tls, tls_ca, prompt_field,
+              response_field, label_field, split_field, clean_field, id_field):
+    """Which training samples drove this response? The top k by exact For-Value, from a server or an index.
+
+    Each hit also carries calibrated scores: pct, the estimated share of the index's training samples with a
+    lower value to this query, and cos, the score normalised by both gradients' norms (-1..1)."""
     if (server is None) == (index_dir is None):
         _fail("give exactly one of --server ADDR or --index DIR")
     if (response is None) == (valuation_path is None):
@@ -518,34 +684,81 @@ def query_cmd(server, index_dir, model_path, device, prompt, response, valuation
         from forvalue.indexer.data import load_valuation_set
 
         fields = _fields(prompt_field, response_field, label_field, split_field, clean_field, id_field)
-        samples = [(s.prompt, s.response) for s in load_valuation_set(valuation_path, fields)]
+        samples = [s.as_input() for s in load_valuation_set(valuation_path, fields)]
     else:
         if not response.strip():
             _fail("--response must not be empty or whitespace only")
         samples = [(prompt, response)]
+    if html_path is not None and valuation_path is not None and os.path.abspath(html_path) == os.path.abspath(
+            valuation_path):
+        _fail(f"--html {html_path!r} is an input of this command; write to another file")
     direction = "least" if least else "most"
+    where = _where(where_items)
+    if group_by is not None:
+        if explain or html_path is not None:
+            _fail("--group-by cannot be combined with --explain or --html; use --where FIELD=VALUE to look into "
+                  "one group")
+        return _query_groups(server, index_dir, model_path, device, samples, group_by, k, direction, where,
+                             as_json, token_file, tls, tls_ca)
+    pairs = explain_pairs if explain or html_path is not None else 0
+    # the report shows both ends: one call (one forward pass) answers both directions
+    directions = ("most", "least") if html_path is not None else (direction,)
     if server is not None:
         with connect(server, token_file, tls, tls_ca) as client:
-            result = client.search(samples, k=k, direction=direction, rerank=rerank)
+            if html_path is None:
+                results = {direction: client.search(samples, k=k, direction=direction, rerank=rerank, explain=pairs,
+                                                    where=where)}
+            else:
+                results = {r.direction: r for _, r in client.top_k(samples, k, "both", rerank, explain=pairs,
+                                                                   where=where)}
         source = f"server {server}"
     else:
         from forvalue.indexer.index import Index
         from forvalue.indexer.model import load_model
 
-        result = Index.open(index_dir, load_model(model_path, device=device)).search(
-            samples, k=k, direction=direction, rerank=rerank)
+        index = Index.open(index_dir, load_model(model_path, device=device))
+        features = index.encode(samples) if len(directions) > 1 else None
+        results = {d: index.search(samples, k=k, direction=d, rerank=rerank, features=features, explain=pairs,
+                                   where=where) for d in directions}
         source = f"index {index_dir}"
+    result = results[direction]
+    if html_path is not None:
+        from forvalue.client.report import query_report, write_html
+
+        texts = [s[:2] for s in samples]  # the report shows the texts (a VLM sample's image stays out)
+        write_html(html_path, query_report(texts, [results["most"], results["least"]], source))
+        click.echo(f"forvalue: wrote the report to {html_path}", err=True)
     if as_json:
-        click.echo(json.dumps(_result_json(result, source, len(samples)), sort_keys=True))
+        out = _result_json(result, source, len(samples))
+        if explain:
+            import dataclasses
+
+            for h_out, h in zip(out["hits"], result.hits):
+                h_out["explanation"] = None if h.explanation is None else dataclasses.asdict(h.explanation)
+        click.echo(json.dumps(out, sort_keys=True))
         return
-    click.echo(_format_hits(result, source, len(samples)))
+    from forvalue.client.terminal import color_hits, use_color, with_pairs
+
+    if use_color(color):
+        click.echo(color_hits(result, source, len(samples), explain), color=True)
+        return
+    text = _format_hits(result, source, len(samples))
+    click.echo(with_pairs(text, result, len(samples) > 1) if explain else text)
 
 
 def _result_json(result, source: str, n_queries: int) -> dict:
     return {"source": source, "version": result.version, "direction": result.direction,
             "candidates": result.candidates, "exact_scored": result.exact_scored, "n_queries": n_queries,
-            "hits": [{"rank": h.rank, "score": h.score, "id": h.id, "row": h.row, "metadata": h.metadata}
-                     for h in result.hits]}
+            "hits": [{"rank": h.rank, "score": h.score, "percentile": h.percentile, "cosine": h.cosine, "id": h.id,
+                      "row": h.row, "metadata": h.metadata} for h in result.hits]}
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _cos(x) -> str:
+    return "-" if x is None else f"{x:+.3f}"
 
 
 def _snippet(metadata: dict, width: int = 72) -> str:
@@ -562,10 +775,44 @@ def _format_hits(result, source: str, n_queries: int) -> str:
     lines = [f"{source}, version {result.version}: the {len(result.hits)} {result.direction} valuable training "
              f"samples for {group} ({result.candidates} candidates, {_scored(result)} scored exactly)"]
     id_width = max([len("id")] + [len(h.id) for h in result.hits])
-    lines.append(f"{'rank':>4}  {'score':>12}  {'id':<{id_width}}  training sample (prompt → response)")
+    lines.append(f"{'rank':>4}  {'score':>12}  {'pct':>6}  {'cos':>6}  {'id':<{id_width}}  "
+                 "training sample (prompt → response)")
     for h in result.hits:
-        lines.append(f"{h.rank:>4}  {h.score:>12.6g}  {h.id:<{id_width}}  {_snippet(h.metadata)}")
+        lines.append(f"{h.rank:>4}  {h.score:>12.6g}  {_pct(h.percentile):>6}  {_cos(h.cosine):>6}  "
+                     f"{h.id:<{id_width}}  {_snippet(h.metadata)}")
     return "\n".join(lines)
+
+
+def _query_groups(server, index_dir, model_path, device, samples, field, k, direction, where, as_json, token_file,
+                  tls, tls_ca) -> None:
+    if server is not None:
+        with connect(server, token_file, tls, tls_ca) as client:
+            result = client.group_by(samples, field, k=k, direction=direction, where=where)
+        source = f"server {server}"
+    else:
+        from forvalue.indexer.index import Index
+        from forvalue.indexer.model import load_model
+
+        index = Index.open(index_dir, load_model(model_path, device=device))
+        result = index.group_by(samples, field, k=k, direction=direction, where=where)
+        source = f"index {index_dir}"
+    if as_json:
+        click.echo(json.dumps({
+            "source": source, "version": result.version, "direction": result.direction, "field": result.field,
+            "scored": result.scored, "n_queries": len(samples),
+            "groups": [{"key": g.key, "count": g.count, "total": g.total, "mean": g.mean,
+                        "hits": [{"rank": h.rank, "score": h.score, "id": h.id, "row": h.row, "metadata": h.metadata}
+                                 for h in g.hits]} for g in result.groups]}, sort_keys=True))
+        return
+    lines = [f"{source}, version {result.version}: value by {result.field} ({result.scored} training samples "
+             f"scored exactly, {result.direction} valuable first)"]
+    kw = max([len(result.field)] + [len(str(g.key)) for g in result.groups])
+    lines.append(f"{result.field:<{kw}}  {'count':>7}  {'total':>12}  {'mean':>12}  top samples")
+    for g in result.groups:
+        key = "(missing)" if g.key is None else g.key
+        top = ", ".join(f"{h.id} ({h.score:.3g})" for h in g.hits)
+        lines.append(f"{key:<{kw}}  {g.count:>7}  {g.total:>12.6g}  {g.mean:>12.6g}  {top}")
+    click.echo("\n".join(lines))
 
 
 @main.command("rank")
@@ -592,12 +839,16 @@ def _format_hits(result, source: str, n_queries: int) -> str:
               help="With --server and --selected-out: the training corpus the server's index was built from "
                    "(rows matched by id).")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON summary object on stdout.")
+@click.option("--html", "html_path", default=None, metavar="PATH",
+              help="Also write a self-contained HTML report: a histogram of the values with the --select cut-off.")
+@where_options
+@color_option
 @client_options
 @field_options
 @handle_errors
 def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, out_path, select_spec, lowest, selected_out,
-             data_path, as_json, token_file, tls, tls_ca, prompt_field, response_field, label_field, split_field,
-             clean_field, id_field):
+             data_path, as_json, html_path, where_items, color, token_file, tls, tls_ca, prompt_field, response_field,
+             label_field, split_field, clean_field, id_field):
     """Value every training row for a valuation set; select the best rows (data selection) or, with --lowest,
     the worst (noisy data)."""
     from forvalue.indexer.selection import parse_select, scores_format
@@ -617,20 +868,24 @@ def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, out_p
     if data_path is not None and (server is None or selected_out is None):
         _fail("--data is only read with --server and --selected-out (with --index the rows come from the index)")
     inputs = {os.path.abspath(p) for p in (valuation_path, data_path) if p is not None}
-    for option, path in (("--out", out_path), ("--selected-out", selected_out)):
+    for option, path in (("--out", out_path), ("--selected-out", selected_out), ("--html", html_path)):
         if path is not None and os.path.abspath(path) in inputs:
             _fail(f"{option} {path!r} is an input of this command; write to another file")
+    if html_path is not None and os.path.abspath(html_path) in {os.path.abspath(p) for p in (out_path, selected_out)
+                                                                if p is not None}:
+        _fail(f"--html {html_path!r} names an output of this command already; give the report its own file")
     if select_spec is not None:
         parse_select(select_spec, sys.maxsize)  # a malformed spec fails now; a count above n once n is known
 
     from forvalue.indexer.data import load_valuation_set, read_samples
 
     fields = _fields(prompt_field, response_field, label_field, split_field, clean_field, id_field)
-    samples = [(s.prompt, s.response) for s in load_valuation_set(valuation_path, fields)]
+    samples = [s.as_input() for s in load_valuation_set(valuation_path, fields)]
+    where = _where(where_items)
     if server is not None:
         corpus = {s.id: s for s in read_samples(data_path, fields)} if data_path is not None else None
         with connect(server, token_file, tls, tls_ca) as client:
-            ids, scores, version = client.score_all(samples, return_version=True)
+            ids, scores, version = client.score_all(samples, return_version=True, where=where)
         source = f"server {server}"
         ranked = _rank_and_select(ids, scores, select_spec, lowest)
         subset = None if selected_out is None else _corpus_rows(corpus, [ids[i] for i in ranked[0]], data_path)
@@ -639,29 +894,43 @@ def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, out_p
         from forvalue.indexer.model import load_model
 
         index = Index.open(index_dir, load_model(model_path, device=device))
-        scores = _index_score_all(index, samples, batch)
-        ids = [str(row["id"]) for row in index.version.rows(list(range(index.n)))]
+        rows, scores = _index_score_all(index, samples, batch, where)
+        ids = [str(row["id"]) for row in index.version.rows(rows)]
         version, source = index.version.name, f"index {index_dir}"
         ranked = _rank_and_select(ids, scores, select_spec, lowest)
-        subset = None if selected_out is None else [_stored_sample(row) for row in index.version.rows(ranked[0])]
+        subset = None if selected_out is None else [_stored_sample(row) for row in index.version.rows(rows[ranked[0]])]
     chosen, order, ranks, percentiles = ranked
     summary = _write_ranking(out_path, selected_out, ids, scores, chosen, order, ranks, percentiles, subset)
     summary = {"source": source, "version": version, "n_valuation": len(samples), "n_scored": len(ids),
                "direction": "lowest" if lowest else "highest", **summary}
+    if html_path is not None:
+        from forvalue.client.report import rank_report, write_html
+
+        write_html(html_path, rank_report(ids, scores, order, ranks, chosen, summary))
+        summary["html"] = str(html_path)
     if as_json:
         click.echo(json.dumps(_jsonable(summary), sort_keys=True))
         return
-    click.echo(_format_rank_summary(summary), err=True)
+    from forvalue.client.terminal import color_rank_summary, use_color
+
+    text = _format_rank_summary(summary) + (f"\nforvalue: wrote the report to {html_path}" if html_path else "")
+    if use_color(color, err=True):
+        click.echo(color_rank_summary(text), err=True, color=True)
+    else:
+        click.echo(text, err=True)
 
 
-def _index_score_all(index, samples: list[tuple[str, str]], batch: int):
-    """The mean exact value of every training row to `samples`, (n,) float64, `batch` samples per forward pass."""
+def _index_score_all(index, samples: list[tuple[str, str]], batch: int, where=None):
+    """(rows in scope: matching `where`, not deleted; the mean exact value of each to `samples`, float64),
+    `batch` samples per forward pass."""
     import numpy as np
 
-    total = np.zeros(index.n, dtype=np.float64)
+    scope = index.scope(where)
+    rows = np.arange(index.n, dtype=np.int64) if scope is None else scope
+    total = np.zeros(rows.size, dtype=np.float64)
     for a in range(0, len(samples), batch):
-        total += index.score_all(index.encode(samples[a : a + batch])).double().sum(0).numpy()
-    return total / len(samples)
+        total += index.score_rows(index.encode(samples[a : a + batch]), rows).double().sum(0).numpy()
+    return rows, total / len(samples)
 
 
 def _rank_and_select(ids, scores, select_spec, lowest):
@@ -689,7 +958,8 @@ def _stored_sample(row: dict):
     from forvalue.indexer.data import Sample
 
     return Sample(id=str(row["id"]), prompt=row["prompt"], response=row["response"], label=row.get("label"),
-                  split=row.get("split"), clean=row.get("clean"), meta=dict(row.get("meta") or {}))
+                  split=row.get("split"), clean=row.get("clean"), meta=dict(row.get("meta") or {}),
+                  image=row.get("image"))
 
 
 def _write_ranking(out_path, selected_out, ids, scores, chosen, order, ranks, percentiles, subset) -> dict:
@@ -728,9 +998,24 @@ def _format_rank_summary(s: dict) -> str:
 @click.option("--noise", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Share of training rows given another transformation's response (clean=false).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--vlm", is_flag=True,
+              help="The image-to-text set instead: coloured shapes captioned in --classes styles (at most 6); "
+                   "PNGs go to OUT's folder, in <stem>_images/. --noise then captions the wrong shape and colour.")
+@click.option("--image-size", type=click.IntRange(16, 1024), default=64, show_default=True,
+              help="With --vlm: side of the square images in pixels.")
 @handle_errors
-def example_cmd(out, classes, train_per_class, test_per_class, noise, seed):
-    """Write forvalue's own small labelled example dataset (sentence transformations) as JSONL."""
+def example_cmd(out, classes, train_per_class, test_per_class, noise, seed, vlm, image_size):
+    """Write forvalue's own small labelled example dataset (sentence transformations; with --vlm coloured
+    shapes with captions) as JSONL."""
+    if vlm:
+        from forvalue.indexer.shapes import STYLES, write_shapes_example
+
+        if classes > len(STYLES):
+            _fail(f"--classes: the --vlm set has {len(STYLES)} caption styles, got {classes}")
+        n = write_shapes_example(out, n_classes=classes, n_train_per_class=train_per_class,
+                                 n_test_per_class=test_per_class, noise=noise, seed=seed, image_size=image_size)
+        click.echo(f"wrote {n} rows to {out} (images in {os.path.splitext(out)[0]}_images/)", err=True)
+        return
     from forvalue.indexer.examples import write_example
 
     n = write_example(out, n_classes=classes, n_train_per_class=train_per_class, n_test_per_class=test_per_class,

@@ -10,7 +10,8 @@ message, e.g. "server 127.0.0.1:50051: INVALID_ARGUMENT: k: must be between 1 an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,9 +19,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from forvalue.indexer.data import Sample
 from forvalue.indexer.errors import ConfigError, ForValueError
-from forvalue.indexer.index import SearchResult
+from forvalue.indexer.filters import Where, as_where
+from forvalue.indexer.index import GroupedResult, SearchResult
 from forvalue.server import convert
 from forvalue.server.protocol import pb, pb_grpc
+
+WhereLike = Where | Mapping[str, Any] | Sequence[str] | None
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -81,36 +85,65 @@ class InfluenceClient:
             raise ServerError(self.address, exc.code(), exc.details() or "") from None
 
     def search(self, samples: Sequence[Sample | tuple[str, str]], k: int = 10, direction: str = "most",
-               rerank: int = 100) -> SearchResult:
+               rerank: int = 100, explain: int = 0, where: WhereLike = None) -> SearchResult:
         """Top-k most (or least) valuable training samples for the group `samples`, as `Index.search`.
 
         Args:
             k: answers wanted (at most the server's cap).
             direction: "most" or "least".
             rerank: first-stage candidates scored exactly (raised to k, as in-process).
+            explain: > 0: every hit carries an `Explanation` with this many top token pairs (at most the
+                server's cap).
+            where: only training samples whose metadata match (a `Where`, {field: value or [values]}, or
+                "FIELD=VALUE" strings), as `Index.search(..., where=...)`.
         """
         if direction not in ("most", "least"):
             raise ConfigError(f"direction must be one of ('most', 'least'), got {direction!r}")
-        return self.top_k(samples, k, direction, rerank, group=True)[0][1]
+        return self.top_k(samples, k, direction, rerank, group=True, explain=explain, where=where)[0][1]
+
+    def group_by(self, samples: Sequence[Sample | tuple[str, str]], field: str, k: int = 3, direction: str = "most",
+                 where: WhereLike = None) -> GroupedResult:
+        """Total and mean value per value of metadata `field`, with each group's top-k rows, as `Index.group_by`."""
+        if direction not in ("most", "least"):
+            raise ConfigError(f"direction must be one of ('most', 'least'), got {direction!r}")
+        request = pb.TopKRequest(samples=convert.samples_to_pb(samples), k=k, direction=convert.direction_to_pb(direction),
+                                 group=True, group_by=field, where=convert.where_to_pb(as_where(where)))
+        response = self._call(self._stub.TopK, request)
+        return convert.grouped_result(response.answers[0], response.index_version, field)
+
+    def delete(self, ids: Sequence[str], ignore_missing: bool = False) -> dict:
+        """Admin: take down training samples (a new index version without them, then served); the server must
+        run with --enable-admin. Returns index_version, deleted, already_deleted, unknown, hidden_rows."""
+        stub = pb_grpc.InfluenceAdminStub(self._channel)
+        reply = self._call(stub.Delete, pb.DeleteRequest(ids=[str(i) for i in ids], ignore_missing=ignore_missing))
+        return {"index_version": reply.index_version, "deleted": list(reply.deleted),
+                "already_deleted": list(reply.already_deleted), "unknown": list(reply.unknown),
+                "hidden_rows": reply.hidden_rows}
 
     def top_k(self, samples: Sequence[Sample | tuple[str, str]], k: int = 10, direction: str = "most",
-              rerank: int = 100, group: bool = True, max_text_chars: int = 0) -> list[tuple[int, SearchResult]]:
+              rerank: int = 100, group: bool = True, max_text_chars: int = 0, explain: int = 0,
+              where: WhereLike = None) -> list[tuple[int, SearchResult]]:
         """Every answer of a TopK call: [(query index, or -1 for the group, result)], per direction.
 
         Args:
             direction: "most", "least" or "both" (two answers per query: most, then least).
             group: one answer for the mean of `samples`; False: one per sample.
             max_text_chars: cut returned prompts and responses to this many characters (0 = whole).
+            explain: > 0: every hit carries an `Explanation` with this many top token pairs, as
+                `Index.search(..., explain=...)`; 0 = none.
         """
+        if explain < 0:
+            raise ConfigError(f"explain must be >= 0 (top token pairs per hit; 0 = no explanation), got {explain}")
         request = pb.TopKRequest(samples=convert.samples_to_pb(samples), k=k,
                                  direction=convert.direction_to_pb(direction),
                                  rerank=rerank if rerank < 0 else max(rerank, k), group=group,
-                                 max_text_chars=max_text_chars)
+                                 max_text_chars=max_text_chars, explain=explain > 0, explain_pairs=explain,
+                                 where=convert.where_to_pb(as_where(where)))
         response = self._call(self._stub.TopK, request)
         return [(a.query_index, convert.search_result(a, response.index_version)) for a in response.answers]
 
     def score_all(self, samples: Sequence[Sample | tuple[str, str]], chunk_size: int = 0,
-                  return_version: bool = False
+                  return_version: bool = False, where: WhereLike = None
                   ) -> tuple[list[str], np.ndarray] | tuple[list[str], np.ndarray, str]:
         """The exact value of every training row to the group `samples`, as `Index.score_all(...).mean(0)`.
 
@@ -120,7 +153,8 @@ class InfluenceClient:
         Returns:
             (ids in row order, scores (n,) float64), and the version ("" for an empty index) if asked.
         """
-        request = pb.ScoreAllRequest(samples=convert.samples_to_pb(samples), chunk_size=chunk_size)
+        request = pb.ScoreAllRequest(samples=convert.samples_to_pb(samples), chunk_size=chunk_size,
+                                     where=convert.where_to_pb(as_where(where)))
         ids: list[str] = []
         scores: list[float] = []
         versions = set()

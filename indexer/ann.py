@@ -9,9 +9,18 @@ Each training sample i has a float32 sketch s_i (D,) with <s_v, s_i> ≈ S(v, i)
 Exact re-ranking of the candidates happens elsewhere. Ids are row numbers 0..n−1 in the order rows were
 added (no `add_with_ids`: GpuIndexFlat does not support it).
 
-Kinds: only "flat-ip" (IndexFlatIP, exact) for now; `_FACTORIES` and `_kind_of` are where an IVF/PQ kind
-goes (it will need a `train` step and, being approximate, its recall measured against flat search: IVF
-with inner product uses normalised centroids and can miss large-norm rows).
+Kinds: "flat-ip" (IndexFlatIP, exact), and two approximate ones for large corpora, "ivf-sq8" (an
+inverted file of `nlist` lists with 8-bit scalar-quantised codes, D bytes a row) and "ivf-pq" (product-
+quantised codes, `pq_m` bytes a row). The approximate kinds need `train` on a sample before `add`, search
+`nprobe` of their lists per query, and, being approximate, have their recall measured against flat search
+(firststage.py; IVF with inner product uses normalised centroids and can miss large-norm rows). Their
+search takes `refine`·k candidates from the codes and, with `vectors` attached, keeps the k with the
+largest exact inner products (so returned scores are exact); without vectors the scores are the codes'
+approximations.
+
+Sharding: `shards` > 1 splits the rows over sub-indexes searched together (faiss IndexShards; the
+per-shard top-k are merged, so results equal one index): one per GPU when several GPUs are used,
+CPU sub-indexes otherwise (the tested path).
 
 Devices: a GPU is used when faiss sees one (faiss-gpu), the CPU otherwise. GPU search caps k at
 `GPU_K_CAP` = 2048; a larger k is answered by an exact chunked scan on the CPU over the stored vectors
@@ -40,7 +49,8 @@ import numpy as np
 
 from .errors import ConfigError, IndexCorruptError
 
-KINDS = ("flat-ip",)
+KINDS = ("flat-ip", "ivf-sq8", "ivf-pq")
+APPROXIMATE = ("ivf-sq8", "ivf-pq")
 DIRECTIONS = ("most", "least")
 GPU_K_CAP = 2048  # faiss GPU k-selection limit (GPU_MAX_SELECTION_K)
 CHUNK_BYTES = 64 << 20  # rows read per step of a chunked scan: ~64 MiB of float32 vectors
@@ -73,6 +83,11 @@ def gpu_available() -> bool:
     return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
 
 
+def gpu_count() -> int:
+    """GPUs faiss sees (0 without faiss-gpu)."""
+    return _import_faiss().get_num_gpus() if gpu_available() else 0
+
+
 def faiss_version() -> str:
     """faiss.__version__ (for the index manifest)."""
     return str(_import_faiss().__version__)
@@ -92,19 +107,77 @@ def set_threads(n: int) -> int:
 # Kinds: how to make an empty index, and how to recognise a loaded one.
 
 
-def _make_flat_ip(faiss, dim: int):
+def _make_flat_ip(faiss, dim: int, nlist: int, pq_m: int):
     return faiss.IndexFlatIP(dim)
 
 
-_FACTORIES = {"flat-ip": _make_flat_ip}
+def _make_ivf_sq8(faiss, dim: int, nlist: int, pq_m: int):
+    return faiss.index_factory(dim, f"IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
+
+
+def _make_ivf_pq(faiss, dim: int, nlist: int, pq_m: int):
+    if dim % pq_m:
+        raise ConfigError(f"pq_m ({pq_m}) must divide the sketch dimension ({dim})")
+    # "np": no polysemous training (a code reordering for Hamming filtering, unused here and slow)
+    return faiss.index_factory(dim, f"IVF{nlist},PQ{pq_m}np", faiss.METRIC_INNER_PRODUCT)
+
+
+_FACTORIES = {"flat-ip": _make_flat_ip, "ivf-sq8": _make_ivf_sq8, "ivf-pq": _make_ivf_pq}
 _EXACT = {"flat-ip"}  # kinds whose search equals the chunked exact scan (the GPU k > cap fallback)
 
 
 def _kind_of(faiss, index) -> str | None:
     index = faiss.downcast_index(index)
-    if isinstance(index, faiss.IndexFlat) and index.metric_type == faiss.METRIC_INNER_PRODUCT:
+    if isinstance(index, faiss.IndexShards):
+        kinds = {_kind_of(faiss, index.at(i)) for i in range(index.count())}
+        return kinds.pop() if len(kinds) == 1 else None
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return None
+    if isinstance(index, faiss.IndexFlat):
         return "flat-ip"
+    if isinstance(index, faiss.IndexIVFScalarQuantizer) and index.sq.qtype == faiss.ScalarQuantizer.QT_8bit:
+        return "ivf-sq8"
+    if isinstance(index, faiss.IndexIVFPQ) and index.pq.nbits == 8:
+        return "ivf-pq"
     return None
+
+
+def _ivf_parts(faiss, index) -> list:
+    """The IndexIVF objects inside `index` (itself, or each shard of an IndexShards); [] for flat."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexShards):
+        return [p for i in range(index.count()) for p in _ivf_parts(faiss, index.at(i))]
+    ivf = faiss.try_extract_index_ivf(index)
+    return [] if ivf is None else [ivf]
+
+
+def _shard_cpu(faiss, cpu_index, parts: int):
+    """`cpu_index` split into `parts` contiguous row ranges, as an IndexShards whose ids are the row numbers.
+
+    Flat: sub-index j holds rows [a_j, b_j) with local ids (successive_ids adds a_j back). IVF: each
+    sub-index is an empty clone of the trained index given the rows' entries of every list
+    (`copy_subset_to`), global ids kept. Searches run one sub-index after the other (not threaded: a
+    server searches from several threads at once; each sub-search uses faiss's OpenMP threads).
+    """
+    n = int(cpu_index.ntotal)
+    bounds = [n * j // parts for j in range(parts + 1)]
+    ivf = faiss.try_extract_index_ivf(cpu_index)
+    shards = faiss.IndexShards(cpu_index.d, False, ivf is None)
+    keep = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if ivf is None:
+            sub = faiss.IndexFlatIP(cpu_index.d)
+            if b > a:
+                sub.add(cpu_index.reconstruct_n(a, b - a))
+        else:
+            sub = faiss.clone_index(cpu_index)
+            sub.reset()
+            ivf.copy_subset_to(faiss.extract_index_ivf(sub), 0, a, b)
+        shards.add_shard(sub)
+        keep.append(sub)
+    shards.referenced_objects = keep  # the IndexShards only borrows its sub-indexes
+    shards.syncWithSubIndexes()
+    return shards
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,6 +252,54 @@ def _chunked_topk(
 
 
 # --------------------------------------------------------------------------------------------------
+# Rows of several arrays as one (the shards' memory-mapped sketches, attached to an index).
+
+
+class ConcatRows:
+    """The rows of several (n_j, D) arrays (e.g. one np.memmap per store shard) read as one (n, D) array.
+
+    Supports what `SketchIndex` reads: `shape`, `dtype`, `len`, slices with step 1 (`x[a:b]`) and 1-D
+    integer arrays of rows (`x[ids]`, any order, repeats allowed). Nothing is copied until read.
+    """
+
+    def __init__(self, parts: Iterable[Any]):
+        self.parts = [np.asarray(p) if not hasattr(p, "shape") else p for p in parts]
+        if not self.parts:
+            raise ValueError("ConcatRows needs at least one array")
+        dims = {tuple(p.shape[1:]) for p in self.parts}
+        if len(dims) != 1 or any(len(p.shape) != 2 for p in self.parts):
+            raise ValueError(f"ConcatRows needs 2-D arrays of one width, got shapes {[p.shape for p in self.parts]}")
+        self.starts = np.concatenate([[0], np.cumsum([p.shape[0] for p in self.parts])]).astype(np.int64)
+        self.shape = (int(self.starts[-1]), int(self.parts[0].shape[1]))
+        self.dtype = self.parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, slice):
+            a, b, step = key.indices(self.shape[0])
+            if step != 1:
+                raise ValueError("ConcatRows slices take step 1")
+            key = np.arange(a, max(a, b), dtype=np.int64)
+        ids = np.asarray(key, dtype=np.int64)
+        if ids.ndim != 1:
+            raise ValueError(f"ConcatRows takes a slice or a 1-D array of rows, got shape {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
+            raise IndexError(f"rows must lie in [0, {self.shape[0]})")
+        out = np.empty((ids.size, self.shape[1]), dtype=self.dtype)
+        part = np.searchsorted(self.starts, ids, side="right") - 1
+        for j in np.unique(part):
+            pos = np.flatnonzero(part == j)
+            local = ids[pos] - self.starts[j]
+            if local.size and local[-1] - local[0] == local.size - 1 and (np.diff(local) == 1).all():
+                out[pos] = self.parts[j][int(local[0]) : int(local[-1]) + 1]  # a run: one contiguous read
+            else:
+                out[pos] = self.parts[j][local]
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 class SketchIndex:
@@ -189,32 +310,52 @@ class SketchIndex:
 
     Args:
         dim: D, the sketch dimension.
-        kind: index type; only "flat-ip" (exact IndexFlatIP) for now.
+        kind: index type, one of KINDS: "flat-ip" (exact IndexFlatIP), "ivf-sq8" or "ivf-pq" (approximate;
+            `train` before `add`).
         use_gpu: True = GPU (ConfigError if faiss sees none), False = CPU, None = GPU when available.
+        nlist: inverted lists of an IVF kind (>= 1; ignored for flat).
+        pq_m: bytes per row of "ivf-pq" (sub-quantisers of 8 bits; must divide D; ignored otherwise).
 
     Attributes:
         kind: the index type, e.g. "flat-ip".
-        device: "cpu" or "cuda:0".
-        vectors: an optional (n, D) array (e.g. a np.memmap of the stored sketches) read by
-            `all_scores`, `inner_products` and the GPU fallback instead of faiss; see `attach_vectors`.
+        device: "cpu" or "cuda:0" ("cuda:0-3" when sharded over four GPUs).
+        vectors: an optional (n, D) array (e.g. a np.memmap of the stored sketches, or `ConcatRows` of
+            several) read by `all_scores`, `inner_products`, the GPU fallback and the refinement of
+            approximate searches instead of faiss; see `attach_vectors`.
         chunk_rows: rows per step of the chunked scans.
+        refine: approximate kinds: candidates taken from the codes per wanted row (>= 1), re-scored
+            exactly when `vectors` are attached.
+        shards: how many sub-indexes the rows are split over (1 = one index); see `shard`.
     """
 
-    def __init__(self, dim: int, kind: str = "flat-ip", use_gpu: bool | None = None):
+    def __init__(self, dim: int, kind: str = "flat-ip", use_gpu: bool | None = None, nlist: int = 1,
+                 pq_m: int = 8):
         if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
             raise ConfigError(f"dim must be an integer >= 1, got {dim!r}")
         if kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
+        for name, value in (("nlist", nlist), ("pq_m", pq_m)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
         faiss = _import_faiss()
-        self._setup(faiss, _FACTORIES[kind](faiss, int(dim)), kind, use_gpu, read_only=False)
+        self._setup(faiss, _FACTORIES[kind](faiss, int(dim), int(nlist), int(pq_m)), kind, use_gpu,
+                    read_only=False)
 
     def _setup(self, faiss, cpu_index, kind: str, use_gpu: bool | None, read_only: bool) -> None:
         self.kind = kind
         self.vectors: Any = None
         self.chunk_rows = max(1, CHUNK_BYTES // (4 * cpu_index.d))
+        self.refine = 1
+        self.shards = 1
+        self._bounds: list[int] | None = None  # row ranges of the sub-indexes of a sharded flat index
         self._read_only = read_only
         self._gpu_res = None
         self._lock = threading.Lock()
+        ivf = _ivf_parts(faiss, cpu_index)
+        # kept here: a GPU copy of an IVF index is no faiss.IndexIVF
+        self._nlist, self._nprobe = (int(ivf[0].nlist), int(ivf[0].nprobe)) if ivf else (0, 0)
+        self._direction_nprobe: dict[str, int] = {}
+        auto = use_gpu is None
         if use_gpu is None:
             use_gpu = gpu_available()
         elif use_gpu and not gpu_available():
@@ -222,7 +363,15 @@ class SketchIndex:
         if use_gpu:
             # Keep the resources alive as long as the index: the GPU index only borrows them.
             self._gpu_res = faiss.StandardGpuResources()
-            self._index = faiss.index_cpu_to_gpu(self._gpu_res, 0, cpu_index)
+            try:
+                self._index = faiss.index_cpu_to_gpu(self._gpu_res, 0, cpu_index)
+            except RuntimeError as exc:  # e.g. an ivf-pq code size the GPU kernels do not support
+                if not auto:
+                    raise ConfigError(f"this {kind} index cannot go to the GPU ({_first_line(exc)}); use "
+                                      "use_gpu=None/False") from exc
+                self._gpu_res = None
+                use_gpu = False
+        if use_gpu:
             self.device = "cuda:0"
             self._k_cap: int | None = GPU_K_CAP
             self._read_only = False  # the GPU copy owns its memory, even when the CPU one was mapped
@@ -235,16 +384,22 @@ class SketchIndex:
     # Building.
 
     @classmethod
-    def from_array(cls, x: Any, kind: str = "flat-ip", use_gpu: bool | None = None) -> SketchIndex:
+    def from_array(cls, x: Any, kind: str = "flat-ip", use_gpu: bool | None = None, nlist: int = 1,
+                   pq_m: int = 8, train: Any = None) -> SketchIndex:
         """An index over the rows of `x` (n, D), e.g. a np.memmap.
 
         Rows are added `chunk_rows` at a time, so a float64 or memory-mapped `x` is converted and read
         one chunk at a time.
+
+        Args:
+            train: approximate kinds: the training rows (m, D); default `x` itself.
         """
         a = np.asarray(x)
         if a.ndim != 2:
             raise ValueError(f"vectors must be 2-D (n, D), got shape {a.shape}")
-        index = cls(a.shape[1], kind=kind, use_gpu=use_gpu)
+        index = cls(a.shape[1], kind=kind, use_gpu=use_gpu, nlist=nlist, pq_m=pq_m)
+        if not index.is_trained:
+            index.train(a if train is None else train)
         for start in range(0, a.shape[0], index.chunk_rows):
             index.add(a[start : start + index.chunk_rows])
         return index
@@ -257,6 +412,26 @@ class SketchIndex:
             index.add(chunk)
         return index
 
+    def train(self, x: Any) -> None:
+        """Train an approximate kind's coarse quantiser (k-means, nlist lists) and codes on rows `x` (m, D).
+
+        m should be at least 39·nlist (faiss warns below), and at least 256 for "ivf-pq" (its codebooks
+        have 256 entries; fewer rows raise ConfigError). Nothing to do for flat.
+        """
+        a = _as_matrix(x, self.dim, "training vectors")
+        if self.kind == "ivf-pq" and a.shape[0] < 256:
+            raise ConfigError(f"ivf-pq needs at least 256 training rows (its codebooks have 256 entries), got "
+                              f"{a.shape[0]}; use ivf-sq8 or flat-ip for a corpus this small")
+        if a.shape[0] < self._nlist:
+            raise ConfigError(f"{a.shape[0]} training rows cannot train {self._nlist} lists; use nlist <= the rows")
+        with self._lock:
+            self._index.train(a)
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether rows can be added (always for flat; after `train` for the approximate kinds)."""
+        return bool(self._index.is_trained)
+
     def add(self, x: Any) -> None:
         """Append the rows of `x` (r, D); they get ids ntotal .. ntotal + r − 1.
 
@@ -264,12 +439,118 @@ class SketchIndex:
         a reallocation briefly holds old and new buffers (~1.3x the index at peak, measured on CPU).
         """
         if self._read_only:
-            raise ValueError("this index was loaded with mmap=True and is read-only; load it with mmap=False to add")
+            raise ValueError("this index is read-only (loaded with mmap=True, or sharded); add to an unsharded "
+                             "index loaded with mmap=False")
+        if not self.is_trained:
+            raise ValueError(f"a {self.kind} index must be trained (train) before rows are added")
         a = _as_matrix(x, self.dim, "vectors")
         if a.shape[0] == 0:
             return
         with self._lock:
             self._index.add(a)
+
+    # ----------------------------------------------------------------------------------------------
+    # Approximate kinds: lists probed per query; sharding.
+
+    def _ivf(self) -> list:
+        return _ivf_parts(_import_faiss(), self._index)
+
+    @property
+    def nlist(self) -> int:
+        """Inverted lists of an IVF kind; 0 for flat."""
+        return self._nlist
+
+    @property
+    def nprobe(self) -> int:
+        """Lists searched per query by an IVF kind (1..nlist); 0 for flat. Saved with the index."""
+        return self._nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        if not self._nlist:
+            raise ConfigError(f"a {self.kind} index has no nprobe")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= self._nlist:
+            raise ConfigError(f"nprobe must be an integer in 1..nlist ({self._nlist}), got {value!r}")
+        faiss = _import_faiss()
+        with self._lock:
+            if self._gpu_res is not None:
+                faiss.GpuParameterSpace().set_index_parameter(self._index, "nprobe", int(value))
+            for ivf in self._ivf():  # CPU indexes (and the CPU sub-indexes of a sharded one)
+                ivf.nprobe = int(value)
+            self._nprobe = int(value)
+
+    @property
+    def direction_nprobe(self) -> dict[str, int]:
+        """Lists probed per direction where it differs from `nprobe`, e.g. {"most": 1, "least": 256}."""
+        return dict(self._direction_nprobe)
+
+    def set_direction_nprobe(self, most: int | None = None, least: int | None = None) -> None:
+        """Probe `most` lists for "most" searches and `least` for "least" ones (None: `nprobe`).
+
+        The two directions can need very different nprobe for the same recall: the largest inner products
+        of a query gather in the lists of its own region, the smallest are spread over the whole corpus.
+        """
+        if not self._nlist:
+            raise ConfigError(f"a {self.kind} index has no nprobe")
+        out = {}
+        for direction, value in (("most", most), ("least", least)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= self._nlist:
+                raise ConfigError(f"nprobe ({direction}) must be an integer in 1..nlist ({self._nlist}), got {value!r}")
+            out[direction] = int(value)
+        self._direction_nprobe = out
+
+    def _ivf_search(self, q: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """An IVF search probing `nprobe` lists (the index's own setting is left as it is afterwards)."""
+        faiss = _import_faiss()
+        if self._gpu_res is None and self.shards == 1:  # per-call parameters: concurrent searches stay safe
+            return self._index.search(q, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        with self._lock:  # GPU and sharded indexes take the setting itself, one search at a time
+            space = faiss.GpuParameterSpace() if self._gpu_res is not None else faiss.ParameterSpace()
+            space.set_index_parameter(self._index, "nprobe", nprobe)
+            try:
+                return self._index.search(q, k)
+            finally:
+                space.set_index_parameter(self._index, "nprobe", self._nprobe)
+
+    def shard(self, parts: int | None = None) -> None:
+        """Split the rows over `parts` sub-indexes searched together (IndexShards); same results as one index.
+
+        On GPUs: one sub-index per GPU (parts = None: every GPU faiss sees; faiss's sharded cloner). On the
+        CPU: `parts` CPU sub-indexes of contiguous rows (parts = None: 1, nothing to do). Afterwards the
+        index is read-only (`add` raises). Scans without attached vectors read a sharded flat index's rows
+        from its sub-indexes.
+        """
+        faiss = _import_faiss()
+        if parts is None:
+            parts = faiss.get_num_gpus() if self._gpu_res is not None else 1
+        if isinstance(parts, bool) or not isinstance(parts, numbers.Integral) or parts < 1:
+            raise ConfigError(f"shards must be an integer >= 1, got {parts!r}")
+        if self.shards != 1:
+            raise ValueError("this index is sharded already")
+        if parts == 1:
+            return
+        nprobe = self.nprobe
+        n = self.ntotal
+        with self._lock:
+            if self._gpu_res is not None:
+                if parts > faiss.get_num_gpus():
+                    raise ConfigError(f"cannot shard over {parts} GPUs: faiss sees {faiss.get_num_gpus()}")
+                cpu = faiss.index_gpu_to_cpu(self._index)
+                co = faiss.GpuMultipleClonerOptions()
+                co.shard = True  # flat: contiguous rows, successive ids; IVF: the lists split, global ids kept
+                self._index = faiss.index_cpu_to_all_gpus(cpu, co=co, ngpu=int(parts))
+                self._gpu_res = self._index  # the sharded index holds its own GPU resources
+                self.device = f"cuda:0-{parts - 1}"
+            else:
+                self._index = _shard_cpu(faiss, self._index, int(parts))
+        if not self._ivf():
+            self._bounds = [n * j // parts for j in range(parts + 1)]
+        self.shards = int(parts)
+        self._read_only = True
+        if nprobe:
+            self.nprobe = nprobe
 
     # ----------------------------------------------------------------------------------------------
     # Properties.
@@ -285,7 +566,9 @@ class SketchIndex:
         return int(self._index.d)
 
     def __repr__(self) -> str:
-        return f"SketchIndex(kind={self.kind!r}, dim={self.dim}, ntotal={self.ntotal}, device={self.device!r})"
+        extra = f", nlist={self.nlist}, nprobe={self.nprobe}" if self.kind in APPROXIMATE else ""
+        extra += f", shards={self.shards}" if self.shards != 1 else ""
+        return f"SketchIndex(kind={self.kind!r}, dim={self.dim}, ntotal={self.ntotal}, device={self.device!r}{extra})"
 
     def attach_vectors(self, vectors: Any) -> None:
         """Use `vectors` (n, D), e.g. np.load(path, mmap_mode="r"), for exact scans instead of faiss.
@@ -314,6 +597,9 @@ class SketchIndex:
 
         Returns:
             scores (q, k') float32, the inner products <q, s_id>, and ids (q, k') int64, k' = min(k, n).
+            An approximate kind may find fewer than k' rows for a query (few lists probed): the missing
+            places hold id -1 and score −inf ("most") or +inf ("least"), at the end. Its scores are exact
+            when `vectors` are attached, else the codes' approximations.
         """
         q = _as_matrix(queries, self.dim, "queries")
         k = min(_check_k(k), self.ntotal)
@@ -322,17 +608,44 @@ class SketchIndex:
             return np.empty((q.shape[0], k), dtype=np.float32), np.empty((q.shape[0], k), dtype=np.int64)
         if direction == "least":
             q = -q
-        if self._k_cap is not None and k > self._k_cap:
-            assert self.kind in _EXACT, "an approximate kind needs its own fallback beyond the GPU k cap"
-            scores, ids = _chunked_topk(q, self._chunks(), k)
+        approx = self.kind not in _EXACT
+        wanted = min(k * self.refine, self.ntotal) if approx else k
+        if self._k_cap is not None and wanted > self._k_cap:
+            if approx and self.vectors is None:
+                raise ValueError(f"k = {k} (x refine {self.refine}) is above the GPU limit of {self._k_cap} for an "
+                                 "approximate index; attach the stored vectors (attach_vectors) for an exact scan")
+            scores, ids = _chunked_topk(q, self._chunks(), k)  # exact: at least as good as the codes
+            approx = False
+        elif approx and self._direction_nprobe.get(direction, self._nprobe) != self._nprobe:
+            scores, ids = self._ivf_search(q, wanted, self._direction_nprobe[direction])
         elif self._gpu_res is not None:
             with self._lock:
-                scores, ids = self._index.search(q, k)
+                scores, ids = self._index.search(q, wanted)
         else:
-            scores, ids = self._index.search(q, k)
+            scores, ids = self._index.search(q, wanted)
+        ids = ids.astype(np.int64, copy=False)
+        if approx:
+            scores, ids = self._refined(q, scores, ids, k)
         if direction == "least":
             scores = -scores
-        return scores, ids.astype(np.int64, copy=False)
+        return scores, ids
+
+    def _refined(self, q: np.ndarray, scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k best of an approximate search's candidates (q, m), by exact <q, s_id> when vectors are attached.
+
+        Ties go to the lower id; missing candidates (id -1) score −inf and come last.
+        """
+        if self.vectors is not None:
+            scores = np.full(ids.shape, -np.inf, dtype=np.float32)
+            for row in range(ids.shape[0]):
+                found = ids[row] >= 0
+                if found.any():
+                    scores[row, found] = self.inner_products(q[row : row + 1], ids[row, found])[0]
+        else:
+            scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+        key = np.where(ids >= 0, ids, np.iinfo(np.int64).max)
+        order = np.lexsort((key, -scores), axis=-1)[:, :k]
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
     def _chunks(self, chunk_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """(start, rows start..start + r) over all stored vectors, from `vectors` or else from faiss."""
@@ -344,9 +657,28 @@ class SketchIndex:
             if self.vectors is not None:
                 block = np.ascontiguousarray(self.vectors[start : start + r], dtype=np.float32)
             else:
-                with self._lock:
-                    block = self._index.reconstruct_n(start, r)
+                block = self._reconstruct(np.arange(start, start + r, dtype=np.int64))
             yield start, block
+
+    def _reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """Stored rows `ids` (m,) → (m, D), read back from faiss (flat kinds only, sharded or not)."""
+        if self.kind not in _EXACT:
+            raise ValueError(f"a {self.kind} index stores only codes: attach the stored vectors (attach_vectors) "
+                             "for exact scans")
+        with self._lock:
+            if self._bounds is None:
+                if ids.size and ids[-1] - ids[0] == ids.size - 1 and (np.diff(ids) == 1).all():
+                    return self._index.reconstruct_n(int(ids[0]), int(ids.size))
+                return self._index.reconstruct_batch(ids)
+            faiss = _import_faiss()
+            shards = faiss.downcast_index(self._index)
+            out = np.empty((ids.size, self.dim), dtype=np.float32)
+            part = np.searchsorted(self._bounds, ids, side="right") - 1
+            for j in np.unique(part):
+                pos = np.flatnonzero(part == j)
+                sub = faiss.downcast_index(shards.at(int(j)))
+                out[pos] = sub.reconstruct_batch(ids[pos] - self._bounds[j])
+            return out
 
     def all_scores(self, query: Any, chunk_rows: int | None = None) -> np.ndarray:
         """<q, s_i> for every stored row: query (D,) → (n,), or (q, D) → (q, n), float32.
@@ -370,8 +702,7 @@ class SketchIndex:
             self._check_vectors(self.vectors)
             rows = np.ascontiguousarray(self.vectors[ids], dtype=np.float32)
         elif ids.size:
-            with self._lock:
-                rows = self._index.reconstruct_batch(ids)
+            rows = self._reconstruct(ids)
         else:
             rows = np.empty((0, self.dim), dtype=np.float32)
         return q @ rows.T
@@ -392,6 +723,8 @@ class SketchIndex:
         The rename also keeps an index that is memory-mapped from `path` valid: it keeps the old file.
         """
         faiss = _import_faiss()
+        if self.shards != 1:
+            raise ValueError("a sharded index cannot be saved; save the index before sharding it")
         path = os.fspath(path)
         tmp = f"{path}.tmp{os.getpid()}"
         try:
@@ -414,7 +747,7 @@ class SketchIndex:
 
         Raises:
             FileNotFoundError: no such file.
-            IndexCorruptError: the file is not a readable flat inner-product FAISS index.
+            IndexCorruptError: the file is not a readable FAISS index of one of the KINDS.
         """
         faiss = _import_faiss()
         path = os.fspath(path)
@@ -428,8 +761,21 @@ class SketchIndex:
             raise IndexCorruptError(f"{path}: not a readable FAISS index ({_first_line(exc)}); rebuild it") from exc
         return cls._wrap(faiss, cpu_index, path, use_gpu, read_only=mmap)
 
+    def write(self, f: Any) -> None:
+        """Write the index in faiss's file format to the binary file object `f` (streamed: no copy in memory)."""
+        if self.shards != 1:
+            raise ValueError("a sharded index cannot be written; write the index before sharding it")
+        faiss = _import_faiss()
+        writer = faiss.PyCallbackIOWriter(f.write)
+        try:
+            faiss.write_index(self._cpu_index(), writer)
+        finally:
+            del writer  # flushes its buffer into f
+
     def to_bytes(self) -> bytes:
         """The index in faiss's file format, as bytes (faiss.serialize_index)."""
+        if self.shards != 1:
+            raise ValueError("a sharded index cannot be serialised; serialise the index before sharding it")
         return _import_faiss().serialize_index(self._cpu_index()).tobytes()
 
     @classmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,12 +21,18 @@ import numpy as np
 import torch
 
 from . import __version__
+from .deletion import DELETED_FILE, current_takedowns, deleted_json, hidden_rows, takedown_lock
 from .data import Sample
 from .errors import ConfigError, DataError, IndexMismatchError
-from .forward import TOKEN_SCOPES, Features, ForwardConfig, Head, iter_features
+from .forward import TOKEN_SCOPES, Features, ForwardConfig, Head, iter_features, refuse_images
+from .filters import FieldIndex
+from .firststage import FirstStageConfig
 from .model import LoadedModel
+from .score import self_scores
 from .sketch import SketchConfig, Sketcher, fit_sketcher, sketch_from_residuals, vocab_pass
 from .store import Build, IndexRoot, Version
+
+log = logging.getLogger("forvalue.indexer.build")
 
 RERANK_DTYPES = {"float32": np.float32, "float16": np.float16}
 MAP_FILES = ("projection.npy", "vocab_bucket.npy", "vocab_sign.npy")
@@ -45,6 +52,9 @@ class BuildConfig:
         rerank_top: per training token, the largest next-token probabilities stored (with the norm of the
             rest) so that queries rule out candidates by certified bounds before exact scoring (rerank.py);
             0 = none (every candidate is scored exactly). 8 + 4/m bytes per token each.
+        first_stage: which FAISS index retrieves the candidates (flat, or IVF above a size threshold) and
+            the recall it must reach (firststage.py). Not part of the build key: changing it reuses the
+            finished shards and rebuilds only the first stage.
     """
 
     tokens: str = "response"
@@ -54,6 +64,7 @@ class BuildConfig:
     max_length: int = 2048
     batch_tokens: int = 4096
     rerank_top: int = 32
+    first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
 
     def __post_init__(self) -> None:
         if self.tokens not in TOKEN_SCOPES:
@@ -70,10 +81,15 @@ class BuildConfig:
 
 
 def corpus_fingerprint(samples: Sequence[Sample]) -> str:
-    """sha256 over ids, prompts and responses, in order."""
+    """sha256 over ids, prompts and responses (and the content of a sample's image, when it has one), in order."""
     h = hashlib.sha256()
     for s in samples:
-        for part in (s.id, s.prompt, s.response):
+        parts = (s.id, s.prompt, s.response)
+        if s.image is not None:
+            from .vision import file_sha256
+
+            parts += ("\0image", file_sha256(s.image))
+        for part in parts:
             b = part.encode("utf-8")
             h.update(len(b).to_bytes(8, "little"))
             h.update(b)
@@ -86,9 +102,12 @@ def _sketch_params(cfg: SketchConfig) -> dict:
 
 def _params(lm: LoadedModel, config: BuildConfig) -> dict:
     vocab_size, hidden_size = lm.model.get_output_embeddings().weight.shape
+    model = {"name": lm.name, "fingerprint": lm.fingerprint, "tokenizer_fingerprint": lm.tokenizer_fingerprint,
+             "vocab_size": int(vocab_size), "hidden_size": int(hidden_size)}
+    if lm.processor is not None:  # a vision-language model: its family (vision.py)
+        model["vision"] = lm.processor.family.name
     return {
-        "model": {"name": lm.name, "fingerprint": lm.fingerprint, "tokenizer_fingerprint": lm.tokenizer_fingerprint,
-                  "vocab_size": int(vocab_size), "hidden_size": int(hidden_size)},
+        "model": model,
         "tokens": config.tokens, "max_length": config.max_length, "add_eos": True,
         "sketch": _sketch_params(config.sketch), "rerank_dtype": config.rerank_dtype,
         "rerank_top": config.rerank_top,
@@ -103,6 +122,11 @@ def _row_metadata(s: Sample) -> dict:
         row["clean"] = s.clean
     if s.split is not None:
         row["split"] = s.split
+    if s.image is not None:  # the reference, never the pixels
+        from .vision import file_sha256
+
+        row["image"] = s.image
+        row["image_sha256"] = file_sha256(s.image)
     if s.meta:
         row["meta"] = s.meta
     return row
@@ -118,10 +142,10 @@ def fit_maps(lm: LoadedModel, head: Head, samples: Sequence[Sample], config: Bui
     """
     g = torch.Generator().manual_seed(config.sketch.seed)
     order = torch.randperm(len(samples), generator=g)[: config.sketch.fit_samples].sort().values.tolist()
-    pairs = [(samples[i].prompt, samples[i].response) for i in order]
+    pairs = [samples[i].as_input() for i in order]
     cache: dict[int, Features] = {}
     parts = []
-    for idx, f in iter_features(lm.model, lm.tokenizer, pairs, config.forward(), head, progress, "fit"):
+    for idx, f in iter_features(lm.model, lm.preprocessor, pairs, config.forward(), head, progress, "fit"):
         parts.append(f)
         for j, i in enumerate(idx):
             cache[order[i]] = f.select([j])
@@ -141,13 +165,15 @@ def load_maps(arrays: dict[str, np.ndarray], buckets: int) -> Sketcher:
 
 
 def encode_shard(lm: LoadedModel, head: Head, sk: Sketcher, samples: Sequence[Sample], config: BuildConfig,
-                 bar=None, known: Sequence[Features | None] | None = None
+                 bar=None, known: Sequence[Features | None] | None = None, norms: bool = True
                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, list[dict]]:
     """Forward pass + sketch for one shard → (per-sample arrays, per-token arrays, token offsets, metadata
     rows), in sample order.
 
     Args:
         known: per sample, its features if already computed (by the fit), else None.
+        norms: also store ‖G‖ of every sample ("g_norm", for the calibrated cosine of answers); False only
+            when adding to an index built before norms were stored (its shards must keep one schema).
     """
     known = list(known) if known is not None else [None] * len(samples)
     todo = [j for j, f in enumerate(known) if f is None]
@@ -157,9 +183,9 @@ def encode_shard(lm: LoadedModel, head: Head, sk: Sketcher, samples: Sequence[Sa
         batches.append((have, Features.concat([known[j] for j in have])))
         if bar is not None:
             bar.update(len(have))
-    pairs = [(samples[j].prompt, samples[j].response) for j in todo]
+    pairs = [samples[j].as_input() for j in todo]
     if todo:
-        for idx, f in iter_features(lm.model, lm.tokenizer, pairs, config.forward(), head, with_lse=False):
+        for idx, f in iter_features(lm.model, lm.preprocessor, pairs, config.forward(), head, with_lse=False):
             batches.append(([todo[i] for i in idx], f))
             if bar is not None:
                 bar.update(len(idx))
@@ -167,6 +193,7 @@ def encode_shard(lm: LoadedModel, head: Head, sk: Sketcher, samples: Sequence[Sa
     parts: list[Features] = []
     sketches: list[torch.Tensor] = []
     tops = []
+    g_norms: list[torch.Tensor] = []
     store_dtype = RERANK_DTYPES[config.rerank_dtype]
     for idx, f in batches:
         if store_dtype != np.float32:  # everything stored is computed from the h that is stored
@@ -175,6 +202,8 @@ def encode_shard(lm: LoadedModel, head: Head, sk: Sketcher, samples: Sequence[Sa
         # probabilities
         f.lse, res, top = vocab_pass(f.h, f.y, head, sk.bucket, sk.sign, sk.buckets, config.rerank_top)
         sketches.append(sketch_from_residuals(f, res, sk.projection))
+        if norms:
+            g_norms.append(self_scores(f, head).clamp(min=0).sqrt())
         parts.append(f)
         tops.append(top)
         order.extend(idx)
@@ -184,6 +213,8 @@ def encode_shard(lm: LoadedModel, head: Head, sk: Sketcher, samples: Sequence[Sa
     feats = cat.select(inverse)
     sketch = torch.cat(sketches)[inverse]
     arrays = {"sketch": sketch.float().numpy()}
+    if norms:
+        arrays["g_norm"] = torch.cat(g_norms)[inverse].float().numpy()
     tokens = {
         "h": feats.h.numpy().astype(store_dtype),
         "y": feats.y.numpy().astype(np.int32),
@@ -198,24 +229,48 @@ def encode_shard(lm: LoadedModel, head: Head, sk: Sketcher, samples: Sequence[Sa
     return arrays, tokens, feats.offsets.numpy().astype(np.int64), [_row_metadata(s) for s in samples]
 
 
-def _first_stage_info(dim: int, n: int) -> dict:
-    """What the manifest records of the first stage. A flat index is exact search over the shards'
-    sketch arrays, so it is not stored a second time: loading builds it from them (checksummed)."""
-    from .ann import faiss_version, gpu_available
+def _first_stage_info(build: Build, n_shards: int, config: FirstStageConfig) -> dict:
+    """Builds the first stage over the build's sketches and returns what the manifest records of it.
 
-    return {"kind": "flat-ip", "ntotal": n, "dim": dim, "stored": False, "faiss_version": faiss_version(),
-            "built_on": "gpu" if gpu_available() else "cpu"}
+    A flat index is exact search over the shards' sketch arrays, so it is not stored a second time:
+    loading builds it from them (checksummed). An approximate one (firststage.py) is trained, measured
+    against flat search (refused below config.min_recall) and written as a global file.
+    """
+    from .ann import ConcatRows, faiss_version, gpu_available
+    from .firststage import build_first_stage
+
+    vectors = ConcatRows([build.read_shard_array(i, "sketch") for i in range(n_shards)])
+    index, info = build_first_stage(vectors, config)
+    if index is not None:
+        build.put_stream(info["file"], index.write)
+    return {**info, "faiss_version": faiss_version(), "built_on": "gpu" if gpu_available() else "cpu"}
 
 
 def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: BuildConfig = BuildConfig(),
-                progress: bool = False, base: Version | None = None) -> str:
+                progress: bool = False, base: Version | None = None, write_shards=None) -> str:
     """Builds (or resumes) an index version over `samples` and publishes it; returns the version name.
 
     Args:
         base: for `add`: a published version whose maps and shards are reused; `samples` are appended.
+        write_shards: a distributed build (raybuild.py): called as write_shards(build, todo, norms) with
+            todo = [(shard index, its samples)] of the shards not done yet, once the maps are saved in the
+            build; it has other processes write them (`store.ShardWriter`). A shard still missing
+            afterwards is written here, so the version is never published with a hole.
     """
     idx_root = IndexRoot(root)
     params = _params(lm, config)
+    if not lm.accepts_images:  # before any work: the fit sample may hold no image sample
+        refuse_images([s.as_input() for s in samples], lm.name)
+    # taken-down samples never come back: leave them out of the input (see deletion.py)
+    takedowns = current_takedowns(idx_root)
+    if takedowns:
+        kept = [s for s in samples if s.id not in takedowns]
+        if len(kept) != len(samples):
+            log.info("leaving out %d taken-down sample(s) (index delete)", len(samples) - len(kept))
+        samples = kept
+        if not samples and base is None:
+            raise DataError("every sample of the input was taken down from this index (index delete); nothing "
+                            "to build", path=str(idx_root.path))
     if base is not None:
         _check_compatible(base.manifest, params)
         old_ids = {str(r["id"]) for r in base.rows(np.arange(base.n))}
@@ -231,6 +286,8 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
     head = Head.from_model(lm.model).to(device)
     t0 = time.perf_counter()
 
+    # ‖G‖ per sample: always in a new index; in an added-to one only if its first shards have it
+    norms = base is None or "g_norm" in base.manifest["arrays"]
     fitted: dict[int, Features] = {}
     # the maps are written one file at a time: a build killed between two of them has to write them again
     have_maps = all(build.has_file(n) for n in MAP_FILES)
@@ -250,6 +307,13 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
 
     n_new = (len(samples) + config.shard_size - 1) // config.shard_size
     done = set(build.done_shards())
+    if write_shards is not None:
+        write_shards(build, [(first + j, samples[j * config.shard_size : (j + 1) * config.shard_size])
+                             for j in range(n_new) if first + j not in done], norms)
+        done = set(build.refresh())
+        if any(first + j not in done for j in range(n_new)):
+            log.warning("the distributed build left shards %s unwritten; writing them here",
+                        [first + j for j in range(n_new) if first + j not in done])
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -264,7 +328,7 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
             a = j * config.shard_size
             chunk = samples[a : a + config.shard_size]
             known = [fitted.pop(a + i, None) for i in range(len(chunk))]
-            arrays, tokens, offsets, rows = encode_shard(lm, head, sk, chunk, config, bar, known)
+            arrays, tokens, offsets, rows = encode_shard(lm, head, sk, chunk, config, bar, known, norms)
             build.write_shard(first + j, arrays, rows, token_arrays=tokens, offsets=offsets)
     finally:
         if bar is not None:
@@ -272,7 +336,7 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
 
     n_shards = first + n_new
     counts = [int(build.read_shard_array(i, "offsets").shape[0] - 1) for i in range(n_shards)]
-    faiss_info = _first_stage_info(config.sketch.dim, sum(counts))
+    faiss_info = _first_stage_info(build, n_shards, config.first_stage)
     manifest = {
         **params,
         "forvalue_version": __version__,
@@ -284,7 +348,20 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
         "index": faiss_info,
         "build_seconds": round(time.perf_counter() - t0, 2),
     }
-    return idx_root.publish(build, manifest)
+    with takedown_lock(idx_root):  # a deletion finishing meanwhile is carried into this version too
+        takedowns = current_takedowns(idx_root)
+        if takedowns:
+            row_ids = [] if base is None else _row_ids(base)
+            rows = hidden_rows(row_ids + [s.id for s in samples], takedowns)
+            build.put_json(DELETED_FILE, deleted_json(takedowns, rows))
+            manifest["deleted"] = {"ids": len(takedowns), "rows": int(rows.size)}
+        return idx_root.publish(build, manifest)
+
+
+def _row_ids(version: Version) -> list[str]:
+    """Sample ids of every row of `version`, in row order."""
+    codes, keys = FieldIndex(version.rows, version.n).codes("id")
+    return [keys[c] for c in codes.tolist()]
 
 
 def storage_summary(manifest: dict) -> dict:
@@ -296,9 +373,10 @@ def storage_summary(manifest: dict) -> dict:
     roles = {"first_stage": 0, "rerank": 0, "metadata": 0, "maps": 0, "other": 0}
     for path, info in manifest.get("files", {}).items():
         name = path.rsplit("/", 1)[-1]
-        if name == "sketch.npy":
+        if name in ("sketch.npy", "index.faiss"):
             role = "first_stage"
-        elif name in ("h.npy", "y.npy", "lse.npy", "offsets.npy", "top_ids.npy", "top_p.npy", "tail_l2.npy"):
+        elif name in ("h.npy", "y.npy", "lse.npy", "offsets.npy", "top_ids.npy", "top_p.npy", "tail_l2.npy",
+                      "g_norm.npy"):
             role = "rerank"
         elif name in ("metadata.jsonl", "rowindex.npy"):
             role = "metadata"

@@ -24,6 +24,11 @@ Ids: the `id` field when a row has one (converted to str), else the row number a
 ...); rows of a DataInf prefix without ids get "train/0", "test/0", ... Ids must be unique within one
 `read_samples` result.
 
+Images (vision-language models): the `image` field holds the path of an image file (PNG, JPEG, WEBP, GIF,
+BMP), relative to the data file's folder or absolute, or a `{"path": ...}` struct as `datasets` writes Image
+columns; URLs and embedded bytes are refused. The reader checks the file exists, its size and its header
+(`vision.resolve_image_path`); the pixels are decoded in the forward pass, whose errors name file and row too.
+
 Split values: "train" and "test", case-insensitive; "val", "valid", "validation" and "eval" are accepted
 as aliases of "test" (the valuation side). Clean flags: JSON booleans, 0/1, or the strings
 "true"/"false"/"0"/"1".
@@ -53,7 +58,7 @@ SPLIT_ALIASES = {
     "validation": "test",
     "eval": "test",
 }
-SAMPLE_FIELDS = ("id", "prompt", "response", "label", "split", "clean")
+SAMPLE_FIELDS = ("id", "prompt", "response", "label", "split", "clean", "image")
 DATAINF_TEXT = "text"
 DATAINF_LABEL = "variation"
 DATAINF_EOS = "</s>"
@@ -73,6 +78,8 @@ class Sample:
         meta: all other fields of the row (JSON-able values). Not part of equality or hashing.
         row: 0-based row in `source` (-1 when the sample was not read from a file).
         source: the file or directory it was read from ("" when not read from a file).
+        image: the absolute path of the sample's image (for vision-language models), or None. The reader
+            resolves relative paths from the data file's folder and checks the file (vision.resolve_image_path).
     """
 
     id: str
@@ -84,17 +91,27 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
     row: int = -1
     source: str = ""
+    image: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """A flat JSON-able row (id, prompt, response, label, split, clean, then meta); None fields left out."""
+        """A flat JSON-able row (id, prompt, response, label, split, clean, image, then meta); None fields left out."""
         out: dict[str, Any] = {"id": self.id, "prompt": self.prompt, "response": self.response}
-        for name in ("label", "split", "clean"):
+        for name in ("label", "split", "clean", "image"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
         for key, value in self.meta.items():
             out.setdefault(key, value)
         return out
+
+    def as_input(self) -> tuple:
+        """What the forward pass takes: (prompt, response), or (prompt, response, vision.ImageRef) with an image."""
+        if self.image is None:
+            return (self.prompt, self.response)
+        from .vision import ImageRef
+
+        return (self.prompt, self.response,
+                ImageRef(path=self.image, source=self.source, row=self.row if self.row >= 0 else None))
 
 
 @dataclass(frozen=True)
@@ -107,6 +124,8 @@ class FieldMap:
     split: str = field(default="split", metadata={"help": "Column with the split: train or test."})
     clean: str = field(default="clean", metadata={"help": "Column with the clean flag (bool or 0/1)."})
     id: str = field(default="id", metadata={"help": "Column with a unique row id (str or int)."})
+    image: str = field(default="image", metadata={
+        "help": "Column with the image file of the row (vision-language models), relative to the data file."})
 
     def __post_init__(self) -> None:
         names = [getattr(self, f.name) for f in dc_fields(self)]
@@ -517,6 +536,16 @@ def _parse_row(
         if not sample_id.strip():
             raise fail(f"field {fields.id!r} is empty; give every row a non-empty id or drop the column")
 
+    image = obj.get(fields.image)
+    used.add(fields.image)
+    if image is not None:
+        from .vision import resolve_image_path
+
+        try:
+            image = resolve_image_path(image, source)
+        except ValueError as exc:
+            raise fail(f"field {fields.image!r} {exc}") from exc
+
     meta = {}
     for key, value in obj.items():
         if key in used:
@@ -526,7 +555,7 @@ def _parse_row(
                        "convert it to a string or drop the column")
         meta[key] = value
     return Sample(id=sample_id, prompt=prompt, response=response, label=label, split=row_split, clean=clean,
-                  meta=meta, row=row, source=source)
+                  meta=meta, row=row, source=source, image=image)
 
 
 def _parse_label(value: Any, column: str, fail) -> str | None:

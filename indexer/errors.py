@@ -46,3 +46,7 @@ class IndexMismatchError(ForValueError, ValueError):
 
 class IndexCorruptError(ForValueError, ValueError):
     """An index file fails its checksum or cannot be read; the message names the file."""
+
+
+class RecallTooLowError(ForValueError, ValueError):
+    """An approximate first stage measured a recall against flat search below the required minimum."""

@@ -48,9 +48,9 @@ def value_matrix(lm: LoadedModel, valuation: Sequence[Sample], train: Sequence[S
     device = next(lm.model.parameters()).device
     head = Head.from_model(lm.model, fwd.dtype).to(device)
     t0 = time.perf_counter()
-    fv = extract_features(lm.model, lm.tokenizer, [(s.prompt, s.response) for s in valuation], fwd, head,
+    fv = extract_features(lm.model, lm.preprocessor, [s.as_input() for s in valuation], fwd, head,
                           progress, "valuation")
-    ft = extract_features(lm.model, lm.tokenizer, [(s.prompt, s.response) for s in train], fwd, head,
+    ft = extract_features(lm.model, lm.preprocessor, [s.as_input() for s in train], fwd, head,
                           progress, "training")
     t1 = time.perf_counter()
     S = scores(fv, ft, head.to("cpu"), score)
@@ -102,6 +102,15 @@ def index_ranking(approx: torch.Tensor, exact: torch.Tensor, top: torch.Tensor, 
     return out
 
 
+def _row_input(row: dict) -> tuple:
+    """A stored index row as forward-pass input; its image (a VLM index) is read again from its path."""
+    if not row.get("image"):
+        return (row["prompt"], row["response"])
+    from .vision import ImageRef
+
+    return (row["prompt"], row["response"], ImageRef(path=row["image"], source=f"index row {row['id']!r}"))
+
+
 def _overlap(answer: torch.Tensor, truth: torch.Tensor) -> float:
     return len(set(answer.tolist()) & set(truth.tolist())) / max(truth.numel(), 1)
 
@@ -135,14 +144,14 @@ def run_index_eval(index, valuation: Sequence[Sample], rerank: int = 100, k: int
         raise DataError(f"training sample {missing!r} of index {index.version.path} has no label; build the index "
                         "from labelled data to evaluate through it")
     clean = [r.get("clean") is not False for r in rows] if any("clean" in r for r in rows) else None
-    fv = extract_features(index.lm.model, index.lm.tokenizer, [(s.prompt, s.response) for s in valuation],
+    fv = extract_features(index.lm.model, index.lm.preprocessor, [s.as_input() for s in valuation],
                           index.forward, index.head, progress, "valuation")
     t1 = time.perf_counter()
     q = index.query_sketches(fv)
     approx = index.sketch_scores(q).double()
     through = index.score_all(fv).double()
     t2 = time.perf_counter()
-    ft = extract_features(index.lm.model, index.lm.tokenizer, [(r["prompt"], r["response"]) for r in rows],
+    ft = extract_features(index.lm.model, index.lm.preprocessor, [_row_input(r) for r in rows],
                           index.forward, index.head, progress, "reference")
     exact = exact_scores(fv, ft, index._cpu_head).double()
     t3 = time.perf_counter()

@@ -354,20 +354,34 @@ def iter_features(
     """Yields (sample indices, their features) batch by batch, longest samples first.
 
     Args:
-        samples: (prompt, response) pairs.
+        tokenizer: the model's tokenizer, or for a vision-language model its `vision.VisionProcessor`
+            (`LoadedModel.preprocessor` is the right one of the two).
+        samples: (prompt, response) pairs; for a vision-language model also (prompt, response, image)
+            triples (image: `vision.ImageRef`, a path, bytes or None).
         head: the unembedding in config.dtype on the model's device (built from the model if None).
         progress: show a tqdm bar on stderr with samples/s.
+
+    Raises:
+        ModelError: a sample has an image and the model is text-only.
     """
     if head is None:
         head = Head.from_model(model, config.dtype).to(_model_device(model))
-    encoded = [encode(tokenizer, p, r, config) for p, r in samples]
-    batches = plan_batches([len(e.ids) for e in encoded], config.batch_tokens, config.max_batch)
+    vlm = getattr(tokenizer, "is_vision_processor", False)
+    if not vlm:
+        refuse_images(samples)
+        encoded = [encode(tokenizer, s[0], s[1], config) for s in samples]
+        batches = plan_batches([len(e.ids) for e in encoded], config.batch_tokens, config.max_batch)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(samples), desc=desc, unit="sample", dynamic_ncols=True, leave=False)
     try:
+        if vlm:  # images: decoded and batched chunk by chunk (vision.py)
+            from .vision import iter_features as iter_vision_features
+
+            yield from iter_vision_features(model, tokenizer, samples, config, head, bar, with_lse)
+            return
         for b in batches:
             feats = forward_batch(model, head, [encoded[i] for i in b], config, with_lse)
             if bar is not None:
@@ -376,6 +390,21 @@ def iter_features(
     finally:
         if bar is not None:
             bar.close()
+
+
+def refuse_images(samples: Sequence[tuple], model_name: str = "") -> None:
+    """Raises ModelError naming the first sample that has an image: a text-only model cannot take it."""
+    for i, s in enumerate(samples):
+        if len(s) > 2 and s[2] is not None:
+            where = getattr(s[2], "source", "") or ""
+            row = getattr(s[2], "row", None)
+            if where:
+                where = f"{where}, row {row}" if row is not None else where
+            else:
+                where = f"sample {i}"
+            named = f" {model_name!r}" if model_name else ""
+            raise ModelError(f"{where} has an image but the model{named} is text-only; pass a vision-language "
+                             "model (--model, e.g. a Qwen2-VL or LLaVA directory) or leave the images out")
 
 
 def extract_features(

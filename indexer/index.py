@@ -6,6 +6,7 @@ scored exactly (from the stored per-token hidden states, targets and log-partiti
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,14 +15,18 @@ import torch
 
 from .build import MAP_FILES, load_maps
 from .data import Sample
+from .deletion import deleted_of
 from .errors import ConfigError, IndexCorruptError, IndexMismatchError
+from .explain import Explanation, explain_rows, token_labeler
+from .filters import FieldIndex, Where, check_field
 from .forward import Features, ForwardConfig, Head, extract_features
 from .model import LoadedModel
 from .rerank import Candidates, must_score, pruning_pays, query_probs_fit, score_bounds
-from .score import exact_scores
+from .score import exact_scores, self_scores
 from .store import IndexRoot, Version
 
 DIRECTIONS = ("most", "least")
+CALIBRATION_ROWS = 8192  # rows (a seeded sample above this) whose first-stage scores calibrate percentiles
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,11 @@ class Hit:
     Attributes:
         id: the training sample's id. score: exact For-Value to the query (group mean).
         rank: 1-based rank in this answer. row: row number in the index version. metadata: stored row.
+        percentile: calibrated score, the estimated share of the index's training samples whose value
+            to this query is lower (0..1; see `Index.percentiles`); None when not computed.
+        cosine: calibrated score, score / (‖G_query‖·‖G_row‖) in [-1, 1] (exact); None when the index
+            stores no norms (built before they were stored).
+        explanation: which token pairs make the score (`Index.search(..., explain=P)`); None when not asked.
     """
 
     id: str
@@ -38,6 +48,9 @@ class Hit:
     rank: int
     row: int
     metadata: dict
+    percentile: float | None = None
+    cosine: float | None = None
+    explanation: Explanation | None = None
 
 
 @dataclass(frozen=True)
@@ -57,10 +70,46 @@ class SearchResult:
     exact_scored: int | None = None
 
 
+@dataclass(frozen=True)
+class Group:
+    """One value of the group-by field in a `GroupedResult`.
+
+    Attributes:
+        key: the field's value (canonical text, filters.value_key); None for the rows that lack the field.
+        count: training rows in the group (in scope). total: Σ of their exact values to the query.
+        mean: total / count. hits: the group's top rows, best first (exact scores, ranks within the group).
+    """
+
+    key: str | None
+    count: int
+    total: float
+    mean: float
+    hits: list[Hit]
+
+
+@dataclass(frozen=True)
+class GroupedResult:
+    """Source aggregation: which values of `field` (e.g. which dataset) drove the output.
+
+    Attributes:
+        field: the group-by field. groups: ordered by total, largest first ("most") or smallest first
+            ("least"). version: the index version. direction: "most" or "least". scored: rows scored exactly.
+    """
+
+    field: str
+    groups: list[Group]
+    version: str
+    direction: str
+    scored: int
+
+
 def _pairs(samples: Sequence[Sample | tuple[str, str]]) -> list[tuple[str, str]]:
     out = []
     for s in samples:
-        out.append((s.prompt, s.response) if isinstance(s, Sample) else (str(s[0]), str(s[1])))
+        if isinstance(s, Sample):
+            out.append(s.as_input())
+        else:  # (prompt, response) or (prompt, response, image) for a VLM index
+            out.append((str(s[0]), str(s[1])) + ((s[2],) if len(s) > 2 and s[2] is not None else ()))
     return out
 
 
@@ -68,7 +117,7 @@ class Index:
     """A loaded index version plus the model that encodes queries for it."""
 
     def __init__(self, version: Version, lm: LoadedModel):
-        from .ann import SketchIndex
+        from .firststage import open_first_stage
 
         m = version.manifest
         if m["model"]["fingerprint"] != lm.fingerprint or m["model"]["tokenizer_fingerprint"] != lm.tokenizer_fingerprint:
@@ -87,11 +136,20 @@ class Index:
         maps = {n: version.global_array(n) for n in MAP_FILES}
         self.sketcher = load_maps(maps, m["sketch"]["buckets"])
         self.n = int(m["n_samples"])
+        self.deleted = deleted_of(version)  # rows never returned (index delete)
+        self.fields = FieldIndex(version.rows, self.n)  # metadata value codes, read per field on first use
+        # ‖G‖ of every row (calibrated cosine); None for indexes built before it was stored
+        self.g_norm = (torch.from_numpy(np.asarray(version.array("g_norm"), dtype=np.float32))
+                       if "g_norm" in version.arrays else None)
         self.rerank_top = int(m.get("rerank_top", 0))  # 0: an index without top probabilities (no pruning)
         self.query_top = 32
-        # flat: exact search over the (checksummed) sketch arrays, built on load
+        self._labels = None  # token id → text, cached (explain)
+        self._calibration: np.ndarray | None = None  # sketches of the rows percentiles are taken among
+        # flat: exact search over the (checksummed) sketch arrays, built on load; IVF: its stored file
         version.open_all()  # every file open now: serving goes on if gc deletes the version's directory
-        self.ann = SketchIndex.build(version.shard_arrays("sketch"), int(m["sketch"]["dim"]), kind=m["index"]["kind"])
+        info = m["index"]
+        self.ann = open_first_stage(info, version.shard_arrays("sketch"), int(m["sketch"]["dim"]),
+                                    version.global_file(info["file"]) if info.get("stored") else None)
         if self.ann.ntotal != self.n:
             raise IndexCorruptError(f"index {version.path}: the first stage holds {self.ann.ntotal} vectors but the "
                                     f"manifest counts {self.n} samples; rebuild the index")
@@ -100,9 +158,14 @@ class Index:
     def open(cls, root: str, lm: LoadedModel, version: str | None = None, verify: bool = True) -> Index:
         return cls(IndexRoot(root).load(version, verify=verify), lm)
 
+    @property
+    def accepts_images(self) -> bool:
+        """Valuation samples may carry an image: the index was built with a vision-language model."""
+        return self.lm.accepts_images
+
     def encode(self, samples: Sequence[Sample | tuple[str, str]]) -> Features:
         """Features of valuation samples (one forward pass)."""
-        return extract_features(self.lm.model, self.lm.tokenizer, _pairs(samples), self.forward, self.head)
+        return extract_features(self.lm.model, self.lm.preprocessor, _pairs(samples), self.forward, self.head)
 
     def candidate_features(self, rows: Sequence[int]) -> Features:
         """Stored re-rank features of training rows `rows`, in that order."""
@@ -149,7 +212,8 @@ class Index:
         return cand[pos.numpy()], exact[order], int(exact.numel())
 
     def search(self, samples: Sequence[Sample | tuple[str, str]], k: int = 10, direction: str = "most",
-               rerank: int = 100, features: Features | None = None, prune: bool = True) -> SearchResult:
+               rerank: int = 100, features: Features | None = None, prune: bool = True, explain: int = 0,
+               where: Where | None = None, calibrate: bool = True) -> SearchResult:
         """Top-k most (or least) valuable training samples for the group `samples` (scored by the mean of G).
 
         Args:
@@ -158,6 +222,10 @@ class Index:
             rerank: candidates from the first stage that are scored exactly (>= k).
             features: the queries' features, when already computed (skips the forward pass).
             prune: rule out candidates by certified bounds before exact scoring (same answer, less work).
+            explain: > 0: attach to every hit an `Explanation` with this many top token pairs (`Index.explain`).
+            where: answer from the training rows whose metadata match only (filters.py); the answer is the
+                top-k of that set, as if the index held nothing else. Deleted rows are never returned.
+            calibrate: fill each hit's `percentile` and `cosine` (see `Hit`).
         """
         if direction not in DIRECTIONS:
             raise ConfigError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -165,22 +233,202 @@ class Index:
             raise ConfigError(f"k must be >= 1, got {k}")
         if rerank < 0:
             raise ConfigError(f"rerank must be >= 0, got {rerank}")
+        if explain < 0:
+            raise ConfigError(f"explain must be >= 0 (top token pairs per hit; 0 = no explanation), got {explain}")
         if features is None:
             if not samples:
                 raise ConfigError("search needs at least one valuation sample")
             features = self.encode(samples)
-        k = min(k, self.n)
-        C = min(max(rerank, k), self.n)
+        scope = self.scope(where)
+        size = self.n if scope is None else int(scope.size)
+        if size == 0:
+            return SearchResult([], self.version.name, direction, 0, 0)
+        k = min(k, size)
+        C = min(max(rerank, k), size)
         # the query tokens' distributions, computed once for the sketch, the bounds and the exact scores
         probs = self._cpu_head.probs(features.h, features.lse) if query_probs_fit(features, self._cpu_head) else None
         q = self.query_sketches(features, probs).mean(0, keepdim=True)
-        _, ids = self.ann.search(q.numpy().astype(np.float32), C, direction)
-        cand = ids[0][ids[0] >= 0]
+        qs = q.numpy().astype(np.float32)
+        cand = self._first_stage(qs, C, direction, scope, bool(where))
         rows, scores, scored = self.rerank(features, cand, k, direction, prune, probs)
         meta = self.version.rows(rows)
-        hits = [Hit(id=str(md["id"]), score=float(s), rank=r + 1, row=int(row), metadata=md)
-                for r, (s, row, md) in enumerate(zip(scores.tolist(), rows.tolist(), meta))]
+        pct = self.percentiles(qs[0], scores) if calibrate else [None] * len(meta)
+        cos = self.cosines(features, rows, scores, probs) if calibrate else [None] * len(meta)
+        hits = [Hit(id=str(md["id"]), score=float(s), rank=r + 1, row=int(row), metadata=md, percentile=p, cosine=c)
+                for r, (s, row, md, p, c) in enumerate(zip(scores.tolist(), rows.tolist(), meta, pct, cos))]
+        if explain:
+            found = self.explain(features, rows, explain, probs)
+            hits = [dataclasses.replace(h, explanation=e) for h, e in zip(hits, found)]
         return SearchResult(hits, self.version.name, direction, int(cand.size), scored)
+
+    def scope(self, where: Where | None = None) -> np.ndarray | None:
+        """Sorted rows (int64) an answer may hold: matching `where` and not deleted; None = all n rows."""
+        if not where and not self.deleted.rows.size:
+            return None
+        mask = self.fields.mask(where) if where else np.ones(self.n, dtype=bool)
+        mask[self.deleted.rows] = False
+        return np.flatnonzero(mask).astype(np.int64)
+
+    def _first_stage(self, q: np.ndarray, C: int, direction: str, scope: np.ndarray | None, filtered: bool
+                     ) -> np.ndarray:
+        """The C best rows of `scope` (all rows if None) by sketch inner product with q (1, D)."""
+        if scope is None:
+            _, ids = self.ann.search(q, C, direction)
+            return ids[0][ids[0] >= 0]
+        gone = self.deleted.rows
+        if not filtered and gone.size <= max(1024, self.n // 8):
+            # deletions only, and few: search past them (the best C of the rest are among the best C + |gone|)
+            _, ids = self.ann.search(q, min(C + gone.size, self.n), direction)
+            ids = ids[0][ids[0] >= 0]
+            return ids[~np.isin(ids, gone)][:C]
+        # a filter: score exactly the rows in scope (selective filters cost |scope|, not n)
+        s = self.subset_sketch_scores(q, scope)
+        key = -s if direction == "most" else s
+        if C < s.size:
+            part = np.argpartition(key, C - 1)[:C]
+            part = part[np.lexsort((scope[part], key[part]))]
+        else:
+            part = np.lexsort((scope, key))
+        return scope[part]
+
+    def subset_sketch_scores(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """First-stage scores <q, s_i> (1, D) of the given rows → (len(rows),), a chunk of rows at a time."""
+        out = np.empty(rows.size, dtype=np.float32)
+        step = self.ann.chunk_rows
+        for a in range(0, rows.size, step):
+            out[a : a + step] = self.ann.inner_products(q, rows[a : a + step])[0]
+        return out
+
+    def percentiles(self, q: np.ndarray, scores: torch.Tensor) -> list[float]:
+        """Calibrated scores: for each exact score, the estimated share of the index's (not deleted) training
+        rows whose value to the query is lower, (#below + #equal / 2) / n, in [0, 1].
+
+        The query's value to a row is estimated by the first-stage score <q, s_i> (no re-rank data); the
+        exact scores of the hits are placed among those of every row, or, above CALIBRATION_ROWS rows, of a
+        fixed seeded sample of that many (the sampling error is then at most ~0.5 percentage points, less
+        in the tails, and the cost stays CALIBRATION_ROWS · D per query at any index size). Comparable
+        across queries and indexes; its error against exact For-Value is measured in docs/results.md.
+
+        Args:
+            q: the query's (group mean) sketch (D,). scores: exact scores (m,).
+        """
+        if self._calibration is None:
+            live = np.setdiff1d(np.arange(self.n, dtype=np.int64), self.deleted.rows)
+            if live.size > CALIBRATION_ROWS:
+                live = np.sort(np.random.default_rng(0).choice(live, CALIBRATION_ROWS, replace=False))
+            self._calibration = np.ascontiguousarray(self.version.take("sketch", live), dtype=np.float32)
+        if self._calibration.shape[0] == 0 or scores.numel() == 0:
+            return [None] * scores.numel()
+        ref = np.sort((self._calibration @ np.asarray(q, dtype=np.float32)).astype(np.float64))
+        s = scores.double().numpy()
+        below, upto = np.searchsorted(ref, s, "left"), np.searchsorted(ref, s, "right")
+        return ((below + upto) / (2.0 * ref.size)).tolist()
+
+    def query_norm(self, features: Features, probs: torch.Tensor | None = None) -> float:
+        """‖Ḡ‖ of the query group, Ḡ = mean of its members' G: sqrt(mean_vv' S(v, v'))."""
+        if features.n == 1:
+            return float(self_scores(features, self._cpu_head)[0].clamp(min=0).sqrt())
+        return float(exact_scores(features, features, self._cpu_head, pv=probs).mean().clamp(min=0).sqrt())
+
+    def cosines(self, features: Features, rows: np.ndarray, scores: torch.Tensor,
+                probs: torch.Tensor | None = None) -> list[float | None]:
+        """Calibrated scores: score / (‖Ḡ_query‖·‖G_row‖), exact, in [-1, 1]; None where the index stores no
+        norms (built before they were) or a norm is 0."""
+        if self.g_norm is None or len(rows) == 0:
+            return [None] * len(rows)
+        qn = self.query_norm(features, probs)
+        norms = self.g_norm[torch.as_tensor(np.asarray(rows, dtype=np.int64))].double()
+        out = []
+        for s, g in zip(scores.double().tolist(), norms.tolist()):
+            out.append(None if qn <= 0 or g <= 0 else max(-1.0, min(1.0, s / (qn * g))))
+        return out
+
+    def score_rows(self, features: Features, rows: np.ndarray, block: int = 512) -> torch.Tensor:
+        """Exact For-Value of training rows `rows` for each query row → (nq, len(rows)), streaming over the store."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = torch.empty(features.n, rows.size)
+        for a in range(0, rows.size, block):
+            part = rows[a : a + block]
+            out[:, a : a + part.size] = exact_scores(features, self.candidate_features(part), self._cpu_head)
+        return out
+
+    def scores_in_scope(self, features: Features, where: Where | None = None) -> tuple[list[int], list[float]]:
+        """(rows, exact value to the query group, the mean over its rows) of every training row in scope
+        (matching `where`, not deleted), in row order."""
+        scope = self.scope(where)
+        rows = np.arange(self.n, dtype=np.int64) if scope is None else scope
+        scores = self.score_rows(features, rows).mean(0).tolist() if rows.size else []
+        return rows.tolist(), scores
+
+    def group_by(self, samples: Sequence[Sample | tuple[str, str]], field: str, k: int = 3, direction: str = "most",
+                 where: Where | None = None, features: Features | None = None, max_groups: int = 0,
+                 max_rows: int = 0) -> GroupedResult:
+        """Total and mean value of each value of metadata `field` (e.g. which dataset drove this output), with
+        the top-k rows inside each group. Exact: every row in scope (`where`, not deleted) is scored exactly,
+        one pass over their re-rank data, so narrow large indexes with `where`.
+
+        Args:
+            field: a metadata field (filters.py). k: top rows kept per group (0 = none).
+            direction: "most": groups by total descending, rows by value descending; "least": ascending.
+            max_groups: keep only the first groups in that order (0 = all).
+            max_rows: refuse (ConfigError) when more rows than this are in scope (0 = no limit).
+        """
+        if direction not in DIRECTIONS:
+            raise ConfigError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        if k < 0 or max_groups < 0:
+            raise ConfigError(f"k and max_groups must be >= 0, got {k}, {max_groups}")
+        check_field(field, "group_by")
+        codes, keys = self.fields.codes(field)
+        if features is None:
+            if not samples:
+                raise ConfigError("group_by needs at least one valuation sample")
+            features = self.encode(samples)
+        scope = self.scope(where)
+        rows = np.arange(self.n, dtype=np.int64) if scope is None else scope
+        if max_rows and rows.size > max_rows:
+            raise ConfigError(f"group_by scores every training sample in scope exactly: {rows.size} are in scope, "
+                              f"more than the limit {max_rows}; narrow the query with where")
+        values = self.score_rows(features, rows).mean(0).double().numpy() if rows.size else np.zeros(0)
+        c = codes[rows]
+        most = direction == "most"
+        groups = []
+        for code in np.unique(c).tolist():
+            sel = np.flatnonzero(c == code)
+            v = values[sel]
+            total = float(v.sum())
+            order = np.lexsort((rows[sel], -v if most else v))[:k]
+            meta = self.version.rows(rows[sel][order])
+            hits = [Hit(id=str(md["id"]), score=float(v[o]), rank=r + 1, row=int(rows[sel][o]), metadata=md)
+                    for r, (o, md) in enumerate(zip(order.tolist(), meta))]
+            groups.append(Group(None if code < 0 else keys[code], int(sel.size), total, total / sel.size, hits))
+        groups.sort(key=lambda g: (-g.total if most else g.total, g.key is None, g.key or ""))
+        if max_groups:
+            groups = groups[:max_groups]
+        return GroupedResult(field, groups, self.version.name, direction, int(rows.size))
+
+    def explain(self, query: Features | Sequence[Sample | tuple[str, str]], rows: Sequence[int], pairs: int = 10,
+                probs: torch.Tensor | None = None) -> list[Explanation]:
+        """Which (query token, training token) pairs make the score of each training row `rows` (explain.py).
+
+        Args:
+            query: the query group's features, or its samples (one forward pass).
+            rows: training rows of this index version.
+            pairs: top pairs (by |contribution|) kept per row.
+            probs: the query tokens' distributions over the whole vocabulary (Tv, V), when computed already.
+
+        Returns:
+            One Explanation per row, in order; its total is the row's exact score (group mean).
+        """
+        if pairs < 0:
+            raise ConfigError(f"pairs must be >= 0, got {pairs}")
+        if len(rows) == 0:
+            return []
+        features = query if isinstance(query, Features) else self.encode(query)
+        if probs is None and query_probs_fit(features, self._cpu_head):
+            probs = self._cpu_head.probs(features.h, features.lse)
+        if self._labels is None:
+            self._labels = token_labeler(self.lm.tokenizer)
+        return explain_rows(features, self.candidate_features(rows), self._cpu_head, self._labels, pairs, probs)
 
     def query_sketches(self, features: Features, probs: torch.Tensor | None = None) -> torch.Tensor:
         """First-stage sketches of the query rows → (nq, dim) (`probs`: their tokens' distributions, if known)."""
@@ -191,9 +439,5 @@ class Index:
         return torch.from_numpy(self.ann.all_scores(sketches.float().numpy()))
 
     def score_all(self, features: Features, block: int = 512) -> torch.Tensor:
-        """Exact For-Value of every training row for each query row → (nq, n), streaming over the store."""
-        out = torch.empty(features.n, self.n)
-        for a in range(0, self.n, block):
-            rows = np.arange(a, min(a + block, self.n))
-            out[:, a : a + rows.size] = exact_scores(features, self.candidate_features(rows), self._cpu_head)
-        return out
+        """Exact For-Value of every training row (deleted ones included) for each query row → (nq, n)."""
+        return self.score_rows(features, np.arange(self.n), block)

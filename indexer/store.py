@@ -35,9 +35,11 @@ to versions/<name>, before CURRENT is switched), current-tmp (CURRENT.tmp-<pid> 
 to .trash-*, before it is deleted). Unset, each point costs one environment lookup.
 
 Concurrency. One process at a time may hold a build open (an flock on the build directory; a second
-`open_build` of the same key raises). Publishers serialise on `DIR/.lock`. Readers take no lock: a
-published version never changes, so a server can keep an old version memory-mapped while a new one is
-published (and even after `gc` deletes it, once `Version.open_all` opened every file: `Index` does).
+`open_build` of the same key raises). In a distributed build that process is the driver: its workers
+write whole shards into the open build with `ShardWriter`, and the driver `refresh`es before publishing.
+Publishers serialise on `DIR/.lock`. Readers take no lock: a published version never changes, so a
+server can keep an old version memory-mapped while a new one is published (and even after `gc` deletes
+it, once `Version.open_all` opened every file: `Index` does).
 
 Nothing here ever unpickles: every `np.load` passes `allow_pickle=False`.
 """
@@ -613,7 +615,7 @@ class IndexRoot:
         versions = self.path / VERSIONS_DIR
         versions.mkdir(exist_ok=True)
         _fsync_dir(self.path)
-        with self._locked():
+        with self.locked():
             name = self.next_version_name()
             dest = versions / name
             if dest.exists():  # only if someone bypassed the lock
@@ -634,7 +636,7 @@ class IndexRoot:
         """
         if not (self.version_dir(name) / MANIFEST_FILE).is_file():
             raise ConfigError(f"index {self.path} has no version {name!r}; published: {self.versions()}")
-        with self._locked():
+        with self.locked():
             self._write_current(name)
 
     def gc(self, keep: int) -> list[str]:
@@ -655,7 +657,7 @@ class IndexRoot:
             raise ConfigError(f"keep must be an int >= 1, got {keep!r}")
         removed = []
         versions = self.path / VERSIONS_DIR
-        with self._locked():
+        with self.locked():
             names = self.versions()
             kept = set(names[-keep:]) | {self.current()}
             for name in names:
@@ -673,10 +675,14 @@ class IndexRoot:
     # --- internals ----------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Hold the exclusive DIR/.lock (blocking) for the duration of the block."""
+    def locked(self, name: str = LOCK_FILE) -> Iterator[None]:
+        """Hold the exclusive DIR/<name> lock (blocking; default DIR/.lock) for the duration of the block.
+
+        Other names are other locks (e.g. deletion.py's DIR/.takedown.lock, held around a publish, which
+        takes DIR/.lock itself).
+        """
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path / name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -801,6 +807,17 @@ class Build:
             raise ValueError(f"build {self.key!r} is closed or published; reopen it with open_build")
 
     # --- shards -------------------------------------------------------------------------------------
+
+    def refresh(self, verify: bool = True) -> list[int]:
+        """Re-read which shards are complete, after other processes wrote some (`ShardWriter`); returns them.
+
+        Removes what a crashed writer left behind, as reopening does; so call it only once every writer
+        has finished (a distributed build's driver, when its workers are done).
+        """
+        self._check_open()
+        self._done.clear()
+        self._recover(verify)
+        return self.done_shards()
 
     def shard_done(self, i: int) -> bool:
         """Whether shard `i` is complete (checked when the build was opened or the shard written)."""
@@ -1028,6 +1045,29 @@ class Build:
         _check_global_name(name)
         data = bytes(data)
         _write_atomic(self.path / name, lambda f: f.write(data))
+
+    def put_stream(self, name: str, write: Callable[[BinaryIO], None]) -> None:
+        """Write a global file atomically from `write(f)`, which fills the binary file `f` (e.g. a FAISS index
+        streamed by `SketchIndex.write`, too large to hold as bytes)."""
+        self._check_open()
+        _check_global_name(name)
+        _write_atomic(self.path / name, write)
+
+    def link_global_from(self, version: Version, name: str) -> None:
+        """Hard-link (or copy, where links fail) global file `name` of a published version into this build,
+        atomically (e.g. a new version that shares its base's maps and FAISS file: deletion.py)."""
+        self._check_open()
+        _check_global_name(name)
+        src = version.global_file(name)
+        tmp = self.path / f"{TMP_PREFIX}{name}-{os.getpid()}"
+        _remove(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:  # another file system, or links not allowed: copy instead
+            with open(src, "rb") as fsrc:
+                _write_new_file(tmp, lambda f: shutil.copyfileobj(fsrc, f, HASH_BLOCK))
+        os.replace(tmp, self.path / name)
+        _fsync_dir(self.path)
 
     def put_json(self, name: str, obj: Any) -> None:
         """Write a global JSON file atomically (canonical form: sorted keys, UTF-8, no NaN)."""
@@ -1360,3 +1400,37 @@ class Version:
             return json.loads(self.global_file(name).read_bytes().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise IndexCorruptError(f"{self._rel(name)}: not valid JSON ({exc}); restore or rebuild") from exc
+
+
+# ------------------------------------------------------------------------------------------ shard writer
+
+
+class ShardWriter(Build):
+    """Writes shards into a build that another process holds open: the workers of a distributed build.
+
+    The build's driver opens the build (and holds its lock), the workers write whole shards with
+    `write_shard` exactly as `Build.write_shard` does (a temporary directory, fsync'd, renamed into place),
+    then the driver calls `Build.refresh` and publishes. Two writers of the same shard (a retried task
+    whose first attempt still runs) write the same content; the last rename wins. Global files are the
+    driver's: only `write_shard` is meant for workers.
+
+    Args:
+        build_dir: DIR/builds/<key> of the open build (on a file system every worker sees).
+
+    Raises:
+        ConfigError: `build_dir` is not a build directory (no shards/ in it).
+    """
+
+    def __init__(self, build_dir: str | os.PathLike):
+        path = Path(build_dir)
+        if not (path / SHARDS_DIR).is_dir():
+            raise ConfigError(f"{path} is not an open build directory (it has no {SHARDS_DIR}/); open the build "
+                              "in the driver first")
+        super().__init__(IndexRoot(path.parent.parent), path.name, path, lock_fd=None)
+
+    def _check_open(self) -> None:
+        if not (self.path / SHARDS_DIR).is_dir():
+            raise ConfigError(f"build {self.path} is gone (published or removed); this worker's shard is not needed")
+
+    def close(self) -> None:  # holds no lock
+        pass

@@ -121,6 +121,7 @@ class InfluenceServer:
         self._metrics_http = None  # (WSGIServer, thread) of prometheus_client
         self.config = config
         self.servicer = servicer
+        servicer.on_published = self.reload  # an admin Delete serves its new version before it answers
         self.health = health_servicer
         self._executor = executor
         self._load = load

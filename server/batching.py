@@ -34,7 +34,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from forvalue.indexer.index import Index, SearchResult
+from forvalue.indexer.index import GroupedResult, Index, SearchResult
 
 from .config import ServerConfig
 from .convert import GROUP, TopKQuery
@@ -47,31 +47,44 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("forvalue.server")
 
+# group-by scores every training row in scope exactly; above this many rows a request must narrow with where
+MAX_GROUP_ROWS = 200_000
 CHARS_PER_TOKEN = 4  # English text under a BPE tokenizer; only sizes batches, never the forward pass
+IMAGE_TOKENS = 256  # a typical image's placeholder tokens in a VLM prompt; likewise only sizes batches
 # A call cancelled with less than this left counts as expired: the client gives up at its own deadline,
 # which comes a little before the server's (transit, rounding of the grpc-timeout header).
 DEADLINE_SLACK = 0.1
 
 
-def estimate_tokens(samples: list[tuple[str, str]]) -> int:
-    """A cheap estimate of the tokens of (prompt, response) pairs: ⌈characters / 4⌉ + 1 (EOS) per sample.
+def estimate_tokens(samples: list[tuple]) -> int:
+    """A cheap estimate of the tokens of (prompt, response[, image]) samples: ⌈characters / 4⌉ + 1 (EOS) per
+    sample, plus IMAGE_TOKENS per image.
 
     An estimate on purpose (no tokenizer call on the event loop): it only bounds how much work one shared
     pass takes on; the pass itself splits its model calls by exact token counts (ForwardConfig.batch_tokens).
     """
-    return sum(-(-(len(p) + len(r)) // CHARS_PER_TOKEN) + 1 for p, r in samples)
+    return sum(-(-(len(s[0]) + len(s[1])) // CHARS_PER_TOKEN) + 1
+               + (IMAGE_TOKENS if len(s) > 2 and s[2] is not None else 0) for s in samples)
 
 
-def answers(index: Index, query: TopKQuery, features: Features) -> list[tuple[int, SearchResult]]:
+def answers(index: Index, query: TopKQuery, features: Features
+            ) -> list[tuple[int, SearchResult | GroupedResult]]:
     """The answers to a TopK query from its samples' features: one search per answer.
 
     Args:
         features: the features of `query.samples`, in order (n = len(query.samples)).
     """
+    e = query.explain_pairs  # > 0: every hit carries its token-level Explanation (from these features)
+
+    def one(f: Features, d: str) -> SearchResult | GroupedResult:
+        if query.group_by:
+            return index.group_by([], query.group_by, query.k, d, where=query.where, features=f,
+                                  max_rows=MAX_GROUP_ROWS)
+        return index.search([], query.k, d, query.rerank, features=f, explain=e, where=query.where)
+
     if query.group:
-        return [(GROUP, index.search([], query.k, d, query.rerank, features=features)) for d in query.directions]
-    return [(i, index.search([], query.k, d, query.rerank, features=features.select([i])))
-            for i in range(features.n) for d in query.directions]
+        return [(GROUP, one(features, d)) for d in query.directions]
+    return [(i, one(features.select([i]), d)) for i in range(features.n) for d in query.directions]
 
 
 def top_k(index: Index, query: TopKQuery) -> list[tuple[int, SearchResult]]:

@@ -23,6 +23,9 @@ class ServerConfig:
             is answered INVALID_ARGUMENT naming the field, before any tokenizing.
         default_chunk: ScoreAll rows per chunk when a request says chunk_size = 0.
         max_chunk: largest chunk_size a ScoreAll request may ask for.
+        default_explain_pairs: top token pairs per hit of an explained TopK answer when a request says
+            explain_pairs = 0.
+        max_explain_pairs: largest explain_pairs a TopK request may ask for.
         max_message_bytes: largest request or response message.
         max_queue: TopK and ScoreAll requests waiting for or in the model beyond which a new one is answered
             RESOURCE_EXHAUSTED at once (health checks and Info always answer). None = no limit.
@@ -41,6 +44,8 @@ class ServerConfig:
         tls_key: PEM private key (unencrypted) of tls_cert.
         metrics_port: port of the Prometheus HTTP endpoint (/metrics), on the gRPC listening host; 0 picks a
             free port (`InfluenceServer.metrics_port`); None = no endpoint.
+        admin: serve the InfluenceAdmin service (Delete: takedowns publish a new version, then served);
+            off by default (its calls then get UNIMPLEMENTED). Guard it with a token.
 
     Raises:
         ConfigError: a field is out of range.
@@ -56,6 +61,8 @@ class ServerConfig:
     max_sample_chars: int = 100_000
     default_chunk: int = 4096
     max_chunk: int = 65_536
+    default_explain_pairs: int = 10
+    max_explain_pairs: int = 100
     max_message_bytes: int = 64 * 1024 * 1024
     max_queue: int | None = None
     batch_wait_ms: float = 5.0
@@ -68,6 +75,7 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     metrics_port: int | None = None
+    admin: bool = False
 
     def __post_init__(self) -> None:
         for name in ("k_cap", "default_rerank", "max_rerank", "max_samples", "max_sample_chars", "default_chunk",
@@ -87,6 +95,9 @@ class ServerConfig:
             raise ConfigError(f"max_rerank ({self.max_rerank}) must be >= default_rerank ({self.default_rerank})")
         if self.max_chunk < self.default_chunk:
             raise ConfigError(f"max_chunk ({self.max_chunk}) must be >= default_chunk ({self.default_chunk})")
+        if not 1 <= self.default_explain_pairs <= self.max_explain_pairs:
+            raise ConfigError(f"default_explain_pairs ({self.default_explain_pairs}) must be between 1 and "
+                              f"max_explain_pairs ({self.max_explain_pairs})")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be between 0 and 65535 (None: no endpoint), got {self.metrics_port}")
         if self.grace_seconds < 0:

@@ -13,6 +13,7 @@ as Python ints.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +21,9 @@ from google.protobuf import json_format
 
 from forvalue.indexer.data import Sample
 from forvalue.indexer.errors import ConfigError
-from forvalue.indexer.index import Hit, SearchResult
+from forvalue.indexer.explain import Explanation, PairContribution, TokenContribution
+from forvalue.indexer.filters import Where, check_field
+from forvalue.indexer.index import Group, GroupedResult, Hit, SearchResult
 
 from .config import ServerConfig
 from .protocol import pb
@@ -46,9 +49,13 @@ class TopKQuery:
     """A validated TopK request.
 
     Attributes:
-        samples: (prompt, response) pairs. k: answers per direction. directions: ("most",), ("least",) or
-        both. rerank: first-stage candidates scored exactly (>= k). group: one answer for the mean of the
-        samples, or one per sample. max_text_chars: truncation of returned texts, 0 = none.
+        samples: (prompt, response) pairs, or (prompt, response, vision.ImageRef) for a VLM index.
+        k: answers per direction. directions: ("most",), ("least",) or both. rerank: first-stage
+        candidates scored exactly (>= k). group: one answer for the mean of the samples, or one per sample.
+        max_text_chars: truncation of returned texts, 0 = none.
+        explain_pairs: top token pairs of the Explanation attached to every hit; 0 = no explanation.
+        where: metadata filter (empty: every row). group_by: metadata field to aggregate by ("" = none;
+        then k is the top rows kept per group).
     """
 
     samples: list[tuple[str, str]]
@@ -57,12 +64,52 @@ class TopKQuery:
     rerank: int
     group: bool
     max_text_chars: int
+    explain_pairs: int = 0
+    where: Where = Where()
+    group_by: str = ""
 
 
 @dataclass(frozen=True)
 class ScoreAllQuery:
     samples: list[tuple[str, str]]
     chunk_size: int
+    where: Where = Where()
+
+
+def where_from_pb(items: Sequence[pb.FieldFilter], name: str = "where") -> Where:
+    """A validated filter from FieldFilter messages.
+
+    Raises:
+        InvalidRequestError: naming `where[i].field` or `where[i].values` (no field, a text field, no
+            values, a value that is not a string, number or bool).
+    """
+    pairs = []
+    for i, f in enumerate(items):
+        try:
+            check_field(f.field, f"{name}[{i}].field")
+        except ConfigError as exc:
+            raise InvalidRequestError(f"{name}[{i}].field", str(exc).split(": ", 1)[-1]) from None
+        if not f.values:
+            raise InvalidRequestError(f"{name}[{i}].values", f"give at least one value for field {f.field!r}")
+        for j, v in enumerate(f.values):
+            kind = v.WhichOneof("kind")
+            if kind not in ("string_value", "number_value", "bool_value"):
+                raise InvalidRequestError(f"{name}[{i}].values[{j}]", f"must be a string, number or bool, got {kind}")
+            pairs.append((f.field, getattr(v, kind)))
+    return Where.of(pairs)
+
+
+def where_to_pb(where: Where | None) -> list[pb.FieldFilter]:
+    """Client side: a Where as FieldFilter messages (values as their canonical strings)."""
+    if not where:
+        return []
+    out = []
+    for field, values in where.terms:
+        msg = pb.FieldFilter(field=field)
+        for v in values:
+            msg.values.add().string_value = v
+        out.append(msg)
+    return out
 
 
 def _samples(items: Sequence[pb.ValuationSample], config: ServerConfig, accepts_images: bool
@@ -86,8 +133,23 @@ def _samples(items: Sequence[pb.ValuationSample], config: ServerConfig, accepts_
             raise InvalidRequestError(f"samples[{i}].image_mime_type", "required with an image")
         if s.image_mime_type and not s.image:
             raise InvalidRequestError(f"samples[{i}].image_mime_type", "set without an image")
-        out.append((s.prompt, s.response))
+        if s.image:  # decoded here, so that a bad image is the caller's INVALID_ARGUMENT, not a failed batch
+            out.append((s.prompt, s.response, _image(s, f"samples[{i}].image")))
+        else:
+            out.append((s.prompt, s.response))
     return out
+
+
+def _image(s: pb.ValuationSample, name: str):
+    """The sample's image as a `vision.ImageRef`, after checking its type, size and pixels."""
+    from forvalue.indexer.vision import MIME_TYPES, ImageRef, decode_image
+
+    if s.image_mime_type.lower() not in MIME_TYPES:
+        raise InvalidRequestError(f"{name}_mime_type", f"{s.image_mime_type!r} is not supported; use one of "
+                                                       f"{', '.join(sorted(MIME_TYPES))}")
+    data = bytes(s.image)
+    decode_image(data, s.image_mime_type, lambda message: InvalidRequestError(name, message))
+    return ImageRef(data=data, mime_type=s.image_mime_type, source=name)
 
 
 def topk_query(request: pb.TopKRequest, config: ServerConfig, accepts_images: bool = False) -> TopKQuery:
@@ -95,9 +157,9 @@ def topk_query(request: pb.TopKRequest, config: ServerConfig, accepts_images: bo
 
     Raises:
         InvalidRequestError: no or too many samples, an empty response, a prompt or response longer than
-            max_sample_chars, an image for a text-only index,
+            max_sample_chars, an image for a text-only index or one that is not a valid image (vision.py),
             k outside 1..k_cap, an unknown direction, rerank < 0, 0 < rerank < k or above max_rerank,
-            max_text_chars < 0.
+            max_text_chars < 0, explain_pairs outside 0..max_explain_pairs.
     """
     samples = _samples(request.samples, config, accepts_images)
     if not 1 <= request.k <= config.k_cap:
@@ -115,8 +177,22 @@ def topk_query(request: pb.TopKRequest, config: ServerConfig, accepts_images: bo
         raise InvalidRequestError("rerank", f"must be at most {config.max_rerank}, got {rerank}")
     if request.max_text_chars < 0:
         raise InvalidRequestError("max_text_chars", f"must be >= 0 (0 = no limit), got {request.max_text_chars}")
+    if not 0 <= request.explain_pairs <= config.max_explain_pairs:
+        raise InvalidRequestError("explain_pairs", f"must be between 0 (server default, "
+                                  f"{config.default_explain_pairs}) and {config.max_explain_pairs}, "
+                                  f"got {request.explain_pairs}")
+    explain_pairs = (request.explain_pairs or config.default_explain_pairs) if request.explain else 0
+    where = where_from_pb(request.where)
+    if request.group_by:
+        try:
+            check_field(request.group_by, "group_by")
+        except ConfigError as exc:
+            raise InvalidRequestError("group_by", str(exc).split(": ", 1)[-1]) from None
+        if explain_pairs:
+            raise InvalidRequestError("explain", "cannot be combined with group_by; explain the group's hits "
+                                                 "with a TopK call filtered by where")
     return TopKQuery(samples, request.k, _DIRECTIONS[request.direction], rerank, request.group,
-                     request.max_text_chars)
+                     request.max_text_chars, explain_pairs, where, request.group_by)
 
 
 def score_all_query(request: pb.ScoreAllRequest, config: ServerConfig, accepts_images: bool = False
@@ -130,7 +206,7 @@ def score_all_query(request: pb.ScoreAllRequest, config: ServerConfig, accepts_i
     if not 0 <= request.chunk_size <= config.max_chunk:
         raise InvalidRequestError("chunk_size", f"must be between 0 (server default) and {config.max_chunk}, "
                                                 f"got {request.chunk_size}")
-    return ScoreAllQuery(samples, request.chunk_size or config.default_chunk)
+    return ScoreAllQuery(samples, request.chunk_size or config.default_chunk, where_from_pb(request.where))
 
 
 def _cut(text: str, limit: int) -> tuple[str, bool]:
@@ -146,15 +222,39 @@ def hit_to_pb(hit: Hit, max_text_chars: int = 0) -> pb.Hit:
     msg = pb.Hit(id=hit.id, score=hit.score, rank=hit.rank, row=hit.row, prompt=prompt, response=response,
                  truncated=cut_p or cut_r)
     msg.metadata.update({k: v for k, v in hit.metadata.items() if k not in _OWN_FIELDS})
+    if hit.explanation is not None:
+        msg.explanation.CopyFrom(explanation_to_pb(hit.explanation))
+    if hit.percentile is not None:
+        msg.percentile = hit.percentile
+    if hit.cosine is not None:
+        msg.cosine = hit.cosine
     return msg
 
 
-def answer_to_pb(query_index: int, result: SearchResult, max_text_chars: int = 0) -> pb.Answer:
+def explanation_to_pb(e: Explanation) -> pb.Explanation:
+    def tokens(items: list[TokenContribution]) -> list[pb.TokenContribution]:
+        return [pb.TokenContribution(token=t.token, position=t.position, contribution=t.contribution,
+                                     sample=t.sample) for t in items]
+
+    return pb.Explanation(query_tokens=tokens(e.query_tokens), train_tokens=tokens(e.train_tokens), total=e.total,
+                          top_pairs=[pb.PairContribution(query_position=p.query_position,
+                                                         train_position=p.train_position, query_token=p.query_token,
+                                                         train_token=p.train_token, contribution=p.contribution,
+                                                         query_sample=p.query_sample) for p in e.top_pairs])
+
+
+def answer_to_pb(query_index: int, result: SearchResult | GroupedResult, max_text_chars: int = 0) -> pb.Answer:
+    if isinstance(result, GroupedResult):
+        return pb.Answer(query_index=query_index, direction=_TO_PB[result.direction], exact_scored=result.scored,
+                         candidates=result.scored,
+                         groups=[pb.Group(key=g.key or "", missing=g.key is None, count=g.count, total=g.total,
+                                          mean=g.mean, hits=[hit_to_pb(h, max_text_chars) for h in g.hits])
+                                 for g in result.groups])
     return pb.Answer(query_index=query_index, direction=_TO_PB[result.direction], candidates=result.candidates,
                      exact_scored=result.exact_scored or 0, hits=[hit_to_pb(h, max_text_chars) for h in result.hits])
 
 
-def topk_response(answers: Sequence[tuple[int, SearchResult]], version: str, max_text_chars: int = 0
+def topk_response(answers: Sequence[tuple[int, SearchResult | GroupedResult]], version: str, max_text_chars: int = 0
                   ) -> pb.TopKResponse:
     """A TopK response from (query index or GROUP, result) pairs, all answered by index `version`."""
     assert all(r.version == version for _, r in answers), "one response mixes index versions"
@@ -162,13 +262,21 @@ def topk_response(answers: Sequence[tuple[int, SearchResult]], version: str, max
                            answers=[answer_to_pb(q, r, max_text_chars) for q, r in answers])
 
 
-def score_chunks(ids: Sequence[str], scores: Sequence[float], chunk_size: int, version: str
-                 ) -> Iterator[pb.ScoreAllChunk]:
-    """ScoreAll's stream: consecutive chunks of (ids, scores), each with its offset and the version."""
+def score_chunks(ids: Sequence[str], scores: Sequence[float], chunk_size: int, version: str,
+                 rows: Sequence[int] | None = None) -> Iterator[pb.ScoreAllChunk]:
+    """ScoreAll's stream: consecutive chunks of (ids, scores, rows), each with its offset (entries before
+    it) and the version; rows default to 0..n-1."""
     assert len(ids) == len(scores)
+    rows = list(range(len(ids))) if rows is None else list(rows)
     for a in range(0, len(ids), chunk_size):
         yield pb.ScoreAllChunk(offset=a, ids=ids[a : a + chunk_size], scores=scores[a : a + chunk_size],
-                               index_version=version)
+                               rows=rows[a : a + chunk_size], index_version=version)
+
+
+def delete_response(result) -> pb.DeleteResponse:
+    """An admin Delete's reply from a deletion.DeleteResult."""
+    return pb.DeleteResponse(index_version=result.version, deleted=result.deleted, already_deleted=result.already,
+                             unknown=result.unknown, hidden_rows=result.hidden_rows)
 
 
 def info_response(manifest: dict, version: str) -> pb.InfoResponse:
@@ -189,19 +297,42 @@ def samples_to_pb(samples: Sequence[Sample | tuple[str, str]]) -> list[pb.Valuat
 
     Raises:
         InvalidRequestError: a prompt or response is not valid Unicode text (lone surrogates, e.g. from
-            undecodable command-line bytes): protobuf strings must be UTF-8.
+            undecodable command-line bytes): protobuf strings must be UTF-8; an image (a sample's third
+            element, or a Sample's image file) cannot be read or is not a supported image.
     """
     out = []
     for i, s in enumerate(samples):
         prompt, response = (s.prompt, s.response) if isinstance(s, Sample) else (str(s[0]), str(s[1]))
+        image = s.as_input()[2:] if isinstance(s, Sample) else tuple(x for x in s[2:3] if x is not None)
         for name, text in (("prompt", prompt), ("response", response)):
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as exc:
                 raise InvalidRequestError(f"samples[{i}].{name}", f"not valid UTF-8 text ({exc.reason} at "
                                                                   f"character {exc.start})") from exc
-        out.append(pb.ValuationSample(prompt=prompt, response=response))
+        msg = pb.ValuationSample(prompt=prompt, response=response)
+        if image:  # for a VLM index: the image's bytes and type (read from a path when given one)
+            data, mime = _image_payload(image[0], f"samples[{i}].image")
+            msg.image, msg.image_mime_type = data, mime
+        out.append(msg)
     return out
+
+
+def _image_payload(image, name: str) -> tuple[bytes, str]:
+    """(bytes, MIME type) of an image given as a `vision.ImageRef`, a path or bytes.
+
+    Raises:
+        InvalidRequestError: the image cannot be read or is not a supported image.
+    """
+    from forvalue.indexer.errors import DataError
+    from forvalue.indexer.vision import ImageRef
+
+    if not isinstance(image, ImageRef):
+        image = ImageRef(data=bytes(image)) if isinstance(image, (bytes, bytearray)) else ImageRef(path=str(image))
+    try:
+        return image.payload()
+    except DataError as exc:
+        raise InvalidRequestError(name, str(exc)) from exc
 
 
 def direction_to_pb(direction: str) -> int:
@@ -233,7 +364,23 @@ def struct_to_dict(struct) -> dict:
 def hit_from_pb(msg: pb.Hit) -> Hit:
     """The in-process Hit; its metadata holds id, prompt and response (as sent) and the other stored fields."""
     metadata = {"id": msg.id, "prompt": msg.prompt, "response": msg.response, **struct_to_dict(msg.metadata)}
-    return Hit(id=msg.id, score=msg.score, rank=msg.rank, row=msg.row, metadata=metadata)
+    hit = Hit(id=msg.id, score=msg.score, rank=msg.rank, row=msg.row, metadata=metadata,
+              percentile=msg.percentile if msg.HasField("percentile") else None,
+              cosine=msg.cosine if msg.HasField("cosine") else None)
+    if msg.HasField("explanation"):
+        hit = dataclasses.replace(hit, explanation=explanation_from_pb(msg.explanation))
+    return hit
+
+
+def explanation_from_pb(msg: pb.Explanation) -> Explanation:
+    """The in-process Explanation of a hit."""
+    def tokens(items) -> list[TokenContribution]:
+        return [TokenContribution(t.token, t.position, t.contribution, t.sample) for t in items]
+
+    return Explanation(query_tokens=tokens(msg.query_tokens), train_tokens=tokens(msg.train_tokens),
+                       top_pairs=[PairContribution(p.query_position, p.train_position, p.query_token, p.train_token,
+                                                   p.contribution, p.query_sample) for p in msg.top_pairs],
+                       total=msg.total)
 
 
 def search_result(answer: pb.Answer, version: str) -> SearchResult:
@@ -241,6 +388,13 @@ def search_result(answer: pb.Answer, version: str) -> SearchResult:
     return SearchResult(hits=[hit_from_pb(h) for h in answer.hits], version=version,
                         direction=_FROM_PB[answer.direction], candidates=answer.candidates,
                         exact_scored=answer.exact_scored or None)
+
+
+def grouped_result(answer: pb.Answer, version: str, field: str) -> GroupedResult:
+    """The in-process GroupedResult of one group-by answer."""
+    groups = [Group(None if g.missing else g.key, g.count, g.total, g.mean, [hit_from_pb(h) for h in g.hits])
+              for g in answer.groups]
+    return GroupedResult(field, groups, version, _FROM_PB[answer.direction], answer.exact_scored)
 
 
 def info_dict(msg: pb.InfoResponse) -> dict:

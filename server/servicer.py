@@ -11,20 +11,25 @@ watches the index's CURRENT); a batch reads it once, so a response never mixes v
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
+from typing import Any
 
 import grpc
 
+from forvalue.indexer.deletion import delete_samples
 from forvalue.indexer.errors import IndexCorruptError, IndexMismatchError, ModelError
+from forvalue.indexer.filters import Where
 from forvalue.indexer.index import Index
 
 from . import convert
 from .batching import Batcher, BatchStats, top_k  # noqa: F401 (top_k: the unbatched reference, re-exported)
 from .config import ServerConfig
 from .metrics import Metrics
-from .protocol import SERVICE_NAME, pb, pb_grpc
+from .protocol import ADMIN_SERVICE_NAME, SERVICE_NAME, pb, pb_grpc
 from .status import NotReadyError, rpc
 
 
@@ -43,10 +48,13 @@ class Served:
         return self._ids
 
 
-def score_all(served: Served, samples: list[tuple[str, str]]) -> tuple[list[str], list[float]]:
-    """(ids, exact For-Value of every training row to the group `samples`, the mean over its members)."""
-    scores = served.index.score_all(served.index.encode(samples)).mean(0)
-    return served.ids(), scores.tolist()
+def score_all(served: Served, samples: list[tuple[str, str]], where: Where | None = None
+              ) -> tuple[list[str], list[float], list[int]]:
+    """(ids, exact For-Value to the group `samples` (the mean over its members), rows) of every training row
+    in scope: matching `where`, not deleted."""
+    rows, scores = served.index.scores_in_scope(served.index.encode(samples), where)
+    ids = served.ids()
+    return [ids[r] for r in rows], scores, rows
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -72,6 +80,7 @@ class InfluenceServicer(pb_grpc.InfluenceServicer):
         self.batcher = Batcher(config, executor, lambda: self._served)
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.watch(self.batcher)
+        self.on_published: Callable[[], Awaitable[Any]] | None = None  # set by the server: reload the index
 
     @property
     def version(self) -> str | None:
@@ -113,19 +122,37 @@ class InfluenceServicer(pb_grpc.InfluenceServicer):
 
     @rpc(pb.TopKRequest)
     async def TopK(self, request: pb.TopKRequest, context: grpc.aio.ServicerContext) -> pb.TopKResponse:
-        self._ready()
-        query = convert.topk_query(request, self._config)
+        served = self._ready()
+        images = getattr(served.index, "accepts_images", False)  # a VLM index takes images
+        query = convert.topk_query(request, self._config, accepts_images=images)
         version, answers = await self.batcher.top_k(query, deadline_of(context))
         return convert.topk_response(answers, version, query.max_text_chars)
 
     @rpc(pb.ScoreAllRequest)
     async def ScoreAll(self, request: pb.ScoreAllRequest, context: grpc.aio.ServicerContext):
-        self._ready()
-        query = convert.score_all_query(request, self._config)
-        version, (ids, scores) = await self.batcher.call(functools.partial(score_all, samples=query.samples),
-                                                          deadline_of(context))
-        for chunk in convert.score_chunks(ids, scores, query.chunk_size, version):
+        served = self._ready()
+        images = getattr(served.index, "accepts_images", False)  # a VLM index takes images
+        query = convert.score_all_query(request, self._config, accepts_images=images)
+        version, (ids, scores, rows) = await self.batcher.call(
+            functools.partial(score_all, samples=query.samples, where=query.where), deadline_of(context))
+        for chunk in convert.score_chunks(ids, scores, query.chunk_size, version, rows):
             yield chunk
+
+    @rpc(pb.DeleteRequest)
+    async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
+        """InfluenceAdmin.Delete (registered only with ServerConfig.admin): publish, then serve, a version
+        without these samples. The index directory's takedown lock serialises concurrent deletions."""
+        if not request.ids:
+            raise convert.InvalidRequestError("ids", "give at least one training sample id")
+        for i, sample_id in enumerate(request.ids):
+            if not sample_id.strip():
+                raise convert.InvalidRequestError(f"ids[{i}]", "must not be empty")
+        result = await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(delete_samples, self._config.index_dir, list(request.ids),
+                                    missing="ignore" if request.ignore_missing else "error"))
+        if result.published and self.on_published is not None:
+            await self.on_published()  # serve it now (the watcher would within watch_seconds)
+        return convert.delete_response(result)
 
     @rpc(pb.InfoRequest)
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
@@ -145,3 +172,8 @@ def add_to_server(servicer: InfluenceServicer, server: grpc.aio.Server) -> None:
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    if servicer._config.admin:
+        admin = {"Delete": grpc.unary_unary_rpc_method_handler(
+            servicer.Delete, response_serializer=pb.DeleteResponse.SerializeToString)}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ADMIN_SERVICE_NAME, admin),))
+        server.add_registered_method_handlers(ADMIN_SERVICE_NAME, admin)

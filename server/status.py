@@ -10,6 +10,7 @@ answered INVALID_ARGUMENT here instead of grpc.aio's UNKNOWN. Then:
 | ResourceExhaustedError (the model's queue is full) | RESOURCE_EXHAUSTED  |
 | DeadlineExceededError (expired before the model)   | DEADLINE_EXCEEDED   |
 | IndexMismatchError, IndexCorruptError, ModelError  | FAILED_PRECONDITION |
+| UnknownIdsError (admin Delete of ids in no row)    | NOT_FOUND           |
 | any other ForValueError (a bad request)            | INVALID_ARGUMENT    |
 | anything else                                      | INTERNAL, logged with its traceback |
 
@@ -29,6 +30,7 @@ import logging
 import grpc
 from google.protobuf.message import DecodeError
 
+from forvalue.indexer.deletion import UnknownIdsError
 from forvalue.indexer.errors import ForValueError, IndexCorruptError, IndexMismatchError, ModelError
 
 from .convert import InvalidRequestError
@@ -56,6 +58,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (IndexMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
     (IndexCorruptError, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelError, grpc.StatusCode.FAILED_PRECONDITION),
+    (UnknownIdsError, grpc.StatusCode.NOT_FOUND),
     (ForValueError, grpc.StatusCode.INVALID_ARGUMENT),
 )
 

@@ -23,13 +23,6 @@ def run(*args):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
-@pytest.fixture(scope="module")
-def sources(served_index, served_model_dir, influence_server):
-    """How to reach the same index: in-process (with its model) or through the test server."""
-    return {"index": ["--index", served_index[0], "--model", served_model_dir],
-            "server": ["--server", influence_server.address]}
-
-
 @pytest.mark.parametrize("where", ["index", "server"])
 @pytest.mark.parametrize("least", [False, True])
 def test_query_json_equals_in_process_search(sources, local_index, where, least):
@@ -51,12 +44,14 @@ def test_query_table(sources, local_index, where):
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
     assert "version v000001" in lines[0] and "3 most valuable" in lines[0]
-    assert lines[1].split()[:3] == ["rank", "score", "id"]
+    assert lines[1].split()[:5] == ["rank", "score", "pct", "cos", "id"]
     ref = local_index.search([(PROMPT, RESPONSE)], k=3)
     for line, hit in zip(lines[2:], ref.hits):
-        rank, score, id_, *snippet = line.split()
+        rank, score, pct, cos, id_, *snippet = line.split()
         assert (int(rank), id_) == (hit.rank, hit.id)
         assert float(score) == pytest.approx(hit.score, rel=1e-5)
+        assert float(pct.rstrip("%")) == pytest.approx(100 * hit.percentile, abs=0.051)
+        assert float(cos) == pytest.approx(hit.cosine, abs=5e-4)
         assert " ".join(snippet).startswith(" ".join(hit.metadata["prompt"].split()))
     assert len(lines) == 5
 

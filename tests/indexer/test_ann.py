@@ -162,7 +162,7 @@ def test_bad_construction_and_add():
     with pytest.raises(ConfigError):
         SketchIndex(0)
     with pytest.raises(ConfigError, match="kind"):
-        SketchIndex(8, kind="ivf-pq")
+        SketchIndex(8, kind="hnsw")
     index = SketchIndex(8, use_gpu=False)
     with pytest.raises(ValueError, match="dims"):
         index.add(np.zeros((3, 9), np.float32))

@@ -7,7 +7,8 @@ import torch
 
 from forvalue.indexer.forward import ForwardConfig, Head, encode, extract_features
 from forvalue.indexer.score import (
-    ScoreConfig, embedding_sums, exact_scores, reference_scores, scores, scores_gram, scores_pairs, target_vocab,
+    ScoreConfig, embedding_sums, exact_scores, reference_scores, scores, scores_gram, scores_pairs, self_scores,
+    target_vocab,
 )
 
 
@@ -50,6 +51,15 @@ def test_exact_equals_brute_force(setup, fn, memory_mb):
     ref = gv.flatten(1) @ gt.flatten(1).T
     assert ref.abs().max() > 1e-2  # the comparison is not vacuous
     _close(fn(fv, ft, head, None, memory_mb), ref)
+
+
+@pytest.mark.parametrize("chunk", [7, 16384])
+def test_self_scores_are_squared_norms_of_G(setup, chunk):
+    head, fv, ft, gv, gt = setup
+    want = (gt.flatten(1) ** 2).sum(1)
+    assert want.min() > 1e-2
+    _close(self_scores(ft, head, chunk=chunk), want)
+    _close(self_scores(fv, head, chunk=chunk), torch.diagonal(gv.flatten(1) @ gv.flatten(1).T))
 
 
 @pytest.mark.parametrize("fn", [scores_pairs, scores_gram])

@@ -1,0 +1,293 @@
+"""The first stage of an index: which FAISS kind, how it is trained, and its recall against flat search.
+
+Below `approx_threshold` rows an index uses exact flat search ("flat-ip", built from the stored sketches
+when the index is loaded: nothing extra on disk). From the threshold on, "auto" picks "ivf-sq8": an
+inverted file of nlist ≈ √n lists (trained by k-means on a seeded sample) with 8-bit codes, D bytes a
+row instead of 4·D, searched over `nprobe` lists and refined by exact inner products of the best
+`refine`·k candidates (read from the stored sketches). "ivf-pq" (pq_m bytes a row) is there when
+memory matters more than recall.
+
+Recall is measured at build time and published in the manifest: `recall_queries` training sketches,
+sampled with the seed, are used as queries (each one's own row left out of both answers, so the query is
+held out), for "most" and "least"; recall@k = |approximate top-k ∩ flat top-k| / k, averaged over
+queries. With nprobe = 0 each direction gets the smallest power of two (then nlist) whose recall reaches
+`min_recall` (they differ a lot: a query's largest inner products gather in the lists of its own region,
+its smallest are spread over the whole corpus); a first stage that cannot reach it in either direction
+is refused (RecallTooLowError) naming what to change. IVF with inner product uses normalised centroids
+and can miss large-norm rows: the measured recall, not the theory, decides.
+
+Everything here works on arrays: `vectors` is any (n, D) array-like read by row slices and row lists
+(a np.memmap, or `ann.ConcatRows` of the shards' memory-mapped sketches); writing files is the caller's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .ann import APPROXIMATE, KINDS, SketchIndex, _chunked_topk
+from .errors import ConfigError, IndexCorruptError, RecallTooLowError
+
+FIRST_STAGE_KINDS = ("auto",) + KINDS
+INDEX_FILE = "index.faiss"
+ID_BYTES = 8  # faiss stores an int64 id per row in the inverted lists
+
+
+@dataclass(frozen=True)
+class FirstStageConfig:
+    """How the first stage (candidate retrieval over sketches) is built.
+
+    Attributes:
+        kind: "auto" (flat-ip below approx_threshold rows, ivf-sq8 from it on) or one of ann.KINDS.
+        approx_threshold: rows from which "auto" builds an approximate index.
+        nlist: inverted lists of an IVF kind; 0 = about √n (at most n / 39, so k-means has 39 rows a list).
+        pq_m: bytes per row of "ivf-pq" (must divide the sketch dimension).
+        nprobe: lists searched per query; 0 = the smallest power of two reaching min_recall, at build time.
+        refine: candidates taken from the codes per wanted row, re-scored exactly from the stored sketches.
+        min_recall: the recall@k (most and least) below which an approximate build is refused.
+        recall_k: k of the measured recall.
+        recall_queries: training sketches used as held-out queries for the recall.
+        train_rows: rows the IVF kinds are trained on; 0 = min(n, max(50·nlist, 10000)).
+        seed: seed of the training and query samples (and of faiss's k-means).
+    """
+
+    kind: str = "auto"
+    approx_threshold: int = 1_000_000
+    nlist: int = 0
+    pq_m: int = 64
+    nprobe: int = 0
+    refine: int = 2
+    min_recall: float = 0.95
+    recall_k: int = 10
+    recall_queries: int = 200
+    train_rows: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in FIRST_STAGE_KINDS:
+            raise ConfigError(f"index kind must be one of {FIRST_STAGE_KINDS}, got {self.kind!r}")
+        for name in ("approx_threshold", "pq_m", "refine", "recall_k", "recall_queries"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("nlist", "nprobe", "train_rows"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0 = automatic), got {getattr(self, name)}")
+        if self.nlist and self.nprobe > self.nlist:
+            raise ConfigError(f"nprobe ({self.nprobe}) must be at most nlist ({self.nlist})")
+        if not 0.0 <= self.min_recall <= 1.0:
+            raise ConfigError(f"min_recall must be between 0 and 1, got {self.min_recall}")
+
+
+def choose_kind(n: int, config: FirstStageConfig) -> str:
+    """The kind built for n rows: config.kind, or for "auto" flat-ip below approx_threshold, else ivf-sq8."""
+    if config.kind != "auto":
+        return config.kind
+    return "flat-ip" if n < config.approx_threshold else "ivf-sq8"
+
+
+def auto_nlist(n: int) -> int:
+    """About √n inverted lists, at most n // 39 (faiss's k-means wants 39 training rows a list), at least 1."""
+    return max(1, min(int(round(math.sqrt(n))), n // 39))
+
+
+def sample_rows(n: int, m: int, seed: int) -> np.ndarray:
+    """min(n, m) distinct rows of 0..n−1, sorted, drawn with `seed` (sorted: memory-mapped reads go forward)."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=min(n, m), replace=False)).astype(np.int64)
+
+
+def recall_at_k(found: Any, truth: Any) -> float:
+    """Mean over rows of |found_i ∩ truth_i| / |truth_i|: found (q, k') and truth (q, k) row ids (−1: none).
+
+    The reference for the first stage: truth is the flat (exact) top-k, found the approximate one.
+    """
+    found, truth = np.asarray(found), np.asarray(truth)
+    if found.ndim != 2 or truth.ndim != 2 or found.shape[0] != truth.shape[0]:
+        raise ValueError(f"found and truth must be (q, k) arrays with the same q, got {found.shape} and {truth.shape}")
+    if truth.shape[0] == 0 or truth.shape[1] == 0:
+        return 1.0
+    hits = [len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist())) / max(1, int((t >= 0).sum()))
+            for f, t in zip(found, truth)]
+    return float(np.mean(hits))
+
+
+def drop_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
+    """Each row of `ids` (q, k + 1) without its query's own row `self_ids[i]`, cut to k columns (held out);
+    −1 fills a row left shorter than k."""
+    out = np.full((ids.shape[0], k), -1, dtype=np.int64)
+    for i, row in enumerate(ids):
+        kept = row[row != self_ids[i]][:k]
+        out[i, : kept.size] = kept
+    return out
+
+
+def _chunks(vectors: Any, rows: int):
+    n = vectors.shape[0]
+    for a in range(0, n, rows):
+        yield a, np.ascontiguousarray(vectors[a : min(a + rows, n)], dtype=np.float32)
+
+
+def flat_truth(vectors: Any, query_rows: np.ndarray, k: int, chunk_rows: int = 16384) -> dict[str, np.ndarray]:
+    """The exact top-k rows, "most" and "least", for the training rows `query_rows` as queries, self left out.
+
+    One chunked pass over `vectors` (n, D) (memory-mapped input is read once; nothing of size n·D is held).
+    """
+    q = np.ascontiguousarray(vectors[query_rows], dtype=np.float32)
+    k1 = min(k + 1, vectors.shape[0])
+    q2 = np.concatenate([q, -q])  # "least" = the largest <−q, x>: one pass answers both
+    _, ids = _chunked_topk(q2, _chunks(vectors, chunk_rows), k1)
+    m = q.shape[0]
+    return {"most": drop_self(ids[:m], query_rows, k), "least": drop_self(ids[m:], query_rows, k)}
+
+
+def measure_recall(index: SketchIndex, vectors: Any, query_rows: np.ndarray, truth: dict[str, np.ndarray],
+                   k: int, directions: tuple[str, ...] = ("most", "least")) -> dict[str, float]:
+    """recall@k of `index` against `truth` (from `flat_truth`) per direction, self left out."""
+    q = np.ascontiguousarray(vectors[query_rows], dtype=np.float32)
+    out = {}
+    for direction in directions:
+        _, ids = index.search(q, k + 1, direction)
+        out[direction] = round(recall_at_k(drop_self(ids, query_rows, k), truth[direction]), 4)
+    return out
+
+
+def _nprobe_ladder(nlist: int) -> list[int]:
+    ladder = [1]
+    while ladder[-1] * 2 < nlist:
+        ladder.append(ladder[-1] * 2)
+    if ladder[-1] != nlist:
+        ladder.append(nlist)
+    return ladder
+
+
+def build_first_stage(vectors: Any, config: FirstStageConfig = FirstStageConfig(), use_gpu: bool | None = None
+                      ) -> tuple[SketchIndex | None, dict]:
+    """The first stage over `vectors` (n, D): (an approximate index, or None for flat; what the manifest records).
+
+    For flat nothing is built (the index is built from the stored sketches when loaded) and recall is 1 by
+    definition. For an approximate kind: train on a seeded sample, add every row in chunks, attach
+    `vectors` (refinement), measure recall (choosing nprobe when config.nprobe = 0) and refuse it when
+    below config.min_recall.
+
+    Returns:
+        (index or None, info) with info = {"kind", "ntotal", "dim", "stored", "auto", ...}; approximate
+        kinds add "file", "nlist", "nprobe" (the larger of the two directions'), "nprobe_by_direction",
+        "refine", "train_rows", "code_bytes_per_row" (pq_m or D, plus 8 for the id), "pq_m" (ivf-pq),
+        "recall" {"k", "queries", "most", "least", "min_recall", "by_nprobe" (the measured curve; a
+        direction that reached min_recall is not measured at larger nprobe)}, "train_seconds",
+        "add_seconds", "recall_seconds".
+
+    Raises:
+        RecallTooLowError: the recall in either direction stays below config.min_recall.
+        ConfigError: nlist above n, or ivf-pq with fewer than 256 training rows or a pq_m that does not
+            divide D.
+    """
+    n, dim = int(vectors.shape[0]), int(vectors.shape[1])
+    kind = choose_kind(n, config)
+    info: dict[str, Any] = {"kind": kind, "ntotal": n, "dim": dim, "stored": kind in APPROXIMATE,
+                            "auto": {"threshold": config.approx_threshold} if config.kind == "auto" else None}
+    if kind not in APPROXIMATE:
+        return None, info
+    if n < 2:
+        raise ConfigError(f"a corpus of {n} rows cannot train and measure a {kind} first stage; use flat-ip")
+    nlist = config.nlist or auto_nlist(n)
+    if nlist > n:
+        raise ConfigError(f"nlist ({nlist}) is above the number of rows ({n}); use a smaller nlist (or 0 = auto)")
+    if config.nprobe > nlist:
+        raise ConfigError(f"nprobe ({config.nprobe}) must be at most nlist ({nlist})")
+    index = SketchIndex(dim, kind=kind, use_gpu=use_gpu, nlist=nlist, pq_m=config.pq_m)
+    t0 = time.perf_counter()
+    train_ids = sample_rows(n, config.train_rows or max(50 * nlist, 10_000), config.seed)
+    _seed_kmeans(index, config.seed)
+    index.train(vectors[train_ids])
+    t1 = time.perf_counter()
+    for _, block in _chunks(vectors, index.chunk_rows):
+        index.add(block)
+    t2 = time.perf_counter()
+    index.attach_vectors(vectors)
+    index.refine = config.refine
+    k = min(config.recall_k, max(1, n - 1))
+    query_rows = sample_rows(n, config.recall_queries, config.seed + 1)
+    truth = flat_truth(vectors, query_rows, k)
+    # each direction gets the smallest nprobe of the ladder reaching min_recall (or the last one tried)
+    by_nprobe: list[dict] = []
+    chosen: dict[str, int] = {}
+    best: dict[str, float] = {}
+    for nprobe in ([config.nprobe] if config.nprobe else _nprobe_ladder(nlist)):
+        index.nprobe = nprobe
+        # a direction that reached the recall is not measured again (its nprobe is chosen)
+        todo = tuple(d for d in ("most", "least") if d not in chosen or best[d] < config.min_recall)
+        r = measure_recall(index, vectors, query_rows, truth, k, todo)
+        by_nprobe.append({"nprobe": nprobe, **r})
+        for direction in todo:
+            chosen[direction], best[direction] = nprobe, r[direction]
+        if min(best.values()) >= config.min_recall:
+            break
+    index.nprobe = max(chosen.values())
+    index.set_direction_nprobe(most=chosen["most"], least=chosen["least"])
+    t3 = time.perf_counter()
+    code = config.pq_m if kind == "ivf-pq" else dim
+    info.update(file=INDEX_FILE, nlist=nlist, nprobe=index.nprobe, nprobe_by_direction=chosen, refine=config.refine,
+                train_rows=int(train_ids.size), code_bytes_per_row=code + ID_BYTES,
+                recall={"k": k, "queries": int(query_rows.size), "most": best["most"], "least": best["least"],
+                        "min_recall": config.min_recall, "by_nprobe": by_nprobe},
+                train_seconds=round(t1 - t0, 2), add_seconds=round(t2 - t1, 2), recall_seconds=round(t3 - t2, 2))
+    if kind == "ivf-pq":
+        info["pq_m"] = config.pq_m
+    if min(best["most"], best["least"]) < config.min_recall:
+        tried = "nprobe " + (str(config.nprobe) if config.nprobe else f"up to nlist = {nlist}")
+        raise RecallTooLowError(
+            f"the {kind} first stage (nlist {nlist}, {tried}, refine {config.refine}) reaches recall@{k} "
+            f"{best['most']:.3f} (most) and {best['least']:.3f} (least) against flat search on "
+            f"{query_rows.size} held-out training sketches, below the required {config.min_recall}; raise "
+            "--nprobe (or leave it 0 = automatic) or --refine, use --index-kind ivf-sq8 (if ivf-pq) or flat-ip, "
+            "or lower --min-recall. The finished shards are kept: the rerun only rebuilds the first stage")
+    return index, info
+
+
+def _seed_kmeans(index: SketchIndex, seed: int) -> None:
+    """Make faiss's k-means (coarse quantiser, and PQ codebooks) use `seed`: the same build, the same lists."""
+    import faiss
+
+    for ivf in index._ivf():
+        ivf.cp.seed = int(seed)
+        pq = getattr(faiss.downcast_index(ivf), "pq", None)
+        if pq is not None:
+            pq.cp.seed = int(seed)
+
+
+def open_first_stage(info: dict, sketches: list[Any], dim: int, path: Any = None, use_gpu: bool | None = None
+                     ) -> SketchIndex:
+    """The first stage of a loaded index version, as its manifest's "index" section `info` describes it.
+
+    Args:
+        info: the manifest's "index" section (from `build_first_stage`).
+        sketches: the shards' sketch arrays (n_s, D), in row order (memory maps).
+        dim: D.
+        path: the stored index file, for a stored (approximate) kind.
+        use_gpu: as in SketchIndex. On several GPUs the index is sharded over all of them (IndexShards).
+
+    Raises:
+        IndexCorruptError: the stored file holds another kind, dimension or row count than the manifest says.
+    """
+    from .ann import ConcatRows, gpu_count
+
+    if not info.get("stored"):
+        index = SketchIndex.build(sketches, dim, kind=info["kind"], use_gpu=use_gpu)
+    else:
+        index = SketchIndex.load(path, use_gpu=use_gpu)
+        rows = sum(int(s.shape[0]) for s in sketches)
+        if index.kind != info["kind"] or index.dim != dim or index.ntotal != rows:
+            raise IndexCorruptError(f"{path}: holds a {index.kind} index of {index.ntotal} rows x {index.dim} dims, "
+                                    f"the manifest says {info['kind']} with {rows} x {dim}; rebuild the index")
+        index.attach_vectors(ConcatRows(sketches))
+        index.nprobe = int(info["nprobe"])
+        index.set_direction_nprobe(**info.get("nprobe_by_direction", {}))
+        index.refine = int(info.get("refine", 1))
+    if index.device != "cpu" and gpu_count() > 1:
+        index.shard()
+    return index

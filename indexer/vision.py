@@ -1,0 +1,605 @@
+"""Vision-language models: images in, the same per-token features out.
+
+For a VLM the For-Value score runs over the text tokens that follow an image-conditioned prompt. A sample
+(prompt, response, image) is rendered with the model's chat template (one user turn holding the image and
+the prompt text, then the assistant turn), the image's placeholder token is expanded to as many tokens as
+the vision tower gives the image, and one forward pass records, at each scored position k, the lm_head
+input h_k, the target y_k and lse_k, exactly as `forward.py` does for a text model. Scored positions: the
+response tokens and the EOS after them (`tokens="response"`, the positions after the assistant turn
+begins), or every text position (`tokens="all"`): a position whose input or target is an image
+placeholder or a vision marker token is never scored.
+
+Supported families, chosen from the model's `config.json` (`model_type`):
+
+- `qwen2_vl`, `qwen2_5_vl` (Qwen2-VL, Qwen2.5-VL): `<|image_pad|>` × (grid t·h·w / merge²), multimodal
+  rotary positions computed by the model from the attention mask.
+- `llava` (LLaVA-1.5 and others with a CLIP or SigLIP tower): `<image>` × (H/p)·(W/p) (+ the class token
+  with `vision_feature_select_strategy="full"`).
+
+`VisionProcessor` is forvalue's own composition of the checkpoint's tokenizer, its image processor (the
+PIL implementation: no torchvision needed) and chat template; transformers' processor classes are not
+used because some cannot be built without torchvision. It gives the same input ids and pixels
+(tests/indexer/test_vision.py compares them where transformers' processor can be built).
+
+Images are read from local files or bytes only, never downloaded, and validated (format, file size,
+pixel count, decodable); errors name the data file and row, or the request field.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import DataError, ModelError
+from .forward import Features, ForwardConfig, Head, capture_unembedding_input, plan_batches
+
+# Formats accepted, as PIL names them, with their MIME types.
+IMAGE_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif",
+                 "BMP": "image/bmp"}
+MIME_TYPES = {mime: fmt for fmt, mime in IMAGE_FORMATS.items()} | {"image/jpg": "JPEG"}
+MAX_IMAGE_BYTES = 32 * 2**20
+MAX_IMAGE_PIXELS = 50_000_000  # about 7,000 × 7,000; PIL's decompression-bomb guard starts near 89M
+# samples whose images are decoded and preprocessed at once: bounds the pixel tensors held in memory
+ENCODE_CHUNK = 64
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image of one sample, not yet decoded: a local file or the bytes of one.
+
+    Attributes:
+        path: the image file (absolute, as resolved by the data reader), or None.
+        data: the encoded image (PNG, JPEG, ...), or None; exactly one of path and data is set.
+        mime_type: the declared type of `data` ("image/png"), checked against its content; "" if unknown.
+        source: where the reference came from, for error messages: the data file, or a request field.
+        row: the 0-based row of `source`, or None.
+    """
+
+    path: str | None = None
+    data: bytes | None = field(default=None, repr=False)
+    mime_type: str = ""
+    source: str = ""
+    row: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.data is None):
+            raise ValueError("ImageRef needs exactly one of path and data")
+
+    def error(self, message: str) -> DataError:
+        """A DataError about this image, naming its file and the data file and row (or request field)."""
+        what = f"image {self.path!r}: " if self.path is not None else ("" if self.source else "image: ")
+        return DataError(what + message, path=self.source or None, row=self.row)
+
+    def read(self) -> bytes:
+        """The encoded image bytes (read from the file, at most MAX_IMAGE_BYTES)."""
+        if self.data is not None:
+            return self.data
+        try:
+            with open(self.path, "rb") as fh:
+                data = fh.read(MAX_IMAGE_BYTES + 1)
+        except FileNotFoundError as exc:
+            raise self.error("file not found; check the path (relative paths are read from the data file's "
+                             "folder)") from exc
+        except OSError as exc:
+            raise self.error(f"cannot read the file ({exc.strerror or exc})") from exc
+        return data
+
+    def load(self):
+        """The decoded image as an RGB `PIL.Image.Image`, validated (see `decode_image`)."""
+        return decode_image(self.read(), self.mime_type, self.error)
+
+    def payload(self) -> tuple[bytes, str]:
+        """(encoded bytes, MIME type) to send over the wire; the type is read from the content."""
+        data = self.read()
+        return data, IMAGE_FORMATS[check_header(data, self.error)[0]]
+
+
+def _open(data: bytes, fail):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise fail(f"not a recognised image; use one of {', '.join(sorted(IMAGE_FORMATS))}") from exc
+    except Image.DecompressionBombError as exc:
+        raise fail(f"too many pixels (at most {MAX_IMAGE_PIXELS}); downscale the image") from exc
+
+
+def check_header(data: bytes, fail=None) -> tuple[str, tuple[int, int]]:
+    """(format, (width, height)) of encoded image bytes from their header, without decoding the pixels.
+
+    Args:
+        fail: message → exception to raise (default: DataError).
+
+    Raises:
+        DataError (or fail's): empty, over MAX_IMAGE_BYTES, unknown or unsupported format, too many pixels.
+    """
+    fail = fail or DataError
+    if not data:
+        raise fail("is empty")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise fail(f"is larger than {MAX_IMAGE_BYTES // 2**20} MiB; downscale or recompress it")
+    img = _open(data, fail)
+    fmt = img.format or ""
+    if fmt not in IMAGE_FORMATS:
+        raise fail(f"format {fmt or 'unknown'} is not supported; use one of {', '.join(sorted(IMAGE_FORMATS))}")
+    w, h = img.size
+    if w < 1 or h < 1 or w * h > MAX_IMAGE_PIXELS:
+        raise fail(f"size {w}×{h} is out of range (1 to {MAX_IMAGE_PIXELS} pixels); downscale the image")
+    return fmt, (w, h)
+
+
+def decode_image(data: bytes, mime_type: str = "", fail=None):
+    """Decode and validate an encoded image → RGB `PIL.Image.Image`.
+
+    Args:
+        data: the encoded image.
+        mime_type: its declared type ("" = not declared); must match the content when given.
+        fail: message → exception to raise (default: DataError).
+
+    Raises:
+        DataError (or fail's): as `check_header`; a MIME type that is unknown or does not match the content;
+            pixel data that cannot be decoded (truncated or corrupt file).
+    """
+    fail = fail or DataError
+    if mime_type and mime_type.lower() not in MIME_TYPES:
+        raise fail(f"MIME type {mime_type!r} is not supported; use one of {', '.join(sorted(IMAGE_FORMATS.values()))}")
+    fmt, _ = check_header(data, fail)
+    if mime_type and MIME_TYPES[mime_type.lower()] != fmt:
+        raise fail(f"declared as {mime_type} but the content is {fmt}; send the right MIME type")
+    img = _open(data, fail)
+    try:
+        img.load()
+        return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for truncated or corrupt pixel data
+        raise fail(f"cannot be decoded ({exc}); the file is truncated or corrupt") from exc
+
+
+def resolve_image_path(value: Any, source: str) -> str:
+    """The absolute path of an image reference read from a data row.
+
+    Args:
+        value: the row's image field: a path (relative paths are taken from the data file's folder), or a
+            `{"path": ...}` struct as `datasets` writes Image columns (embedded bytes are not supported).
+        source: the data file.
+
+    Returns:
+        The resolved path (checked to be a file no larger than MAX_IMAGE_BYTES whose header is a supported
+        image of at most MAX_IMAGE_PIXELS pixels; the pixels are decoded later, in the forward pass).
+
+    Raises:
+        ValueError: with a message saying what to change (the caller adds file and row).
+    """
+    if isinstance(value, dict):
+        if value.get("bytes") is not None and not value.get("path"):
+            raise ValueError("holds embedded image bytes, which are not supported; write the images to files "
+                             "and put their paths in the column")
+        value = value.get("path")
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must be a path to an image file, got {type(value).__name__} {value!r}")
+    if _URL.match(value):
+        raise ValueError(f"is a URL ({value[:60]!r}); images are read from local files only, never downloaded")
+    p = Path(value).expanduser()
+    if not p.is_absolute():
+        p = Path(source).resolve().parent / p
+    if not p.exists():
+        raise ValueError(f"image file {value!r} not found (looked for {p}); relative paths are read from the "
+                         "data file's folder")
+    if not p.is_file():
+        raise ValueError(f"image path {value!r} is not a file")
+    size = p.stat().st_size
+    if size > MAX_IMAGE_BYTES:
+        raise ValueError(f"image file {value!r} is larger than {MAX_IMAGE_BYTES // 2**20} MiB; downscale it")
+    with open(p, "rb") as fh:
+        head = fh.read(MAX_IMAGE_BYTES)
+
+    def fail(message: str) -> ValueError:
+        return ValueError(f"image file {value!r} {message}")
+
+    check_header(head, fail)
+    return str(p)
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    """sha256 hex of a file's content (cached by path, size and modification time)."""
+    st = os.stat(path)
+    return _file_sha256(path, st.st_size, st.st_mtime_ns)
+
+
+# ------------------------------------------------------------------------------------------------ families
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one family of VLMs takes images.
+
+    Attributes:
+        name: the family's name (recorded in index manifests).
+        model_types: `config.model_type` values of the family.
+        image_token: the placeholder its chat templates put where the image goes.
+        marker_ids: config attributes holding the ids of the image placeholder and vision marker tokens
+            (never scored).
+        mrope: the model computes multimodal rotary positions itself from the attention mask (Qwen2-VL);
+            otherwise positions are passed explicitly (cumsum of the attention mask).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    image_token: str
+    marker_ids: tuple[str, ...]
+    mrope: bool
+
+
+QWEN2_VL = Family("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "<|image_pad|>",
+                  ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"), mrope=True)
+LLAVA = Family("llava", ("llava",), "<image>", ("image_token_id",), mrope=False)
+FAMILIES = (QWEN2_VL, LLAVA)
+SUPPORTED_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
+
+
+def family_of(config: dict) -> Family | None:
+    """The VLM family of a model from its config.json content; None for a text-only model.
+
+    Raises:
+        ModelError: a vision-language model (it has a vision_config) of an unsupported type.
+    """
+    model_type = str(config.get("model_type", ""))
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            return fam
+    if "vision_config" in config or any("ConditionalGeneration" in a or "ImageTextToText" in a
+                                        for a in config.get("architectures") or []):
+        raise ModelError(f"vision-language model type {model_type!r} is not supported; supported types: "
+                         f"{', '.join(SUPPORTED_TYPES)}")
+    return None
+
+
+def read_config(model_dir: str | os.PathLike[str]) -> dict:
+    """The content of `model_dir/config.json` ({} when absent or unreadable: the loader reports that)."""
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+# ------------------------------------------------------------------------------------------------ processor
+
+
+@dataclass(frozen=True)
+class VisionEncoded:
+    """One sample as model inputs.
+
+    Attributes:
+        ids: token ids: the chat-rendered prompt with the image placeholder expanded, then response (+ EOS).
+        positions: the scored positions, ascending; position p predicts ids[p + 1].
+        pixels: the image processor's outputs for the sample's image (pixel_values, image_grid_thw, ...),
+            each with the image along dim 0; empty without an image.
+        truncated: the response was cut to fit max_length.
+    """
+
+    ids: list[int]
+    positions: list[int]
+    pixels: dict[str, torch.Tensor]
+    truncated: bool = False
+
+
+class VisionProcessor:
+    """Tokenizer + image processor + chat template of a VLM: samples → `VisionEncoded`.
+
+    Args:
+        family: the model family.
+        tokenizer: the checkpoint's tokenizer.
+        image_processor: its image processor (a PIL-backend one: no torchvision needed).
+        chat_template: a Jinja chat template taking messages whose content is a list of
+            {"type": "image"} and {"type": "text", "text": ...} items.
+        model_config: the model's config (`PretrainedConfig`): token ids of the placeholders, patch size.
+        extra: processor settings that are not in the model config (LLaVA's num_additional_image_tokens).
+    """
+
+    is_vision_processor = True  # how forward.iter_features tells a processor from a tokenizer
+
+    def __init__(self, family: Family, tokenizer, image_processor, chat_template: str, model_config,
+                 extra: dict | None = None):
+        if not chat_template:
+            raise ModelError("the vision-language model has no chat template (chat_template.jinja or the "
+                             "tokenizer's chat_template); it places the image in the prompt")
+        self.family = family
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template
+        self.model_config = model_config
+        self.extra = dict(extra or {})
+        self.image_token_id = int(_config_value(model_config, "image_token_id"))
+        self.marker_ids = frozenset(
+            int(v) for v in (_config_value(model_config, a, None) for a in family.marker_ids) if v is not None)
+
+    # pass-throughs, so that a processor can stand where the tokenizer stood
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    def render(self, prompt: str, image: bool) -> str:
+        """The chat-rendered prompt: one user turn (the image first, then the text) and the assistant's start."""
+        content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": prompt}]
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                  add_generation_prompt=True, chat_template=self.chat_template)
+
+    def image_inputs(self, img) -> dict[str, torch.Tensor]:
+        """The image processor's outputs for one image (image along dim 0)."""
+        out = self.image_processor(images=[img], return_tensors="pt")
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+    def n_image_tokens(self, pixels: dict[str, torch.Tensor]) -> int:
+        """How many placeholder tokens the model fills with the image's features."""
+        if self.family is QWEN2_VL:
+            merge = int(getattr(self.image_processor, "merge_size", None)
+                        or self.model_config.vision_config.spatial_merge_size)
+            return int(pixels["image_grid_thw"][0].prod()) // merge**2
+        # LLaVA: one token per patch, the class token dropped by the "default" feature selection
+        patch = int(self.model_config.vision_config.patch_size)
+        h, w = pixels["pixel_values"].shape[-2:]
+        extra = self.extra.get("num_additional_image_tokens")
+        if extra is None:
+            extra = 1 if getattr(self.model_config.vision_config, "model_type", "") == "clip_vision_model" else 0
+        n = (h // patch) * (w // patch) + int(extra)
+        if getattr(self.model_config, "vision_feature_select_strategy", "default") == "default":
+            n -= 1
+        return n
+
+    def encode(self, prompt: str, response: str, image: ImageRef | None, config: ForwardConfig,
+               where: str = "") -> VisionEncoded:
+        """Tokenise one sample, load and preprocess its image, and pick the scored positions.
+
+        The prompt and the response are tokenised separately (a clean boundary, as for text models). A
+        sample longer than max_length loses response tokens from the right; one whose prompt and image
+        alone do not fit is refused.
+
+        Raises:
+            DataError: the image is invalid or the prompt/response holds a placeholder token; the sample
+                does not fit max_length. ModelError: the chat template placed no image placeholder.
+        """
+        tok = self.tokenizer
+        text = self.render(prompt, image is not None)
+        bos = tok.bos_token
+        p_ids = list(tok(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"])
+        r_ids = list(tok(response, add_special_tokens=False)["input_ids"])
+        if config.add_eos and tok.eos_token_id is not None:
+            r_ids.append(tok.eos_token_id)
+        fail = image.error if image is not None else (lambda m: DataError(f"{where}: {m}" if where else m))
+        if any(t in self.marker_ids for t in r_ids):
+            raise fail("the response holds an image placeholder or vision marker token; remove it from the text")
+        slots = [i for i, t in enumerate(p_ids) if t == self.image_token_id]
+        if len(slots) != (image is not None):
+            if image is not None and not slots:
+                raise ModelError("the chat template placed no image placeholder "
+                                 f"({self.family.image_token}) for an image; use the model's own chat template")
+            raise fail("the prompt holds an image placeholder token; remove it from the prompt text "
+                       "(the chat template places the image)")
+        pixels: dict[str, torch.Tensor] = {}
+        if image is not None:
+            img = image.load()
+            try:
+                pixels = self.image_inputs(img)
+            except (ValueError, RuntimeError) as exc:
+                raise image.error(f"the image processor refused it ({exc})") from exc
+            n = self.n_image_tokens(pixels)
+            s = slots[0]
+            p_ids = p_ids[:s] + [self.image_token_id] * n + p_ids[s + 1 :]
+        truncated = False
+        over = len(p_ids) + len(r_ids) - config.max_length
+        if over > 0:
+            if over >= len(r_ids):
+                raise fail(f"the prompt with its image takes {len(p_ids)} tokens, too many for max_length "
+                           f"{config.max_length}; raise max_length or use a smaller image")
+            r_ids = r_ids[: len(r_ids) - over]
+            truncated = True
+        ids = p_ids + r_ids
+        if config.tokens == "all":
+            mark = self.marker_ids
+            positions = [p for p in range(len(ids) - 1) if ids[p] not in mark and ids[p + 1] not in mark]
+        else:
+            positions = list(range(len(p_ids) - 1, len(ids) - 1))
+        return VisionEncoded(ids, positions, pixels, truncated)
+
+    def fingerprint(self, tokenizer_fingerprint: str) -> str:
+        """sha256 hex over the tokenizer's fingerprint, the image processor's settings, the chat template and
+        the family: what decides the input ids and pixels of a sample."""
+        settings = {k: v for k, v in self.image_processor.to_dict().items() if not k.startswith("_")}
+        payload = {"tokenizer": tokenizer_fingerprint, "family": self.family.name, "image_processor": settings,
+                   "chat_template": self.chat_template, "extra": self.extra}
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(b"forvalue-vision-processor-v1\0" + blob).hexdigest()
+
+    def save_pretrained(self, out_dir: str | os.PathLike[str]) -> None:
+        """Write tokenizer (with the chat template), image processor and `extra` into `out_dir`, so that
+        `load_model(out_dir)` reads them back (beside the model's own save_pretrained)."""
+        self.tokenizer.chat_template = self.chat_template
+        self.tokenizer.save_pretrained(out_dir)
+        self.image_processor.save_pretrained(out_dir)
+        if self.extra:
+            (Path(out_dir) / "processor_config.json").write_text(json.dumps(self.extra, indent=2) + "\n")
+
+
+def _config_value(config, name: str, *default):
+    for attr in (name, name.replace("_id", "_index")):  # LLaVA checkpoints name it image_token_index
+        value = getattr(config, attr, None)
+        if value is not None:
+            return value
+    if default:
+        return default[0]
+    raise ModelError(f"the model config has no {name}; it is not a {type(config).__name__} this version reads")
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def _chat_template(model_dir: Path, tokenizer) -> str | None:
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    for name in ("chat_template.json", "processor_config.json"):
+        try:
+            value = json.loads((model_dir / name).read_text(encoding="utf-8")).get("chat_template")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, str) and value:
+            return value
+    value = getattr(tokenizer, "chat_template", None)
+    return value if isinstance(value, str) and value else None
+
+
+def load_vlm(model_dir: Path, family: Family, shown: str) -> tuple[nn.Module, VisionProcessor]:
+    """Model and processor of a VLM from a local Hugging Face directory (never downloads).
+
+    The model is loaded with transformers' image-text-to-text auto class in its stored dtype; the image
+    processor with the PIL backend.
+
+    Raises:
+        ModelError: a part is missing or fails to load.
+    """
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True, dtype="auto")
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError...
+        raise ModelError(f"cannot load a vision-language model from {shown!r}: {exc}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot load the tokenizer of {shown!r}: {exc}") from exc
+    # the PIL implementation: torchvision's is faster but not installed beside forvalue's torch
+    backend = {"backend": "pil"} if _transformers_major() >= 5 else {"use_fast": False}
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True, **backend)
+    except Exception as exc:
+        raise ModelError(f"cannot load the image processor of {shown!r} (preprocessor_config.json): {exc}") from exc
+    extra = {}
+    try:
+        stored = json.loads((model_dir / "processor_config.json").read_text(encoding="utf-8"))
+        extra = {k: stored[k] for k in ("num_additional_image_tokens",) if k in stored}
+    except (OSError, ValueError):
+        pass
+    processor = VisionProcessor(family, tokenizer, image_processor, _chat_template(model_dir, tokenizer),
+                                model.config, extra)
+    return model, processor
+
+
+# ------------------------------------------------------------------------------------------------ forward
+
+
+def _image_of(sample: tuple) -> ImageRef | None:
+    image = sample[2] if len(sample) > 2 else None
+    if image is None or isinstance(image, ImageRef):
+        return image
+    if isinstance(image, (bytes, bytearray)):
+        return ImageRef(data=bytes(image))
+    return ImageRef(path=os.fspath(image))
+
+
+@torch.inference_mode()
+def forward_batch(model: nn.Module, head: Head, processor: VisionProcessor, batch: Sequence[VisionEncoded],
+                  config: ForwardConfig, with_lse: bool = True) -> Features:
+    """One padded forward pass over `batch` → the features of its scored positions, in batch order."""
+    device = next(model.parameters()).device
+    L = max(len(e.ids) for e in batch)
+    ids = torch.zeros(len(batch), L, dtype=torch.long)
+    mask = torch.zeros(len(batch), L, dtype=torch.long)
+    starts = []
+    for j, e in enumerate(batch):
+        s = L - len(e.ids) if config.padding_side == "left" else 0
+        ids[j, s : s + len(e.ids)] = torch.tensor(e.ids)
+        mask[j, s : s + len(e.ids)] = 1
+        starts.append(s)
+    inputs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
+    with_images = [e for e in batch if e.pixels]
+    for key in (with_images[0].pixels if with_images else {}):
+        value = torch.cat([e.pixels[key] for e in with_images])
+        inputs[key] = value.to(device, dtype=model.dtype) if value.is_floating_point() else value.to(device)
+    if "mm_token_type_ids" in _forward_params(type(model)):
+        inputs["mm_token_type_ids"] = (ids == processor.image_token_id).long().to(device)
+    if processor.family.mrope and with_images:
+        # the model derives the 3-D positions of image and text tokens from the mask; its cache of
+        # position offsets is generation state, reset so that no earlier call leaks into this one
+        for module in (model, getattr(model, "model", None)):
+            if module is not None and getattr(module, "rope_deltas", None) is not None:
+                module.rope_deltas = None
+    else:
+        inputs["position_ids"] = ((mask.cumsum(-1) - 1).clamp(min=0)).to(device)
+    with capture_unembedding_input(model) as probe:
+        try:
+            model(**inputs)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"the vision-language model refused a batch ({exc}); check the image processor "
+                             "settings match the model") from exc
+    hidden = probe.captured
+    assert hidden is not None and hidden.shape[:2] == (len(batch), L)
+    rows_b, rows_p, targets, lens = [], [], [], []
+    for j, e in enumerate(batch):
+        p = torch.tensor(e.positions, dtype=torch.long)
+        rows_b.append(torch.full_like(p, j))
+        rows_p.append(p + starts[j])
+        targets.append(torch.tensor(e.ids, dtype=torch.long)[p + 1])
+        lens.append(p.numel())
+    h = hidden[torch.cat(rows_b).to(device), torch.cat(rows_p).to(device)].to(config.dtype)
+    y = torch.cat(targets).to(device)
+    lse = head.logsumexp(h, config.logits_chunk) if with_lse else torch.full_like(y, math.nan, dtype=h.dtype)
+    offsets = torch.zeros(len(batch) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(torch.tensor(lens), 0)
+    return Features(h.cpu(), y.cpu(), lse.cpu(), offsets, sum(e.truncated for e in batch))
+
+
+@functools.lru_cache(maxsize=32)
+def _forward_params(cls: type) -> frozenset[str]:
+    import inspect
+
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def iter_features(model: nn.Module, processor: VisionProcessor, samples: Sequence[tuple], config: ForwardConfig,
+                  head: Head, bar=None, with_lse: bool = True) -> Iterator[tuple[list[int], Features]]:
+    """Yields (sample indices, their features) batch by batch (see `forward.iter_features`).
+
+    Images are decoded and preprocessed ENCODE_CHUNK samples at a time, so memory does not grow with the
+    corpus; within a chunk, batches are length-sorted and filled to config.batch_tokens.
+
+    Args:
+        samples: (prompt, response) or (prompt, response, image) tuples; image: an `ImageRef`, a path, bytes
+            or None.
+    """
+    for a in range(0, len(samples), ENCODE_CHUNK):
+        chunk = range(a, min(a + ENCODE_CHUNK, len(samples)))
+        encoded = [processor.encode(samples[i][0], samples[i][1], _image_of(samples[i]), config,
+                                    where=f"sample {i}") for i in chunk]
+        for b in plan_batches([len(e.ids) for e in encoded], config.batch_tokens, config.max_batch):
+            feats = forward_batch(model, head, processor, [encoded[i] for i in b], config, with_lse)
+            if bar is not None:
+                bar.update(len(b))
+            yield [a + i for i in b], feats

@@ -1,0 +1,90 @@
+"""Cost of token-level explanations: Index.search with and without explain, same features, alternating.
+
+Builds the example index (as tools/bench_serve.py) unless --index is given; for each query and direction,
+times `search(..., explain=0)` and `search(..., explain=P)` on the same features and checks that every
+explanation's total equals its hit's score. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from forvalue.indexer.forward import Features, Head
+from forvalue.indexer.score import exact_scores
+
+
+def _double(f, head64):
+    """Features in float64, the log-partition recomputed in float64."""
+    h = f.h.double()
+    return Features(h, f.y, head64.logsumexp(h), f.offsets)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--index", default=None, help="an index built with --model [default: the example data]")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--rerank", type=int, default=100)
+    ap.add_argument("--pairs", type=int, default=10)
+    ap.add_argument("--queries", type=int, default=10)
+    ap.add_argument("--json", action="store_true", help="JSON only (the output is JSON anyway)")
+    args = ap.parse_args()
+
+    from bench_serve import example_rows
+
+    from forvalue.indexer.build import BuildConfig, build_index
+    from forvalue.indexer.index import Index
+    from forvalue.indexer.model import load_model
+
+    torch.set_grad_enabled(False)
+    lm = load_model(args.model)
+    tmp = tempfile.TemporaryDirectory()
+    train, queries = example_rows()
+    index_dir = args.index
+    if index_dir is None:
+        index_dir = tmp.name
+        build_index(index_dir, train, lm, BuildConfig(), progress=False)
+    idx = Index.open(index_dir, lm)
+    head64 = Head.from_model(lm.model, torch.float64)
+    plain, explained, worst, tokens, err_score, err_total = [], [], 0.0, [], 0.0, 0.0
+    for i, q in enumerate(queries[: args.queries]):
+        f = idx.encode([q])
+        for d in ("most", "least"):
+            t0 = time.perf_counter()
+            a = idx.search([], args.k, d, args.rerank, features=f)
+            plain.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            b = idx.search([], args.k, d, args.rerank, features=f, explain=args.pairs)
+            explained.append(time.perf_counter() - t0)
+            assert [h.id for h in a.hits] == [h.id for h in b.hits]
+            for h in b.hits:
+                worst = max(worst, abs(h.explanation.total - h.score) / max(abs(h.score), 1e-9))
+                tokens.append((len(h.explanation.query_tokens), len(h.explanation.train_tokens)))
+            if i < 2:  # float64 exact scores of the same features: which of the two float32 numbers is closer
+                ref = exact_scores(_double(f, head64), _double(idx.candidate_features([h.row for h in b.hits]), head64),
+                                   head64).mean(0)
+                for h, r in zip(b.hits, ref.tolist()):
+                    err_score = max(err_score, abs(h.score - r) / abs(r))
+                    err_total = max(err_total, abs(h.explanation.total - r) / abs(r))
+    tmp.cleanup()
+    extra = statistics.median(explained) - statistics.median(plain)
+    print(json.dumps({
+        "model": lm.name, "index_rows": idx.n, "queries": min(args.queries, len(queries)), "k": args.k,
+        "pairs": args.pairs, "search_p50_ms": round(statistics.median(plain) * 1000, 1),
+        "search_explain_p50_ms": round(statistics.median(explained) * 1000, 1),
+        "explain_per_hit_ms": round(extra / args.k * 1000, 2),
+        "mean_tokens_query_train": [round(float(x), 1) for x in np.mean(tokens, axis=0)],
+        "max_relative_total_vs_score": worst,
+        "max_relative_error_vs_float64": {"hit_score": err_score, "explanation_total": err_total},
+    }))
+
+
+if __name__ == "__main__":
+    main()
