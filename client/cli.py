@@ -41,25 +41,27 @@ def handle_errors(fn):
     return wrapper
 
 
-def _fields(prompt: str, response: str, label: str, split: str, clean: str, id_: str):
+def field_options(fn):
+    """--prompt-field ... --image-field: the column names of the input rows, one option per `FieldMap` field
+    (its help string); the command gets them as one `fields` argument (a FieldMap)."""
+    import dataclasses
+
     from forvalue.indexer.data import FieldMap
 
-    return FieldMap(prompt=prompt, response=response, label=label, split=split, clean=clean, id=id_)
+    names = [f.name for f in dataclasses.fields(FieldMap)]
 
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            kwargs["fields"] = FieldMap(**{n: kwargs.pop(f"{n}_field") for n in names})
+        except ValueError as exc:
+            _fail(str(exc))
+        return fn(*args, **kwargs)
 
-def field_options(fn):
-    """--prompt-field ... --id-field: the column names of the input rows."""
-    opts = [
-        click.option("--id-field", "id_field", default="id", show_default=True, help="Column with the sample id."),
-        click.option("--clean-field", default="clean", show_default=True, help="Column with the clean flag."),
-        click.option("--split-field", default="split", show_default=True, help="Column with train|test."),
-        click.option("--label-field", default="label", show_default=True, help="Column with the class label."),
-        click.option("--response-field", default="response", show_default=True, help="Column with the response."),
-        click.option("--prompt-field", default="prompt", show_default=True, help="Column with the prompt."),
-    ]
-    for opt in opts:
-        fn = opt(fn)
-    return fn
+    for f in reversed(dataclasses.fields(FieldMap)):
+        wrapper = click.option(f"--{f.name}-field", f"{f.name}_field", default=f.default, show_default=True,
+                               help=f.metadata["help"])(wrapper)
+    return wrapper
 
 
 def model_options(fn):
@@ -183,8 +185,7 @@ def main(verbose: bool) -> None:
 @field_options
 @handle_errors
 def eval_cmd(data, train_path, model_path, tokens, max_length, batch_tokens, device, method, memory_mb, index_dir,
-             rerank, as_json, no_progress, prompt_field, response_field, label_field, split_field, clean_field,
-             id_field):
+             rerank, as_json, no_progress, fields):
     """Evaluate For-Value on labelled data: AUC and Recall of same-label training rows.
 
     DATA is a JSONL/Parquet file with prompt, response, label and split (train|test) per row; or a
@@ -196,8 +197,6 @@ def eval_cmd(data, train_path, model_path, tokens, max_length, batch_tokens, dev
     from forvalue.indexer.forward import ForwardConfig
     from forvalue.indexer.model import load_model
     from forvalue.indexer.score import ScoreConfig
-
-    fields = _fields(prompt_field, response_field, label_field, split_field, clean_field, id_field)
     if index_dir is not None:
         _eval_through_index(data, index_dir, model_path, device, rerank, as_json, no_progress, fields)
         return
@@ -392,17 +391,14 @@ def first_stage_options(fn):
 @handle_errors
 @first_stage_options
 def index_build_cmd(data, out_dir, split, model_path, tokens, max_length, batch_tokens, device, dim, rank, shard_size,
-                    rerank_top, rerank_dtype, fit_samples, seed, no_progress, prompt_field, response_field, label_field,
-                    split_field, clean_field, id_field, first_stage, ray_address=None, ray_workers=None,
-                    ray_gpu=False):
+                    rerank_top, rerank_dtype, fit_samples, seed, no_progress, fields, first_stage, ray_address=None,
+                    ray_workers=None, ray_gpu=False):
     """Build a new index version over a training corpus and make it CURRENT (resumes a killed build)."""
     import dataclasses
 
     from forvalue.indexer.build import build_index
     from forvalue.indexer.model import load_model
     from forvalue.indexer.store import IndexRoot
-
-    fields = _fields(prompt_field, response_field, label_field, split_field, clean_field, id_field)
     config = _build_config(tokens, max_length, batch_tokens, dim, rank, shard_size, rerank_dtype, fit_samples, seed,
                            rerank_top)
     config = dataclasses.replace(config, first_stage=first_stage)
@@ -428,8 +424,7 @@ def index_build_cmd(data, out_dir, split, model_path, tokens, max_length, batch_
 @click.option("--no-progress", is_flag=True)
 @field_options
 @handle_errors
-def index_add_cmd(index_dir, data, split, model_path, device, batch_tokens, no_progress, prompt_field, response_field,
-                  label_field, split_field, clean_field, id_field):
+def index_add_cmd(index_dir, data, split, model_path, device, batch_tokens, no_progress, fields):
     """Append samples as a new version, with the same vocabulary map and sketch parameters."""
     from forvalue.indexer.build import BuildConfig, build_index
     from forvalue.indexer.model import load_model
@@ -446,7 +441,6 @@ def index_add_cmd(index_dir, data, split, model_path, device, batch_tokens, no_p
         sketch=SketchConfig(rank=sk["rank"], buckets=sk["buckets"], dedicated=sk["dedicated"], seed=sk["seed"],
                             fit_samples=sk["fit_samples"]),
     )
-    fields = _fields(prompt_field, response_field, label_field, split_field, clean_field, id_field)
     samples = _train_rows(data, fields, split)
     lm = load_model(model_path, device=device)
     name = build_index(index_dir, samples, lm, config, progress=not no_progress, base=base)
@@ -670,8 +664,7 @@ def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars
 @field_options
 @handle_errors
 def query_cmd(server, index_dir, model_path, device, prompt, response, valuation_path, k, least, rerank, as_json,
-              explain, explain_pairs, html_path, where_items, group_by, color, token_file, tls, tls_ca, prompt_field,
-              response_field, label_field, split_field, clean_field, id_field):
+              explain, explain_pairs, html_path, where_items, group_by, color, token_file, tls, tls_ca, fields):
     """Which training samples drove this response? The top k by exact For-Value, from a server or an index.
 
     Each hit also carries calibrated scores: pct, the estimated share of the index's training samples with a
@@ -682,8 +675,6 @@ def query_cmd(server, index_dir, model_path, device, prompt, response, valuation
         _fail("give exactly one of --response TEXT (with --prompt) or --valuation FILE")
     if valuation_path is not None:
         from forvalue.indexer.data import load_valuation_set
-
-        fields = _fields(prompt_field, response_field, label_field, split_field, clean_field, id_field)
         samples = [s.as_input() for s in load_valuation_set(valuation_path, fields)]
     else:
         if not response.strip():
@@ -847,8 +838,7 @@ def _query_groups(server, index_dir, model_path, device, samples, field, k, dire
 @field_options
 @handle_errors
 def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, out_path, select_spec, lowest, selected_out,
-             data_path, as_json, html_path, where_items, color, token_file, tls, tls_ca, prompt_field, response_field,
-             label_field, split_field, clean_field, id_field):
+             data_path, as_json, html_path, where_items, color, token_file, tls, tls_ca, fields):
     """Value every training row for a valuation set; select the best rows (data selection) or, with --lowest,
     the worst (noisy data)."""
     from forvalue.indexer.selection import parse_select, scores_format
@@ -878,8 +868,6 @@ def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, out_p
         parse_select(select_spec, sys.maxsize)  # a malformed spec fails now; a count above n once n is known
 
     from forvalue.indexer.data import load_valuation_set, read_samples
-
-    fields = _fields(prompt_field, response_field, label_field, split_field, clean_field, id_field)
     samples = [s.as_input() for s in load_valuation_set(valuation_path, fields)]
     where = _where(where_items)
     if server is not None:

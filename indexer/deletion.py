@@ -115,9 +115,10 @@ def read_id_file(path: str | os.PathLike) -> list[str]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"not valid JSON ({exc.msg})", path=str(p), row=n) from exc
-            if not isinstance(obj, dict) or not isinstance(obj.get("id"), (str, int)) or isinstance(obj.get("id"), bool):
+            value = obj.get("id") if isinstance(obj, dict) else None
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
                 raise DataError('a JSON line needs an "id" (string or int)', path=str(p), row=n)
-            line = str(obj["id"])
+            line = str(value)
         out.append(line)
     if not out:
         raise DataError("holds no ids (one id per line, or JSON lines with an \"id\")", path=str(p))

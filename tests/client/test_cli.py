@@ -199,3 +199,14 @@ def test_index_build_killed_then_resumed_equals_clean(tiny_dir, tmp_path):
     assert not list(killed.glob("builds/*"))  # the finished build was published, nothing left behind
     for shard, inode in kept.items():  # shards finished before the kill were reused, not recomputed
         assert os.stat(a.path / "shards" / shard / "_DONE.json").st_ino == inode
+
+
+def test_field_options_build_one_field_map(tmp_path):
+    """Every FieldMap field has its --X-field option; a clash is one line naming it, exit 2."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"q": "p", "a": " r", "label": "x", "split": "train"}\n')
+    r = CliRunner().invoke(main, ["index", "build", "--data", str(data), "--out", str(tmp_path / "i"),
+                                  "--prompt-field", "q", "--response-field", "q"])
+    assert r.exit_code == 2 and "same column ['q']" in r.output
+    r = CliRunner().invoke(main, ["index", "build", "--help"])
+    assert "--image-field" in r.output and "--prompt-field" in r.output
