@@ -601,6 +601,8 @@ def router_options(fn):
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve Prometheus metrics over HTTP (/metrics) on --host at this port; 0 picks a free one "
                    "(printed) [default: no metrics endpoint].")
+@click.option("--max-explain-pairs", type=click.IntRange(1), default=100, show_default=True,
+              help="Most top token pairs per hit an explained TopK request may ask for (explain_pairs).")
 @click.option("--enable-admin", is_flag=True,
               help="Also serve forvalue.v1.InfluenceAdmin (Delete: takedowns publish a new version without the "
                    "samples and serve it). Off by default; use with --token-file.")
@@ -608,7 +610,7 @@ def router_options(fn):
 @router_options
 def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars, max_queue, grace, batch_wait_ms,
               batch_tokens, max_batch_requests, watch_seconds, no_reflection, token_file, tls_cert, tls_key,
-              metrics_port, enable_admin):
+              metrics_port, max_explain_pairs, enable_admin):
     """Serve an index over gRPC (forvalue.v1.Influence, grpc.health.v1, reflection) until SIGTERM."""
     from forvalue.server.app import serve
     from forvalue.server.config import ServerConfig
@@ -618,7 +620,8 @@ def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars
                           grace_seconds=grace, batch_wait_ms=batch_wait_ms, batch_tokens=batch_tokens,
                           max_batch_requests=max_batch_requests, watch_seconds=watch_seconds,
                           token=read_token(token_file), tls_cert=tls_cert, tls_key=tls_key, metrics_port=metrics_port,
-                          admin=enable_admin)
+                          admin=enable_admin, max_explain_pairs=max_explain_pairs,
+                          default_explain_pairs=min(10, max_explain_pairs))
     if enable_admin and config.token is None:
         click.echo("forvalue: warning: --enable-admin without --token-file: anyone who reaches the port can take "
                    "samples down", err=True)

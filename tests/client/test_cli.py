@@ -210,3 +210,16 @@ def test_field_options_build_one_field_map(tmp_path):
     assert r.exit_code == 2 and "same column ['q']" in r.output
     r = CliRunner().invoke(main, ["index", "build", "--help"])
     assert "--image-field" in r.output and "--prompt-field" in r.output
+
+
+def test_serve_options_reach_the_server_config(tmp_path, monkeypatch):
+    import forvalue.server.app as app
+
+    seen = {}
+    monkeypatch.setattr(app, "serve", lambda config, address, announce=None: seen.update(config=config, address=address))
+    r = CliRunner().invoke(main, ["serve", "--index", str(tmp_path), "--port", "0", "--max-explain-pairs", "4",
+                                  "--enable-admin"])
+    assert r.exit_code == 0, r.output
+    cfg = seen["config"]
+    assert (cfg.max_explain_pairs, cfg.default_explain_pairs, cfg.admin) == (4, 4, True)
+    assert "--enable-admin without --token-file" in r.output
