@@ -256,6 +256,40 @@ class InfluenceServer:
         await self.server.wait_for_termination()
 
 
+def build_grpc_server(config, address: str, register: Callable[[grpc.aio.Server], None]
+                      ) -> tuple[grpc.aio.Server, HealthServicer, int]:
+    """A grpc.aio server with message limits, bearer-token auth and TLS from `config`, the services `register`
+    adds, health and (with config.reflection) reflection, bound to `address` → (server, health, bound port).
+
+    Shared by the influence server and the shard router (their configs have the same fields for this).
+
+    Raises:
+        ConfigError: the address cannot be bound; a TLS certificate or key file is unreadable or invalid.
+    """
+    options = [("grpc.max_receive_message_length", config.max_message_bytes),
+               ("grpc.max_send_message_length", config.max_message_bytes),
+               ("grpc.so_reuseport", 0)]
+    credentials = server_credentials(config)  # first: a bad TLS file fails before anything is built
+    interceptors = [TokenAuthInterceptor(config.token)] if config.token is not None else []
+    # no maximum_concurrent_rpcs: it would refuse health checks too under load; the batcher's queue bound
+    # (config.max_queue) refuses model work only
+    server = grpc.aio.server(options=options, interceptors=interceptors)
+    register(server)
+    health_servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if config.reflection:
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+    try:
+        port = (server.add_insecure_port(address) if credentials is None
+                else server.add_secure_port(address, credentials))
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {address}: {exc}") from exc
+    if port == 0:
+        raise ConfigError(f"cannot listen on {address}")
+    return server, health_servicer, port
+
+
 def create_server(config: ServerConfig, address: str = "127.0.0.1:0", load: Callable | None = None
                   ) -> tuple[InfluenceServer, int]:
     """Build and bind (but do not start) the server; call it with the event loop that will run it.
@@ -271,29 +305,9 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0", load: Call
     Raises:
         ConfigError: the address cannot be bound; a TLS certificate or key file is unreadable or invalid.
     """
-    options = [("grpc.max_receive_message_length", config.max_message_bytes),
-               ("grpc.max_send_message_length", config.max_message_bytes),
-               ("grpc.so_reuseport", 0)]
-    credentials = server_credentials(config)  # first: a bad TLS file fails before anything is built
-    interceptors = [TokenAuthInterceptor(config.token)] if config.token is not None else []
-    # no maximum_concurrent_rpcs: it would refuse health checks too under load; the batcher's queue bound
-    # (config.max_queue) refuses model work only
-    server = grpc.aio.server(options=options, interceptors=interceptors)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forvalue-model")
     servicer = InfluenceServicer(config, executor, Metrics())
-    add_to_server(servicer, server)
-    health_servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if config.reflection:
-        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, server)
-    try:
-        port = (server.add_insecure_port(address) if credentials is None
-                else server.add_secure_port(address, credentials))
-    except RuntimeError as exc:
-        raise ConfigError(f"cannot listen on {address}: {exc}") from exc
-    if port == 0:
-        raise ConfigError(f"cannot listen on {address}")
+    server, health_servicer, port = build_grpc_server(config, address, lambda s: add_to_server(servicer, s))
     return InfluenceServer(server, port, config, servicer, health_servicer, executor,
                            load or (lambda: open_index(config)), metrics_host=address.rsplit(":", 1)[0].strip("[]")
                            ), port

@@ -41,15 +41,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 
 from forvalue.indexer.errors import ConfigError, IndexMismatchError
 
-from .app import HealthServicer
+from .app import HealthServicer, build_grpc_server
 from .metrics import REQUEST_ID, Metrics
 from .protocol import SERVICE_NAME, pb
-from .security import TokenAuthInterceptor, server_credentials
+from .servicer import add_influence_handlers
 from .status import DeadlineExceededError, NotReadyError, rpc
 
 log = logging.getLogger("forvalue.server.router")
@@ -340,20 +339,6 @@ class RouterServicer:
         return msg
 
 
-def add_router_to_server(servicer: RouterServicer, server: grpc.aio.Server) -> None:
-    """Register the router with raw-bytes requests, as `servicer.add_to_server` does for the servicer."""
-    handlers = {
-        "TopK": grpc.unary_unary_rpc_method_handler(
-            servicer.TopK, response_serializer=pb.TopKResponse.SerializeToString),
-        "ScoreAll": grpc.unary_stream_rpc_method_handler(
-            servicer.ScoreAll, response_serializer=pb.ScoreAllChunk.SerializeToString),
-        "Info": grpc.unary_unary_rpc_method_handler(
-            servicer.Info, response_serializer=pb.InfoResponse.SerializeToString),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
-
-
 class RouterServer:
     """A bound grpc.aio router with health (SERVING once started) and optional reflection."""
 
@@ -386,25 +371,9 @@ def create_router(config: RouterConfig, address: str = "127.0.0.1:0") -> tuple[R
     Raises:
         ConfigError: the address cannot be bound; a TLS file is unreadable or invalid.
     """
-    options = [("grpc.max_receive_message_length", config.max_message_bytes),
-               ("grpc.max_send_message_length", config.max_message_bytes), ("grpc.so_reuseport", 0)]
-    credentials = server_credentials(config)
-    interceptors = [TokenAuthInterceptor(config.token)] if config.token is not None else []
-    server = grpc.aio.server(options=options, interceptors=interceptors)
     servicer = RouterServicer(config)
-    add_router_to_server(servicer, server)
-    health_servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if config.reflection:
-        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, server)
-    try:
-        port = (server.add_insecure_port(address) if credentials is None
-                else server.add_secure_port(address, credentials))
-    except RuntimeError as exc:
-        raise ConfigError(f"cannot listen on {address}: {exc}") from exc
-    if port == 0:
-        raise ConfigError(f"cannot listen on {address}")
+    server, health_servicer, port = build_grpc_server(config, address,
+                                                      lambda s: add_influence_handlers(servicer, s))
     return RouterServer(server, port, config, servicer, health_servicer), port
 
 

@@ -160,8 +160,9 @@ class InfluenceServicer(pb_grpc.InfluenceServicer):
         return convert.info_response(served.index.manifest, served.version)
 
 
-def add_to_server(servicer: InfluenceServicer, server: grpc.aio.Server) -> None:
-    """Register the servicer with raw-bytes requests (parsed by `status.rpc`, so garbage is INVALID_ARGUMENT)."""
+def add_influence_handlers(servicer: Any, server: grpc.aio.Server) -> None:
+    """Register `servicer`'s TopK, ScoreAll and Info (an InfluenceServicer, or the shard router's) as
+    forvalue.v1.Influence with raw-bytes requests (parsed by `status.rpc`, so garbage is INVALID_ARGUMENT)."""
     handlers = {
         "TopK": grpc.unary_unary_rpc_method_handler(
             servicer.TopK, response_serializer=pb.TopKResponse.SerializeToString),
@@ -172,6 +173,11 @@ def add_to_server(servicer: InfluenceServicer, server: grpc.aio.Server) -> None:
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def add_to_server(servicer: InfluenceServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer: Influence, and InfluenceAdmin when its config enables it."""
+    add_influence_handlers(servicer, server)
     if servicer._config.admin:
         admin = {"Delete": grpc.unary_unary_rpc_method_handler(
             servicer.Delete, response_serializer=pb.DeleteResponse.SerializeToString)}
