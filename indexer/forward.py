@@ -308,6 +308,42 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def pad_batch(seqs: Sequence[Sequence[int]], padding_side: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Token id sequences → (ids (B, L), attention mask (B, L), where each sequence starts in its row)."""
+    L = max(len(q) for q in seqs)
+    ids = torch.zeros(len(seqs), L, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    starts = []
+    for j, q in enumerate(seqs):
+        s = L - len(q) if padding_side == "left" else 0
+        ids[j, s : s + len(q)] = torch.tensor(q)
+        mask[j, s : s + len(q)] = 1
+        starts.append(s)
+    return ids, mask, starts
+
+
+def scored_features(hidden: torch.Tensor, seqs: Sequence[Sequence[int]], positions: Sequence[torch.Tensor],
+                    starts: Sequence[int], head: Head, config: ForwardConfig, with_lse: bool, truncated: int
+                    ) -> Features:
+    """The features of the scored positions of a padded pass, in batch order.
+
+    Args:
+        hidden: (B, L, d) lm_head inputs of the pass. seqs: each row's token ids (unpadded).
+        positions: per row, the scored positions in its unpadded sequence; position p predicts seqs[j][p + 1].
+        starts: where each sequence starts in its padded row (`pad_batch`).
+    """
+    device = hidden.device
+    assert hidden.shape[:2] == (len(seqs), max(len(q) for q in seqs))
+    rows_b = [torch.full_like(p, j) for j, p in enumerate(positions)]
+    rows_p = [p + s for p, s in zip(positions, starts)]
+    y = torch.cat([torch.tensor(q, dtype=torch.long)[p + 1] for q, p in zip(seqs, positions)]).to(device)
+    h = hidden[torch.cat(rows_b).to(device), torch.cat(rows_p).to(device)].to(config.dtype)
+    lse = head.logsumexp(h, config.logits_chunk) if with_lse else torch.full_like(y, math.nan, dtype=h.dtype)
+    offsets = torch.zeros(len(seqs) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(torch.tensor([p.numel() for p in positions]), 0)
+    return Features(h.cpu(), y.cpu(), lse.cpu(), offsets, truncated)
+
+
 @torch.inference_mode()
 def forward_batch(model: nn.Module, head: Head, batch: Sequence[Encoded], config: ForwardConfig,
                   with_lse: bool = True) -> Features:
@@ -318,33 +354,15 @@ def forward_batch(model: nn.Module, head: Head, batch: Sequence[Encoded], config
             (the sketching of an index build) passes False and fills `lse` itself (left empty: NaN).
     """
     device = _model_device(model)
-    L = max(len(e.ids) for e in batch)
-    ids = torch.zeros(len(batch), L, dtype=torch.long)
-    mask = torch.zeros(len(batch), L, dtype=torch.long)
-    starts = []
-    for j, e in enumerate(batch):
-        s = L - len(e.ids) if config.padding_side == "left" else 0
-        ids[j, s : s + len(e.ids)] = torch.tensor(e.ids)
-        mask[j, s : s + len(e.ids)] = 1
-        starts.append(s)
+    seqs = [e.ids for e in batch]
+    ids, mask, starts = pad_batch(seqs, config.padding_side)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with capture_unembedding_input(model) as probe:
         model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device), use_cache=False)
-    hidden = probe.captured
-    assert hidden is not None and hidden.shape[:2] == (len(batch), L)
-    rows_b, rows_p, targets, lens = [], [], [], []
-    for j, e in enumerate(batch):
-        p = torch.arange(e.score_from, len(e.ids) - 1)
-        rows_b.append(torch.full_like(p, j))
-        rows_p.append(p + starts[j])
-        targets.append(torch.tensor(e.ids[e.score_from + 1 :], dtype=torch.long))
-        lens.append(p.numel())
-    h = hidden[torch.cat(rows_b).to(device), torch.cat(rows_p).to(device)].to(config.dtype)
-    y = torch.cat(targets).to(device)
-    lse = head.logsumexp(h, config.logits_chunk) if with_lse else torch.full_like(y, math.nan, dtype=h.dtype)
-    offsets = torch.zeros(len(batch) + 1, dtype=torch.long)
-    offsets[1:] = torch.cumsum(torch.tensor(lens), 0)
-    return Features(h.cpu(), y.cpu(), lse.cpu(), offsets, sum(e.truncated for e in batch))
+    assert probe.captured is not None
+    positions = [torch.arange(e.score_from, len(e.ids) - 1) for e in batch]
+    return scored_features(probe.captured, seqs, positions, starts, head, config, with_lse,
+                           sum(e.truncated for e in batch))
 
 
 def iter_features(

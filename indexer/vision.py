@@ -31,7 +31,6 @@ import functools
 import hashlib
 import io
 import json
-import math
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -43,7 +42,9 @@ import torch
 from torch import nn
 
 from .errors import DataError, ModelError
-from .forward import Features, ForwardConfig, Head, capture_unembedding_input, plan_batches
+from .forward import (
+    Features, ForwardConfig, Head, capture_unembedding_input, pad_batch, plan_batches, scored_features,
+)
 
 # Formats accepted, as PIL names them, with their MIME types.
 IMAGE_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif",
@@ -529,15 +530,8 @@ def forward_batch(model: nn.Module, head: Head, processor: VisionProcessor, batc
                   config: ForwardConfig, with_lse: bool = True) -> Features:
     """One padded forward pass over `batch` → the features of its scored positions, in batch order."""
     device = next(model.parameters()).device
-    L = max(len(e.ids) for e in batch)
-    ids = torch.zeros(len(batch), L, dtype=torch.long)
-    mask = torch.zeros(len(batch), L, dtype=torch.long)
-    starts = []
-    for j, e in enumerate(batch):
-        s = L - len(e.ids) if config.padding_side == "left" else 0
-        ids[j, s : s + len(e.ids)] = torch.tensor(e.ids)
-        mask[j, s : s + len(e.ids)] = 1
-        starts.append(s)
+    seqs = [e.ids for e in batch]
+    ids, mask, starts = pad_batch(seqs, config.padding_side)
     inputs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
     with_images = [e for e in batch if e.pixels]
     for key in (with_images[0].pixels if with_images else {}):
@@ -559,21 +553,10 @@ def forward_batch(model: nn.Module, head: Head, processor: VisionProcessor, batc
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"the vision-language model refused a batch ({exc}); check the image processor "
                              "settings match the model") from exc
-    hidden = probe.captured
-    assert hidden is not None and hidden.shape[:2] == (len(batch), L)
-    rows_b, rows_p, targets, lens = [], [], [], []
-    for j, e in enumerate(batch):
-        p = torch.tensor(e.positions, dtype=torch.long)
-        rows_b.append(torch.full_like(p, j))
-        rows_p.append(p + starts[j])
-        targets.append(torch.tensor(e.ids, dtype=torch.long)[p + 1])
-        lens.append(p.numel())
-    h = hidden[torch.cat(rows_b).to(device), torch.cat(rows_p).to(device)].to(config.dtype)
-    y = torch.cat(targets).to(device)
-    lse = head.logsumexp(h, config.logits_chunk) if with_lse else torch.full_like(y, math.nan, dtype=h.dtype)
-    offsets = torch.zeros(len(batch) + 1, dtype=torch.long)
-    offsets[1:] = torch.cumsum(torch.tensor(lens), 0)
-    return Features(h.cpu(), y.cpu(), lse.cpu(), offsets, sum(e.truncated for e in batch))
+    assert probe.captured is not None
+    positions = [torch.tensor(e.positions, dtype=torch.long) for e in batch]
+    return scored_features(probe.captured, seqs, positions, starts, head, config, with_lse,
+                           sum(e.truncated for e in batch))
 
 
 @functools.lru_cache(maxsize=32)
