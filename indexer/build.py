@@ -271,9 +271,11 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
         if not samples and base is None:
             raise DataError("every sample of the input was taken down from this index (index delete); nothing "
                             "to build", path=str(idx_root.path))
+    base_ids: list[str] = []  # the base version's ids in row order (read once: duplicates, then takedowns)
     if base is not None:
         _check_compatible(base.manifest, params)
-        old_ids = {str(r["id"]) for r in base.rows(np.arange(base.n))}
+        base_ids = _row_ids(base)
+        old_ids = set(base_ids)
         dup = next((s for s in samples if s.id in old_ids), None)
         if dup is not None:
             raise DataError(f"id {dup.id!r} is already in index version {base.name}; give new samples new ids "
@@ -351,8 +353,7 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
     with takedown_lock(idx_root):  # a deletion finishing meanwhile is carried into this version too
         takedowns = current_takedowns(idx_root)
         if takedowns:
-            row_ids = [] if base is None else _row_ids(base)
-            rows = hidden_rows(row_ids + [s.id for s in samples], takedowns)
+            rows = hidden_rows(base_ids + [s.id for s in samples], takedowns)
             build.put_json(DELETED_FILE, deleted_json(takedowns, rows))
             manifest["deleted"] = {"ids": len(takedowns), "rows": int(rows.size)}
         return idx_root.publish(build, manifest)

@@ -151,7 +151,8 @@ class FieldIndex:
         out = np.ones(self.n, dtype=bool)
         for field, values in where.terms:
             codes, keys = self.codes(field)
-            wanted = [c for c, k in enumerate(keys) if k in set(values)]
+            chosen = set(values)
+            wanted = [c for c, k in enumerate(keys) if k in chosen]
             out &= np.isin(codes, np.asarray(wanted, dtype=np.int32))
         return out
 
