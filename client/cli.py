@@ -64,21 +64,78 @@ def field_options(fn):
     return wrapper
 
 
+# indexer.model.DTYPE_CHOICES, spelled out so that --help needs no torch (a test keeps them equal)
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+_DTYPE_KEY = "forvalue.dtype"
+
+
+def dtype_option(fn):
+    """--dtype: the precision of the forward pass. The command does not take it: `_load_model` reads it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        click.get_current_context().meta[_DTYPE_KEY] = kwargs.pop("dtype")
+        return fn(*args, **kwargs)
+
+    return click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
+                        help="Precision of the forward pass: auto = bfloat16 on a GPU (float16 where it has no "
+                             "bfloat16), float32 on a CPU. Scores are computed in float32 either way.")(wrapper)
+
+
+def _dtype() -> str:
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(_DTYPE_KEY, "auto") if ctx is not None else "auto"
+
+
+def _load_model(model_path, device):
+    """The model for a command, on `device` in the command's --dtype."""
+    from forvalue.indexer.model import load_model
+
+    return load_model(model_path, device=device, dtype=_dtype())
+
+
+class BatchTokens(click.ParamType):
+    """--batch-tokens: a positive integer, or "auto" (sized to the device, `forward.auto_batch_tokens`)."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            self.fail(f"{value!r} is neither a positive integer nor 'auto'", param, ctx)
+        return n
+
+
+def _batch_sizes(batch_tokens, lm, max_length: int) -> tuple[int, int]:
+    """(batch_tokens, max_batch) for the loaded model: "auto" sizes them to its device's memory."""
+    from forvalue.indexer.forward import GPU_MAX_BATCH, auto_batch_tokens
+
+    if batch_tokens == "auto":
+        return auto_batch_tokens(lm.model, max_length)
+    return batch_tokens, (GPU_MAX_BATCH if lm.device.type == "cuda" else 64)
+
+
 def model_options(fn):
     opts = [
         click.option("--device", default="cpu", show_default=True, help="torch device for the forward pass."),
-        click.option("--batch-tokens", type=click.IntRange(1), default=4096, show_default=True,
-                     help="Padded tokens per forward batch."),
+        click.option("--batch-tokens", type=BatchTokens(), default="auto", show_default=True,
+                     help="Padded tokens per forward batch; auto: 4096 on a CPU, sized to the free memory on a GPU."),
         click.option("--max-length", type=click.IntRange(2), default=2048, show_default=True,
                      help="Longest token sequence; longer samples lose prompt tokens from the left."),
         click.option("--tokens", type=click.Choice(["response", "all"]), default="response", show_default=True,
                      help="Scored positions: the response (+EOS), or every position of prompt + response."),
         click.option("--model", "model_path", default=None,
-                     help="Local Hugging Face model directory or .gguf file [default: SmolLM2-135M-Instruct]."),
+                     help="Local Hugging Face model directory or .gguf file [default: SmolLM2-135M-Instruct]; "
+                          "random:ARCH (e.g. random:qwen2.5-0.5b) times a randomly initialised real architecture."),
     ]
     for opt in opts:
         fn = opt(fn)
-    return fn
+    return dtype_option(fn)
 
 
 def color_option(fn):
@@ -195,17 +252,17 @@ def eval_cmd(data, train_path, model_path, tokens, max_length, batch_tokens, dev
     from forvalue.indexer.data import load_eval_sets
     from forvalue.indexer.evaluate import run_eval
     from forvalue.indexer.forward import ForwardConfig
-    from forvalue.indexer.model import load_model
     from forvalue.indexer.score import ScoreConfig
     if index_dir is not None:
         _eval_through_index(data, index_dir, model_path, device, rerank, as_json, no_progress, fields)
         return
-    fwd = ForwardConfig(tokens=tokens, max_length=max_length, batch_tokens=batch_tokens)
     score = ScoreConfig(method=method, memory_mb=memory_mb)
     valuation, train = load_eval_sets(data, train_path, fields)
     t0 = time.perf_counter()
-    lm = load_model(model_path, device=device)
+    lm = _load_model(model_path, device)
     load_seconds = time.perf_counter() - t0
+    batch_tokens, max_batch = _batch_sizes(batch_tokens, lm, max_length)
+    fwd = ForwardConfig(tokens=tokens, max_length=max_length, batch_tokens=batch_tokens, max_batch=max_batch)
     result = run_eval(lm, valuation, train, fwd, score, progress=not no_progress)
     report = {"data": str(data), **result.report, "load_seconds": load_seconds}
     if as_json:
@@ -218,11 +275,10 @@ def _eval_through_index(data, index_dir, model_path, device, rerank, as_json, no
     from forvalue.indexer.data import load_valuation_set
     from forvalue.indexer.evaluate import run_index_eval
     from forvalue.indexer.index import Index
-    from forvalue.indexer.model import load_model
 
     valuation = load_valuation_set(data, fields, require=("label",))
     t0 = time.perf_counter()
-    lm = load_model(model_path, device=device)
+    lm = _load_model(model_path, device)
     index = Index.open(index_dir, lm)
     load_seconds = time.perf_counter() - t0
     report = {"data": str(data), "index": str(index_dir),
@@ -397,13 +453,14 @@ def index_build_cmd(data, out_dir, split, model_path, tokens, max_length, batch_
     import dataclasses
 
     from forvalue.indexer.build import build_index
-    from forvalue.indexer.model import load_model
     from forvalue.indexer.store import IndexRoot
-    config = _build_config(tokens, max_length, batch_tokens, dim, rank, shard_size, rerank_dtype, fit_samples, seed,
-                           rerank_top)
+    config = _build_config(tokens, max_length, 4096 if batch_tokens == "auto" else batch_tokens, dim, rank, shard_size,
+                           rerank_dtype, fit_samples, seed, rerank_top)
     config = dataclasses.replace(config, first_stage=first_stage)
     samples = _train_rows(data, fields, split)
-    lm = load_model(model_path, device=device)
+    lm = _load_model(model_path, device)
+    batch_tokens, max_batch = _batch_sizes(batch_tokens, lm, max_length)
+    config = dataclasses.replace(config, batch_tokens=batch_tokens, max_batch=max_batch)
     if ray_address is not None:
         from forvalue.indexer.raybuild import RayOptions, build_index_ray
 
@@ -420,14 +477,17 @@ def index_build_cmd(data, out_dir, split, model_path, tokens, max_length, batch_
 @click.option("--split", default=None, help="Add only the rows with this split value.")
 @click.option("--model", "model_path", default=None, help="The model the index was built with [default model].")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--batch-tokens", type=click.IntRange(1), default=4096, show_default=True)
+@click.option("--batch-tokens", type=BatchTokens(), default="auto", show_default=True,
+              help="Padded tokens per forward batch; auto: 4096 on a CPU, sized to the free memory on a GPU.")
 @click.option("--no-progress", is_flag=True)
+@dtype_option
 @field_options
 @handle_errors
 def index_add_cmd(index_dir, data, split, model_path, device, batch_tokens, no_progress, fields):
     """Append samples as a new version, with the same vocabulary map and sketch parameters."""
+    import dataclasses
+
     from forvalue.indexer.build import BuildConfig, build_index
-    from forvalue.indexer.model import load_model
     from forvalue.indexer.sketch import SketchConfig
     from forvalue.indexer.store import IndexRoot
 
@@ -436,13 +496,15 @@ def index_add_cmd(index_dir, data, split, model_path, device, batch_tokens, no_p
     m = base.manifest
     sk = m["sketch"]
     config = BuildConfig(
-        tokens=m["tokens"], max_length=m["max_length"], rerank_dtype=m["rerank_dtype"], batch_tokens=batch_tokens,
+        tokens=m["tokens"], max_length=m["max_length"], rerank_dtype=m["rerank_dtype"],
         rerank_top=int(m.get("rerank_top", 0)),
         sketch=SketchConfig(rank=sk["rank"], buckets=sk["buckets"], dedicated=sk["dedicated"], seed=sk["seed"],
                             fit_samples=sk["fit_samples"]),
     )
     samples = _train_rows(data, fields, split)
-    lm = load_model(model_path, device=device)
+    lm = _load_model(model_path, device)
+    batch_tokens, max_batch = _batch_sizes(batch_tokens, lm, m["max_length"])
+    config = dataclasses.replace(config, batch_tokens=batch_tokens, max_batch=max_batch)
     name = build_index(index_dir, samples, lm, config, progress=not no_progress, base=base)
     _print_summary(root.load(name, verify=False).manifest, name)
 
@@ -606,6 +668,7 @@ def router_options(fn):
 @click.option("--enable-admin", is_flag=True,
               help="Also serve forvalue.v1.InfluenceAdmin (Delete: takedowns publish a new version without the "
                    "samples and serve it). Off by default; use with --token-file.")
+@dtype_option
 @handle_errors
 @router_options
 def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars, max_queue, grace, batch_wait_ms,
@@ -615,7 +678,7 @@ def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars
     from forvalue.server.app import serve
     from forvalue.server.config import ServerConfig
 
-    config = ServerConfig(index_dir=index_dir, model_path=model_path, device=device, k_cap=k_cap,
+    config = ServerConfig(index_dir=index_dir, model_path=model_path, device=device, dtype=_dtype(), k_cap=k_cap,
                           max_sample_chars=max_sample_chars, max_queue=max_queue, reflection=not no_reflection,
                           grace_seconds=grace, batch_wait_ms=batch_wait_ms, batch_tokens=batch_tokens,
                           max_batch_requests=max_batch_requests, watch_seconds=watch_seconds,
@@ -665,6 +728,7 @@ def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars
 @color_option
 @client_options
 @field_options
+@dtype_option
 @handle_errors
 def query_cmd(server, index_dir, model_path, device, prompt, response, valuation_path, k, least, rerank, as_json,
               explain, explain_pairs, html_path, where_items, group_by, color, token_file, tls, tls_ca, fields):
@@ -708,9 +772,8 @@ def query_cmd(server, index_dir, model_path, device, prompt, response, valuation
         source = f"server {server}"
     else:
         from forvalue.indexer.index import Index
-        from forvalue.indexer.model import load_model
 
-        index = Index.open(index_dir, load_model(model_path, device=device))
+        index = Index.open(index_dir, _load_model(model_path, device))
         features = index.encode(samples) if len(directions) > 1 else None
         results = {d: index.search(samples, k=k, direction=d, rerank=rerank, features=features, explain=pairs,
                                    where=where) for d in directions}
@@ -785,9 +848,8 @@ def _query_groups(server, index_dir, model_path, device, samples, field, k, dire
         source = f"server {server}"
     else:
         from forvalue.indexer.index import Index
-        from forvalue.indexer.model import load_model
 
-        index = Index.open(index_dir, load_model(model_path, device=device))
+        index = Index.open(index_dir, _load_model(model_path, device))
         result = index.group_by(samples, field, k=k, direction=direction, where=where)
         source = f"index {index_dir}"
     if as_json:
@@ -839,6 +901,7 @@ def _query_groups(server, index_dir, model_path, device, samples, field, k, dire
 @color_option
 @client_options
 @field_options
+@dtype_option
 @handle_errors
 def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, out_path, select_spec, lowest, selected_out,
              data_path, as_json, html_path, where_items, color, token_file, tls, tls_ca, fields):
@@ -882,9 +945,8 @@ def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, out_p
         subset = None if selected_out is None else _corpus_rows(corpus, [ids[i] for i in ranked[0]], data_path)
     else:
         from forvalue.indexer.index import Index
-        from forvalue.indexer.model import load_model
 
-        index = Index.open(index_dir, load_model(model_path, device=device))
+        index = Index.open(index_dir, _load_model(model_path, device))
         rows, scores = _index_score_all(index, samples, batch, where)
         ids = [str(row["id"]) for row in index.version.rows(rows)]
         version, source = index.version.name, f"index {index_dir}"

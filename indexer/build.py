@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +29,6 @@ from .forward import TOKEN_SCOPES, Features, ForwardConfig, Head, iter_features,
 from .filters import FieldIndex
 from .firststage import FirstStageConfig
 from .model import LoadedModel
-from .score import self_scores
 from .sketch import SketchConfig, Sketcher, fit_sketcher, sketch_from_residuals, vocab_pass
 from .store import Build, IndexRoot, Version
 
@@ -48,7 +48,8 @@ class BuildConfig:
         shard_size: samples per shard (the unit of resumption).
         rerank_dtype: storage of the hidden states kept for exact re-ranking: "float32" (exact) or
             "float16" (half the bytes; scores then differ from exact in the 3rd-4th digit).
-        max_length, batch_tokens: as in ForwardConfig.
+        max_length, batch_tokens, max_batch: as in ForwardConfig (`forward.auto_batch_tokens` sizes the last
+            two to the device's memory).
         rerank_top: per training token, the largest next-token probabilities stored (with the norm of the
             rest) so that queries rule out candidates by certified bounds before exact scoring (rerank.py);
             0 = none (every candidate is scored exactly). 8 + 4/m bytes per token each.
@@ -63,6 +64,7 @@ class BuildConfig:
     rerank_dtype: str = "float32"
     max_length: int = 2048
     batch_tokens: int = 4096
+    max_batch: int = 64
     rerank_top: int = 32
     first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
 
@@ -77,7 +79,8 @@ class BuildConfig:
             raise ConfigError(f"rerank_top must be >= 0, got {self.rerank_top}")
 
     def forward(self) -> ForwardConfig:
-        return ForwardConfig(tokens=self.tokens, max_length=self.max_length, batch_tokens=self.batch_tokens)
+        return ForwardConfig(tokens=self.tokens, max_length=self.max_length, batch_tokens=self.batch_tokens,
+                             max_batch=self.max_batch)
 
 
 def corpus_fingerprint(samples: Sequence[Sample]) -> str:
@@ -106,12 +109,15 @@ def _params(lm: LoadedModel, config: BuildConfig) -> dict:
              "vocab_size": int(vocab_size), "hidden_size": int(hidden_size)}
     if lm.processor is not None:  # a vision-language model: its family (vision.py)
         model["vision"] = lm.processor.family.name
-    return {
+    params = {
         "model": model,
         "tokens": config.tokens, "max_length": config.max_length, "add_eos": True,
         "sketch": _sketch_params(config.sketch), "rerank_dtype": config.rerank_dtype,
         "rerank_top": config.rerank_top,
     }
+    if lm.dtype != torch.float32:  # a half-precision pass gives slightly other features: a build of its own
+        params["forward_dtype"] = str(lm.dtype).removeprefix("torch.")
+    return params
 
 
 def _row_metadata(s: Sample) -> dict:
@@ -145,10 +151,12 @@ def fit_maps(lm: LoadedModel, head: Head, samples: Sequence[Sample], config: Bui
     pairs = [samples[i].as_input() for i in order]
     cache: dict[int, Features] = {}
     parts = []
-    for idx, f in iter_features(lm.model, lm.preprocessor, pairs, config.forward(), head, progress, "fit"):
+    fwd = dataclasses.replace(config.forward(), on_device=True)  # the fit's vocabulary pass runs there too
+    for idx, f in iter_features(lm.model, lm.preprocessor, pairs, fwd, head, progress, "fit"):
         parts.append(f)
+        host = f.to("cpu")
         for j, i in enumerate(idx):
-            cache[order[i]] = f.select([j])
+            cache[order[i]] = host.select([j])
     return fit_sketcher(Features.concat(parts), head, config.sketch), cache
 
 
@@ -164,69 +172,124 @@ def load_maps(arrays: dict[str, np.ndarray], buckets: int) -> Sketcher:
                     torch.from_numpy(np.array(arrays["vocab_sign.npy"])), buckets)
 
 
+class _ToHost:
+    """Device → host copies of what a shard stores. On a GPU they go into pinned memory asynchronously
+    (`wait` before reading them), so the copies overlap the next batch's work; on a CPU they are no-ops."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.cuda:
+            return t
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out.copy_(t, non_blocking=True)
+        return out
+
+    def wait(self) -> None:
+        if self.cuda:
+            torch.cuda.current_stream().synchronize()
+
+
 def encode_shard(lm: LoadedModel, head: Head, sk: Sketcher, samples: Sequence[Sample], config: BuildConfig,
                  bar=None, known: Sequence[Features | None] | None = None, norms: bool = True
                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, list[dict]]:
     """Forward pass + sketch for one shard → (per-sample arrays, per-token arrays, token offsets, metadata
     rows), in sample order.
 
+    Everything per token is computed on the model's device, fused in one pass over the vocabulary per
+    batch (log-partition, bucketed residuals, top probabilities, ‖G‖); only what the shard stores is
+    copied to the host (sketches, norms, hidden states in the re-rank dtype, targets, log-partitions, top
+    probabilities).
+
     Args:
+        head: the unembedding on the model's device (float32).
         known: per sample, its features if already computed (by the fit), else None.
         norms: also store ‖G‖ of every sample ("g_norm", for the calibrated cosine of answers); False only
             when adding to an index built before norms were stored (its shards must keep one schema).
     """
+    device = head.weight.device
+    skd = sk.to(device, head.weight.dtype)
     known = list(known) if known is not None else [None] * len(samples)
     todo = [j for j, f in enumerate(known) if f is None]
-    batches: list[tuple[list[int], Features]] = []
+    batches: Iterable[tuple[list[int], Features]] = []
     if len(todo) < len(samples):
         have = [j for j, f in enumerate(known) if f is not None]
-        batches.append((have, Features.concat([known[j] for j in have])))
-        if bar is not None:
-            bar.update(len(have))
-    pairs = [samples[j].as_input() for j in todo]
+        batches = [(have, Features.concat([known[j] for j in have]))]
     if todo:
-        for idx, f in iter_features(lm.model, lm.preprocessor, pairs, config.forward(), head, with_lse=False):
-            batches.append(([todo[i] for i in idx], f))
-            if bar is not None:
-                bar.update(len(idx))
+        pairs = [samples[j].as_input() for j in todo]
+        fwd = dataclasses.replace(config.forward(), on_device=True)
+        batches = itertools.chain(batches, (([todo[i] for i in idx], f) for idx, f in iter_features(
+            lm.model, lm.preprocessor, pairs, fwd, head, with_lse=False)))
+    host = _ToHost(device)
+    half = RERANK_DTYPES[config.rerank_dtype] == np.float16
+    rows_per_block = 4096 if device.type == "cuda" else 512
     order: list[int] = []
-    parts: list[Features] = []
-    sketches: list[torch.Tensor] = []
-    tops = []
-    g_norms: list[torch.Tensor] = []
-    store_dtype = RERANK_DTYPES[config.rerank_dtype]
+    lengths: list[torch.Tensor] = []
+    out: dict[str, list[torch.Tensor]] = {}
     for idx, f in batches:
-        if store_dtype != np.float32:  # everything stored is computed from the h that is stored
-            f.h = torch.from_numpy(f.h.float().numpy().astype(store_dtype).astype(np.float32))
-        # one pass over the vocabulary gives the log-partition, the bucketed residuals and the top
-        # probabilities
-        f.lse, res, top = vocab_pass(f.h, f.y, head, sk.bucket, sk.sign, sk.buckets, config.rerank_top)
-        sketches.append(sketch_from_residuals(f, res, sk.projection))
+        h, y = f.h.to(device), f.y.to(device)
+        if half:  # everything stored is computed from the h that is stored
+            h = h.half().to(h.dtype)
+        vp = vocab_pass(h, y, head, skd.bucket, skd.sign, skd.buckets, config.rerank_top, rows=rows_per_block,
+                        offsets=f.offsets if norms else None)
+        per = {"sketch": sketch_from_residuals(Features(h, y, vp.lse, f.offsets), vp.res, skd.projection),
+               "h": h.half() if half else h, "y": y.int(), "lse": vp.lse}
         if norms:
-            g_norms.append(self_scores(f, head).clamp(min=0).sqrt())
-        parts.append(f)
-        tops.append(top)
+            per["g_norm"] = vp.g_sq.clamp(min=0).sqrt()
+        if vp.top is not None:
+            per |= {"top_ids": vp.top.ids.int(), "top_p": vp.top.probs, "tail_l2": vp.top.tail_l2}
+        for name, t in per.items():
+            out.setdefault(name, []).append(host(t))
+        lengths.append(f.lengths)
         order.extend(idx)
+        if bar is not None:
+            bar.update(len(idx))
+    host.wait()
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
-    cat = Features.concat(parts)
-    feats = cat.select(inverse)
-    sketch = torch.cat(sketches)[inverse]
-    arrays = {"sketch": sketch.float().numpy()}
+    lens = torch.cat(lengths)
+    offsets = torch.zeros(lens.numel() + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(lens, 0)
+    # token rows of the concatenation in sample order
+    src, new_offsets = Features(torch.empty(0), torch.empty(0), torch.empty(0), offsets).token_index(inverse)
+    arrays = {"sketch": torch.cat(out["sketch"])[inverse].float().numpy()}
     if norms:
-        arrays["g_norm"] = torch.cat(g_norms)[inverse].float().numpy()
-    tokens = {
-        "h": feats.h.numpy().astype(store_dtype),
-        "y": feats.y.numpy().astype(np.int32),
-        "lse": feats.lse.float().numpy(),
-    }
-    if config.rerank_top:
-        # token rows of the concatenation, in the order `select(inverse)` put them
-        src, _ = cat.token_index(inverse)
-        tokens["top_ids"] = torch.cat([t.ids for t in tops])[src].numpy().astype(np.int32)
-        tokens["top_p"] = torch.cat([t.probs for t in tops])[src].float().numpy()
-        tokens["tail_l2"] = torch.cat([t.tail_l2 for t in tops])[src].float().numpy()
-    return arrays, tokens, feats.offsets.numpy().astype(np.int64), [_row_metadata(s) for s in samples]
+        arrays["g_norm"] = torch.cat(out["g_norm"])[inverse].float().numpy()
+    tokens = {name: torch.cat(out[name])[src].numpy() for name in ("h", "y", "lse", "top_ids", "top_p", "tail_l2")
+              if name in out}
+    return arrays, tokens, new_offsets.numpy().astype(np.int64), [_row_metadata(s) for s in samples]
+
+
+class _BackgroundWriter:
+    """Writes shards on one background thread while the next shard is computed (at most one in flight).
+
+    A failed write is raised by the next `submit` or by `close`; the shard then simply is not done, and a
+    rerun of the build writes it (shards are written atomically, store.py).
+    """
+
+    def __init__(self, build: Build) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._build = build
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="forvalue-shard-writer")
+        self._pending = None
+
+    def submit(self, i: int, arrays: dict, rows: list[dict], tokens: dict, offsets: np.ndarray) -> None:
+        self.wait()
+        self._pending = self._pool.submit(self._build.write_shard, i, arrays, rows, token_arrays=tokens,
+                                          offsets=offsets)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def _first_stage_info(build: Build, n_shards: int, config: FirstStageConfig) -> dict:
@@ -284,6 +347,16 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
     key_src = json.dumps({"params": params, "corpus": corpus,
                           "base": base.name if base is not None else None}, sort_keys=True)
     build = idx_root.open_build(hashlib.sha256(key_src.encode()).hexdigest()[:24])
+    try:
+        return _build(idx_root, build, samples, lm, config, params, corpus, progress, base, base_ids, write_shards)
+    except BaseException:
+        build.close()  # unpublished: its finished shards stay for a rerun, its lock goes
+        raise
+
+
+def _build(idx_root: IndexRoot, build: Build, samples: Sequence[Sample], lm: LoadedModel, config: BuildConfig,
+           params: dict, corpus: str, progress: bool, base: Version | None, base_ids: list[str], write_shards) -> str:
+    """The body of `build_index` once the build is open: maps, shards, first stage, publication."""
     device = next(lm.model.parameters()).device
     head = Head.from_model(lm.model).to(device)
     t0 = time.perf_counter()
@@ -323,6 +396,7 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
         todo = sum(min(config.shard_size, len(samples) - j * config.shard_size)
                    for j in range(n_new) if first + j not in done)
         bar = tqdm(total=todo, desc="index", unit="sample", dynamic_ncols=True)
+    writer = _BackgroundWriter(build)  # shard j is written while shard j + 1 is computed
     try:
         for j in range(n_new):
             if first + j in done:
@@ -331,10 +405,13 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
             chunk = samples[a : a + config.shard_size]
             known = [fitted.pop(a + i, None) for i in range(len(chunk))]
             arrays, tokens, offsets, rows = encode_shard(lm, head, sk, chunk, config, bar, known, norms)
-            build.write_shard(first + j, arrays, rows, token_arrays=tokens, offsets=offsets)
+            writer.submit(first + j, arrays, rows, tokens, offsets)
     finally:
-        if bar is not None:
-            bar.close()
+        try:
+            writer.close()
+        finally:
+            if bar is not None:
+                bar.close()
 
     n_shards = first + n_new
     counts = [int(build.read_shard_array(i, "offsets").shape[0] - 1) for i in range(n_shards)]
@@ -349,6 +426,8 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
         "shard_sizes": counts,
         "index": faiss_info,
         "build_seconds": round(time.perf_counter() - t0, 2),
+        "forward": {"device": device.type, "dtype": str(lm.dtype).removeprefix("torch."),
+                    "batch_tokens": config.batch_tokens, "max_batch": config.max_batch},
     }
     with takedown_lock(idx_root):  # a deletion finishing meanwhile is carried into this version too
         takedowns = current_takedowns(idx_root)

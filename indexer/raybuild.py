@@ -82,12 +82,14 @@ class ShardEncoder:
         model_path: what `load_model` loads on the worker (None: the default model).
         config: BuildConfig as JSON (`_config_to_json`).
         device: torch device of the worker's forward passes ("cuda" on GPU actors).
+        dtype: precision of the worker's forward passes: the driver's, so that every shard of a build is
+            computed alike (model.load_model).
         norms: also store ‖G‖ per sample (see build.encode_shard).
         threads: torch threads per actor (None: torch's default).
     """
 
     def __init__(self, build_dir: str, model_path: str | None, config: str, device: str = "cpu",
-                 norms: bool = True, threads: int | None = None):
+                 norms: bool = True, threads: int | None = None, dtype: str = "float32"):
         import numpy as np
         import torch
 
@@ -98,7 +100,7 @@ class ShardEncoder:
         if threads is not None:
             torch.set_num_threads(threads)
         self.config = _config_from_json(config)
-        self.lm = load_model(model_path, device=device)
+        self.lm = load_model(model_path, device=device, dtype=dtype)
         self.head = Head.from_model(self.lm.model).to(next(self.lm.model.parameters()).device)
         self.writer = ShardWriter(build_dir)
         arrays = {n: np.load(self.writer.path / n, allow_pickle=False) for n in MAP_FILES}
@@ -146,9 +148,10 @@ class RayOptions:
 class RayShards:
     """The `write_shards` hook of `build_index` that runs the shards through Ray Data (see the module docstring)."""
 
-    def __init__(self, config: BuildConfig, options: RayOptions):
+    def __init__(self, config: BuildConfig, options: RayOptions, dtype: str = "float32"):
         self.config = config
         self.options = options
+        self.dtype = dtype
         self.written: list[int] = []  # shards the actors reported done (read by tests and the CLI)
 
     def __call__(self, build, todo: list[tuple[int, Sequence[Sample]]], norms: bool) -> None:
@@ -177,7 +180,7 @@ class RayShards:
             ShardEncoder, batch_size=1,
             fn_constructor_kwargs={"build_dir": str(build.path), "model_path": o.model_path,
                                    "config": _config_to_json(self.config), "device": "cuda" if o.use_gpu else "cpu",
-                                   "norms": norms, "threads": o.cpus_per_worker},
+                                   "norms": norms, "threads": o.cpus_per_worker, "dtype": self.dtype},
             # at least one actor; more as the cluster has room (a lost node shrinks the pool, not the build)
             concurrency=(1, workers), **remote)
         for row in out.iter_rows():
@@ -194,4 +197,5 @@ def build_index_ray(root: str, samples: Sequence[Sample], lm: LoadedModel, confi
             `options.model_path`, which must be the same model (the shards are checked against the
             driver's fingerprint when the index is opened).
     """
-    return build_index(root, samples, lm, config, progress=progress, write_shards=RayShards(config, options))
+    shards = RayShards(config, options, dtype=str(lm.dtype).removeprefix("torch."))
+    return build_index(root, samples, lm, config, progress=progress, write_shards=shards)

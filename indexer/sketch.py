@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -83,6 +84,11 @@ class Sketcher:
     def dim(self) -> int:
         return self.projection.shape[0] * self.buckets
 
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Sketcher:
+        """The same maps on `device` (projection and signs also in `dtype` when given)."""
+        return Sketcher(self.projection.to(device, dtype), self.bucket.to(device), self.sign.to(device, dtype),
+                        self.buckets)
+
     def sketch(self, feats: Features, head: Head, chunk: int = 16384, probs: torch.Tensor | None = None
                ) -> torch.Tensor:
         """Sketches of every sample of `feats` → (n, m · r).
@@ -122,15 +128,93 @@ def bucket_residuals(h: torch.Tensor, y: torch.Tensor, head: Head, bucket: torch
     Returns:
         lse (T,), residuals (T, m).
     """
-    lse, res, _ = vocab_pass(h, y, head, bucket, sign, m, 0, chunk, rows)
-    return lse, res
+    p = vocab_pass(h, y, head, bucket, sign, m, 0, chunk, rows)
+    return p.lse, p.res
+
+
+class VocabPass(NamedTuple):
+    """What one pass over the vocabulary gives (`vocab_pass`).
+
+    Attributes:
+        lse: (T,) log-partition of every row.
+        res: (T, m) bucketed residuals R(e_y − π) of every row.
+        top: the top probabilities of every row, or None when none were asked for.
+        g_sq: (n,) ‖G_j‖² of every sample when `offsets` were given, else None.
+    """
+
+    lse: torch.Tensor
+    res: torch.Tensor
+    top: TopProbs | None
+    g_sq: torch.Tensor | None
+
+
+def _row_blocks(T: int, rows: int, offsets: torch.Tensor | None) -> list[tuple[int, int, list[int]]]:
+    """Blocks of about `rows` rows: (first row, end row, the local starts of the samples in it + its size).
+
+    With offsets the blocks hold whole samples (a sample longer than `rows` is a block of its own), so each
+    sample's Gram matrix is accumulated within one block.
+    """
+    if offsets is None:
+        return [(a, min(a + rows, T), []) for a in range(0, T, rows)]
+    bounds = offsets.tolist()
+    blocks, a, cuts = [], bounds[0], [0]
+    for end in bounds[1:]:
+        if end - a > rows and cuts[-1] > 0:  # close the block before this sample
+            blocks.append((a, a + cuts[-1], cuts))
+            a, cuts = a + cuts[-1], [0]
+        cuts = cuts + [end - a]
+    if cuts[-1] > 0:
+        blocks.append((a, a + cuts[-1], cuts))
+    return blocks
+
+
+class _SampleGrams:
+    """Per sample of a row block, the Gram matrix Σ_v p_kv p_k'v of its rows' exponentials, accumulated
+    chunk by chunk (rescaled with the running maxima) in one batched product over the samples padded to
+    the longest; padded rows are zero and add nothing."""
+
+    def __init__(self, cuts: list[int], dtype: torch.dtype, device: torch.device) -> None:
+        lens = [e - s for s, e in zip(cuts[:-1], cuts[1:])]
+        L = max(max(lens), 1)
+        R = cuts[-1]
+        self.index = torch.full((len(lens), L), R, dtype=torch.long)     # row R: the zero pad row
+        for j, (s, n) in enumerate(zip(cuts[:-1], lens)):
+            self.index[j, :n] = torch.arange(s, s + n)
+        self.index = self.index.to(device)
+        self.mask = self.index < R                                        # (n_s, L) real rows
+        self.gram = torch.zeros(len(lens), L, L, dtype=dtype, device=device)
+
+    def _pad(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """(R, ...) → (n_s, L, ...): each sample's rows, padded with `fill`."""
+        pad = torch.full((1, *x.shape[1:]), fill, dtype=x.dtype, device=x.device)
+        return torch.cat([x, pad])[self.index]
+
+    def add(self, z: torch.Tensor, scale: torch.Tensor) -> None:
+        """Rescale by scale_k scale_k' and add this chunk's Σ_v z_kv z_k'v."""
+        sc = self._pad(scale, 1.0)
+        zp = self._pad(z)
+        self.gram.mul_(sc[:, :, None] * sc[:, None, :]).baddbmm_(zp, zp.transpose(1, 2))
+
+    def squared_norms(self, h: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, f: torch.Tensor, head: Head
+                      ) -> torch.Tensor:
+        """‖G_j‖² = Σ_kk' <h_k, h_k'> α_kk', α = [y_k = y_k'] − π_k(y_k') − π_k'(y_k) + <π_k, π_k'> → (n_s,)."""
+        hp, yp, lp, fp = self._pad(h), self._pad(y), self._pad(lse), self._pad(f)
+        # py[j, k, k'] = π_k(y_k') within sample j: logits of h_k at the sample's targets
+        z = torch.bmm(hp, head.weight[yp].transpose(1, 2))
+        if head.bias is not None:
+            z = z + head.bias[yp][:, None, :]
+        py = torch.exp(head._post(z) - lp[:, :, None])
+        alpha = (yp[:, :, None] == yp[:, None, :]).to(h.dtype) - py - py.transpose(1, 2)
+        alpha += self.gram * (fp[:, :, None] * fp[:, None, :])
+        pair = self.mask[:, :, None] & self.mask[:, None, :]
+        return (torch.bmm(hp, hp.transpose(1, 2)) * alpha * pair).sum((1, 2))
 
 
 def vocab_pass(h: torch.Tensor, y: torch.Tensor, head: Head, bucket: torch.Tensor, sign: torch.Tensor, m: int,
-               top: int = 0, chunk: int = 16384, rows: int = 512
-               ) -> tuple[torch.Tensor, torch.Tensor, TopProbs | None]:
-    """log-partition, R(e_y − π) and (optionally) the top-`top` probabilities of every row, in one pass
-    over the vocabulary.
+               top: int = 0, chunk: int = 16384, rows: int = 512, offsets: torch.Tensor | None = None
+               ) -> VocabPass:
+    """log-partition, R(e_y − π), (optionally) the top-`top` probabilities of every row and (optionally) the
+    squared norm ‖G_j‖² of every sample, in one pass over the vocabulary.
 
     The π-part is accumulated relative to a running maximum of the logits (as in an online softmax) and
     rescaled by exp(max − lse) at the end, so each vocabulary chunk's logits are computed once. Signs are
@@ -139,31 +223,37 @@ def vocab_pass(h: torch.Tensor, y: torch.Tensor, head: Head, bucket: torch.Tenso
     The top entries are merged chunk by chunk; every entry that cannot (or can no longer) be among them
     goes into the tail's sum of squares as it is seen, so the tail norm is a direct sum, not the
     difference of two nearly equal numbers.
+    ‖G_j‖² = Σ_kk' <h_k, h_k'> <e_{y_k} − π_k, e_{y_k'} − π_k'> over the sample's own tokens: the Gram
+    <π_k, π_k'> is accumulated (rescaled like the rest) from the same exponentials, so the norms cost no
+    second pass over the logits (`score.self_scores` is the two-pass reference).
+    Every tensor stays on h's device: on a GPU nothing |V|-wide leaves it.
 
     Args:
-        h: (T, d) hidden states; y: (T,) targets; bucket, sign: (V,) the vocabulary map; m: buckets.
+        h: (T, d) hidden states; y: (T,) targets; bucket, sign: (V,) the vocabulary map on h's device;
+            m: buckets.
         top: probabilities kept per row (0 = none).
-
-    Returns:
-        lse (T,), residuals (T, m), TopProbs or None.
+        offsets: (n + 1,) row offsets of the samples (Features.offsets), to also compute ‖G_j‖².
     """
-    T = h.shape[0]
+    T, dev, dt = h.shape[0], h.device, h.dtype
     top = min(top, head.vocab_size)
     signed = bucket + m * (sign < 0).long()               # (V,) index into the 2m accumulators
-    lse = torch.empty(T, dtype=h.dtype)
-    res = torch.empty(T, m, dtype=h.dtype)
-    top_ids = torch.empty(T, top, dtype=torch.long)
-    top_p = torch.empty(T, top, dtype=h.dtype)
-    tail_l2 = torch.empty(T, dtype=h.dtype)
-    for a in range(0, T, rows):
-        hb = h[a : a + rows]
-        R = hb.shape[0]
-        run_max = torch.full((R,), -math.inf, dtype=h.dtype)
-        total = torch.zeros(R, dtype=h.dtype)              # Σ exp(z − run_max)
-        acc = torch.zeros(R, 2 * m, dtype=h.dtype)         # Σ exp(z − run_max), by signed bucket
-        pool_v = torch.empty(R, 0, dtype=h.dtype)          # top candidates, exp(z − run_max)
-        pool_i = torch.empty(R, 0, dtype=torch.long)
-        tail2 = torch.zeros(R, dtype=h.dtype)              # Σ exp(2(z − run_max)) outside the pool
+    lse = torch.empty(T, dtype=dt, device=dev)
+    res = torch.empty(T, m, dtype=dt, device=dev)
+    top_ids = torch.empty(T, top, dtype=torch.long, device=dev)
+    top_p = torch.empty(T, top, dtype=dt, device=dev)
+    tail_l2 = torch.empty(T, dtype=dt, device=dev)
+    g_sq = None if offsets is None else torch.zeros(offsets.numel() - 1, dtype=dt, device=dev)
+    sample = 0
+    for a, b, cuts in _row_blocks(T, rows, offsets):
+        hb = h[a:b]
+        R = b - a
+        gram = None if g_sq is None else _SampleGrams(cuts, dt, dev)
+        run_max = torch.full((R,), -math.inf, dtype=dt, device=dev)
+        total = torch.zeros(R, dtype=dt, device=dev)               # Σ exp(z − run_max)
+        acc = torch.zeros(R, 2 * m, dtype=dt, device=dev)          # Σ exp(z − run_max), by signed bucket
+        pool_v = torch.empty(R, 0, dtype=dt, device=dev)           # top candidates, exp(z − run_max)
+        pool_i = torch.empty(R, 0, dtype=torch.long, device=dev)
+        tail2 = torch.zeros(R, dtype=dt, device=dev)               # Σ exp(2(z − run_max)) outside the pool
         for c0 in range(0, head.vocab_size, chunk):
             cols = slice(c0, min(c0 + chunk, head.vocab_size))
             z = head.logits(hb, cols)
@@ -173,6 +263,8 @@ def vocab_pass(h: torch.Tensor, y: torch.Tensor, head: Head, bucket: torch.Tenso
             total = total * scale + z.sum(1)
             acc.mul_(scale[:, None])
             acc.index_add_(1, signed[cols], z)
+            if gram is not None:
+                gram.add(z, scale)
             if top:
                 cv, ci = z.topk(min(top, z.shape[1]), dim=1)
                 z.scatter_(1, ci, 0.0)
@@ -184,16 +276,20 @@ def vocab_pass(h: torch.Tensor, y: torch.Tensor, head: Head, bucket: torch.Tenso
                     tail2 += pool_v.scatter(1, pos, 0.0).square_().sum(1)   # the dropped ones
                     pool_v, pool_i = keep_v, pool_i.gather(1, pos)
             run_max = new_max
-        lse[a : a + R] = run_max + torch.log(total)
-        f = torch.exp(run_max - lse[a : a + R])
-        res[a : a + R] = (acc[:, m:] - acc[:, :m]) * f[:, None]
+        lse[a:b] = run_max + torch.log(total)
+        f = torch.exp(run_max - lse[a:b])
+        res[a:b] = (acc[:, m:] - acc[:, :m]) * f[:, None]
         if top:
             order = torch.argsort(pool_v, dim=1, descending=True)
-            top_p[a : a + R] = pool_v.gather(1, order) * f[:, None]
-            top_ids[a : a + R] = pool_i.gather(1, order)
-            tail_l2[a : a + R] = tail2.clamp(min=0).sqrt() * f
-    res[torch.arange(T), bucket[y]] += sign[y]
-    return lse, res, (TopProbs(top_ids, top_p, tail_l2) if top else None)
+            top_p[a:b] = pool_v.gather(1, order) * f[:, None]
+            top_ids[a:b] = pool_i.gather(1, order)
+            tail_l2[a:b] = tail2.clamp(min=0).sqrt() * f
+        if gram is not None:
+            n_s = len(cuts) - 1
+            g_sq[sample : sample + n_s] = gram.squared_norms(hb, y[a:b], lse[a:b], f, head)
+            sample += n_s
+    res[torch.arange(T, device=dev), bucket[y]] += sign[y]
+    return VocabPass(lse, res, TopProbs(top_ids, top_p, tail_l2) if top else None, g_sq)
 
 
 def sketch_from_residuals(feats: Features, residuals: torch.Tensor, projection: torch.Tensor,
@@ -201,8 +297,8 @@ def sketch_from_residuals(feats: Features, residuals: torch.Tensor, projection: 
     """Σ_k r_k ⊗ (P h_k) per sample, flattened bucket-major → (n, m · r)."""
     hp = feats.h @ projection.T                                   # (T, r)
     m, r = residuals.shape[1], hp.shape[1]
-    seg = feats.segment
-    out = torch.zeros(feats.n, m * r, dtype=feats.h.dtype)
+    seg = feats.segment.to(feats.h.device)
+    out = torch.zeros(feats.n, m * r, dtype=feats.h.dtype, device=feats.h.device)
     for a in range(0, hp.shape[0], rows_per_step):
         b = min(a + rows_per_step, hp.shape[0])
         outer = (residuals[a:b, :, None] * hp[a:b, None, :]).reshape(b - a, m * r)
@@ -230,7 +326,7 @@ def fit_projection(h: torch.Tensor, rank: int) -> torch.Tensor:
 
 def token_mass(feats: Features, head: Head, chunk: int = 16384) -> torch.Tensor:
     """Σ_k |e_{y_k} − π_k| per vocabulary id over the fit sample: where G's rows carry weight → (V,)."""
-    mass = torch.zeros(head.vocab_size, dtype=torch.float64)
+    mass = torch.zeros(head.vocab_size, dtype=torch.float64, device=feats.h.device)
     for c0 in range(0, head.vocab_size, chunk):
         cols = slice(c0, min(c0 + chunk, head.vocab_size))
         mass[cols] += head.probs(feats.h, feats.lse, cols).sum(0).double()
@@ -241,9 +337,9 @@ def token_mass(feats: Features, head: Head, chunk: int = 16384) -> torch.Tensor:
 
 
 def fit_sketcher(feats: Features, head: Head, config: SketchConfig) -> Sketcher:
-    """Fits P and R on the features of a sample of the corpus."""
+    """Fits P and R on the features of a sample of the corpus (on their device; the maps come back on the host)."""
     V = head.vocab_size
-    projection = fit_projection(feats.h, config.rank)
+    projection = fit_projection(feats.h, config.rank).cpu()
     if projection.shape[0] < config.rank:  # d < rank: pad with zero rows so the dim stays rank · buckets
         pad = torch.zeros(config.rank - projection.shape[0], projection.shape[1], dtype=projection.dtype)
         projection = torch.cat([projection, pad])
@@ -255,7 +351,7 @@ def fit_sketcher(feats: Features, head: Head, config: SketchConfig) -> Sketcher:
         if V <= m:
             sign = torch.ones(V, dtype=feats.h.dtype)
         return Sketcher(projection, bucket.long(), sign, m)
-    heavy = torch.argsort(token_mass(feats, head), descending=True, stable=True)[:e]
+    heavy = torch.argsort(token_mass(feats, head), descending=True, stable=True)[:e].cpu()
     tail_buckets = m - e
     if tail_buckets > 0:
         bucket = e + torch.randint(0, tail_buckets, (V,), generator=g)

@@ -48,7 +48,7 @@ def open_index(config: ServerConfig, lm=None, version: str | None = None):
     from forvalue.indexer.model import load_model
 
     if lm is None:
-        lm = load_model(config.model_path, device=config.device)
+        lm = load_model(config.model_path, device=config.device, dtype=config.dtype)
     return Index.open(config.index_dir, lm, version=version)
 
 

@@ -15,6 +15,7 @@ class ServerConfig:
         index_dir: index directory; its CURRENT version is served.
         model_path: the model the index was built with (HF directory or .gguf); None = the default model.
         device: torch device of the forward pass.
+        dtype: precision of the forward pass ("auto": bfloat16 on a GPU, float32 on a CPU; see model.load_model).
         k_cap: largest k a TopK request may ask for.
         default_rerank: first-stage candidates scored exactly when a request says rerank = 0.
         max_rerank: largest rerank a request may ask for.
@@ -54,6 +55,7 @@ class ServerConfig:
     index_dir: str
     model_path: str | None = None
     device: str = "cpu"
+    dtype: str = "auto"
     k_cap: int = 1000
     default_rerank: int = 100
     max_rerank: int = 10_000

@@ -2,13 +2,18 @@
 
 bare    model(input_ids, attention_mask) over the same length-bucketed batches (logits included), no
         sketching, no writing;
-index   the build's per-shard work: forward pass, log-partition + sketch, re-rank data, shard writes
-        (fsync'd), FAISS; the sketch-map fit (a one-off pass over a sample) is timed separately.
+index   the build's per-shard work: forward pass, one fused pass over the vocabulary per batch
+        (log-partition, sketch, top probabilities, ‖G‖), re-rank data, shard writes (fsync'd, on the
+        build's background writer), FAISS; the sketch-map fit (a one-off pass over a sample) is timed
+        separately.
 
 The two alternate (bare, index, bare, index, ...) and the best of each is kept, which cancels most of
-this shared machine's noise. Target: ratio = index samples/s ÷ bare samples/s ≥ 0.85 on CPU.
+this shared machine's noise. Target: ratio = index samples/s ÷ bare samples/s ≥ 0.85 on CPU, ≥ 0.90 on GPU.
+Real architectures need no weights: `--model random:qwen2.5-0.5b` (also random:qwen2.5-1.5b,
+random:llama-3.2-1b; indexer/archs.py) times the same as the trained model.
 
-    python tools/bench_index.py --json [--model DIR|FILE.gguf] [--rows 256] [--tokens all]
+    python tools/bench_index.py --json [--model DIR|FILE.gguf|random:ARCH] [--rows 256] [--tokens all]
+                                [--device cuda] [--dtype auto|float32|bfloat16|float16] [--batch-tokens auto|N]
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ import torch
 from forvalue.indexer.build import BuildConfig, encode_shard, fit_maps
 from forvalue.indexer.data import Sample
 from forvalue.indexer.examples import make_transform_dataset
-from forvalue.indexer.forward import Head, encode, plan_batches
-from forvalue.indexer.model import load_model
+from forvalue.indexer.forward import GPU_MAX_BATCH, Head, auto_batch_tokens, encode, plan_batches
+from forvalue.indexer.model import DTYPE_CHOICES, load_model
 from forvalue.indexer.sketch import SketchConfig
 from forvalue.indexer.store import IndexRoot
 
@@ -36,10 +41,17 @@ def corpus(rows: int) -> list[Sample]:
     return [Sample(id=str(i), prompt=r["prompt"], response=r["response"]) for i, r in enumerate(data)]
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.inference_mode()
 def bare_forward(lm, samples, config) -> float:
     fwd = config.forward()
     enc = [encode(lm.tokenizer, s.prompt, s.response, fwd) for s in samples]
+    device = lm.device
+    _sync(device)
     t0 = time.perf_counter()
     for b in plan_batches([len(e.ids) for e in enc], fwd.batch_tokens, fwd.max_batch):
         L = max(len(enc[i].ids) for i in b)
@@ -48,24 +60,33 @@ def bare_forward(lm, samples, config) -> float:
         for j, i in enumerate(b):
             ids[j, : len(enc[i].ids)] = torch.tensor(enc[i].ids)
             mask[j, : len(enc[i].ids)] = 1
-        lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    _sync(device)
     return time.perf_counter() - t0
 
 
 def index_pass(lm, head, sk, samples, config, out_dir) -> float:
     from forvalue.indexer.ann import SketchIndex
+    from forvalue.indexer.build import _BackgroundWriter
 
     root = IndexRoot(out_dir)
     build = root.open_build("bench" + str(time.monotonic_ns()))
+    writer = _BackgroundWriter(build)
+    _sync(lm.device)
     t0 = time.perf_counter()
     index = None
-    for j in range(0, len(samples), config.shard_size):
-        arrays, tokens, offsets, rows = encode_shard(lm, head, sk, samples[j : j + config.shard_size], config)
-        build.write_shard(j // config.shard_size, arrays, rows, token_arrays=tokens, offsets=offsets)
-        if index is None:
-            index = SketchIndex(arrays["sketch"].shape[1])
-        index.add(arrays["sketch"])
-    return time.perf_counter() - t0
+    try:
+        for j in range(0, len(samples), config.shard_size):
+            arrays, tokens, offsets, rows = encode_shard(lm, head, sk, samples[j : j + config.shard_size], config)
+            writer.submit(j // config.shard_size, arrays, rows, tokens, offsets)
+            if index is None:
+                index = SketchIndex(arrays["sketch"].shape[1])
+            index.add(arrays["sketch"])
+    finally:
+        writer.close()
+    seconds = time.perf_counter() - t0
+    build.close()
+    return seconds
 
 
 def main() -> None:
@@ -76,17 +97,26 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--batch-tokens", default="4096", help="padded tokens per batch, or auto (sized to the device)")
+    ap.add_argument("--shard-size", type=int, default=128)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     ap.add_argument("--json", action="store_true", help="JSON only (the output is JSON anyway)")
     args = ap.parse_args()
 
     torch.set_grad_enabled(False)
-    lm = load_model(args.model)
-    head = Head.from_model(lm.model)
+    t0 = time.perf_counter()
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    load_s = time.perf_counter() - t0
+    head = Head.from_model(lm.model).to(lm.device)
     samples = corpus(args.rows)
+    if args.batch_tokens == "auto":
+        batch_tokens, max_batch = auto_batch_tokens(lm.model, 2048)
+    else:
+        batch_tokens, max_batch = int(args.batch_tokens), (GPU_MAX_BATCH if lm.device.type == "cuda" else 64)
     config = BuildConfig(tokens=args.tokens, sketch=SketchConfig(rank=args.rank, buckets=args.dim // args.rank,
                                                                  fit_samples=min(args.rows, 256)),
-                         shard_size=128, batch_tokens=args.batch_tokens)
+                         shard_size=args.shard_size, batch_tokens=batch_tokens, max_batch=max_batch)
     t0 = time.perf_counter()
     sk, _ = fit_maps(lm, head, samples, config)
     fit_s = time.perf_counter() - t0
@@ -98,9 +128,13 @@ def main() -> None:
             idx.append(index_pass(lm, head, sk, samples, config, tmp))
     n_tokens = sum(len(encode(lm.tokenizer, s.prompt, s.response, config.forward()).ids) for s in samples)
     b, i = min(bare), min(idx)
+    device = lm.device.type if lm.device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(lm.device)})"
     print(json.dumps({
-        "device": "cpu", "model": lm.name, "rows": len(samples), "tokens": args.tokens, "input_tokens": n_tokens,
-        "sketch_dim": config.sketch.dim, "batch_tokens": args.batch_tokens, "threads": torch.get_num_threads(),
+        "device": device, "dtype": str(lm.dtype).removeprefix("torch."), "model": lm.name,
+        "parameters": sum(p.numel() for p in lm.model.parameters()), "load_seconds": round(load_s, 2),
+        "rows": len(samples), "tokens": args.tokens, "input_tokens": n_tokens,
+        "sketch_dim": config.sketch.dim, "batch_tokens": batch_tokens, "max_batch": max_batch,
+        "threads": torch.get_num_threads(),
         "bare_seconds": round(b, 2), "index_seconds": round(i, 2), "fit_seconds": round(fit_s, 2),
         "bare_samples_per_s": round(len(samples) / b, 2), "index_samples_per_s": round(len(samples) / i, 2),
         "bare_tokens_per_s": round(n_tokens / b, 1), "index_tokens_per_s": round(n_tokens / i, 1),

@@ -8,7 +8,8 @@ import torch
 from forvalue.indexer.forward import ForwardConfig, Head, extract_features
 from forvalue.indexer.score import exact_scores, reference_G
 from forvalue.indexer.sketch import (
-    SketchConfig, Sketcher, bucket_residuals, fit_projection, fit_sketcher, reference_sketch, token_mass,
+    SketchConfig, Sketcher, _row_blocks, bucket_residuals, fit_projection, fit_sketcher, reference_sketch,
+    token_mass, vocab_pass,
 )
 
 
@@ -88,3 +89,42 @@ def test_token_mass_is_l1_of_residuals(feats):
     e = torch.zeros_like(pi)
     e[torch.arange(pi.shape[0]), f.y] = 1
     torch.testing.assert_close(token_mass(f, head), (e - pi).abs().sum(0), atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("chunk, rows, top", [(7, 3, 0), (128, 512, 5), (50, 1, 0), (33, 20, 3)])
+def test_vocab_pass_norms_equal_explicit_G(feats, chunk, rows, top):
+    """‖G_j‖² fused into the vocabulary pass = the squared Frobenius norm of the explicit G, also when a
+    sample is longer than a row block (rows=1, 3) and with the top probabilities merged in the same pass."""
+    f, head = feats
+    g = torch.Generator().manual_seed(5)
+    m = 8
+    bucket = torch.randint(0, m, (head.vocab_size,), generator=g)
+    sign = (torch.randint(0, 2, (head.vocab_size,), generator=g) * 2 - 1).double()
+    want = (reference_G(f, head).flatten(1) ** 2).sum(1)
+    assert want.min() > 1e-3
+    vp = vocab_pass(f.h, f.y, head, bucket, sign, m, top, chunk, rows, offsets=f.offsets)
+    torch.testing.assert_close(vp.g_sq, want, atol=1e-9, rtol=1e-9)
+    # and the rest of the pass is unchanged by asking for the norms
+    plain = vocab_pass(f.h, f.y, head, bucket, sign, m, top, chunk, rows)
+    assert plain.g_sq is None
+    torch.testing.assert_close(vp.res, plain.res, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(vp.lse, plain.lse, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("lengths, rows", [([3, 0, 5, 2, 7, 1], 6), ([10, 1, 1], 4), ([0, 0, 4], 2), ([2, 2], 100),
+                                           ([4, 0, 0], 3)])
+def test_row_blocks_hold_whole_samples(lengths, rows):
+    """The blocks tile the rows; each sample's rows are one span of one block, spans in sample order (the
+    fused norms count samples by span), and a block is over `rows` only when it holds one sample."""
+    offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    blocks = _row_blocks(offsets[-1], rows, torch.tensor(offsets))
+    spans = []
+    for a, b, cuts in blocks:
+        assert cuts[0] == 0 and cuts[-1] == b - a
+        nonempty = sum(1 for c0, c1 in zip(cuts, cuts[1:]) if c1 > c0)
+        assert b - a <= rows or nonempty == 1
+        spans += [(a + c0, a + c1) for c0, c1 in zip(cuts, cuts[1:])]
+    want = list(zip(offsets, offsets[1:]))
+    assert spans == want[: len(spans)]
+    assert all(s == e for s, e in want[len(spans):])  # only trailing empty samples may be left out
+    assert [(a, b) for a, b, _ in blocks] == list(zip([0] + [b for _, b, _ in blocks[:-1]], [b for _, b, _ in blocks]))
