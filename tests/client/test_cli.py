@@ -223,3 +223,37 @@ def test_serve_options_reach_the_server_config(tmp_path, monkeypatch):
     cfg = seen["config"]
     assert (cfg.max_explain_pairs, cfg.default_explain_pairs, cfg.admin) == (4, 4, True)
     assert "--enable-admin without --token-file" in r.output
+
+
+def test_dtype_and_batch_tokens_reach_the_build(tiny_dir, example, tmp_path):
+    """--dtype bfloat16 builds in half precision (recorded in the manifest); --batch-tokens N is used as
+    given and auto is 4096 on a CPU; a bad value is one line naming the option, exit 2."""
+    out = str(tmp_path / "idx")
+    r = run("index", "build", "--data", example, "--split", "train", "--out", out, "--model", tiny_dir,
+            "--dim", "64", "--rank", "4", "--no-progress", "--dtype", "bfloat16", "--batch-tokens", "300")
+    assert r.exit_code == 0, r.stderr
+    info = json.loads(run("index", "info", out).stdout)
+    assert info["forward_dtype"] == "bfloat16"
+    assert info["forward"] == {"device": "cpu", "dtype": "bfloat16", "batch_tokens": 300, "max_batch": 64}
+    out2 = str(tmp_path / "idx2")
+    r = run("index", "build", "--data", example, "--split", "train", "--out", out2, "--model", tiny_dir,
+            "--dim", "64", "--rank", "4", "--no-progress")
+    assert r.exit_code == 0, r.stderr
+    info = json.loads(run("index", "info", out2).stdout)
+    assert "forward_dtype" not in info and info["forward"]["dtype"] == "float32"
+    assert info["forward"]["batch_tokens"] == 4096
+    for bad in ("0", "lots"):
+        r = run("index", "build", "--data", example, "--out", out2, "--model", tiny_dir, "--batch-tokens", bad)
+        assert r.exit_code == 2 and "--batch-tokens" in r.output and "auto" in r.output
+    r = run("eval", example, "--model", tiny_dir, "--dtype", "int8")
+    assert r.exit_code == 2 and "--dtype" in r.output
+
+
+def test_dtype_reaches_the_server_config(tmp_path, monkeypatch):
+    import forvalue.server.app as app
+
+    seen = {}
+    monkeypatch.setattr(app, "serve", lambda config, address, announce=None: seen.update(config=config))
+    r = CliRunner().invoke(main, ["serve", "--index", str(tmp_path), "--port", "0", "--dtype", "float16"])
+    assert r.exit_code == 0, r.output
+    assert seen["config"].dtype == "float16"
