@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from forvalue.client.cli import main
-from forvalue.client.report import colour, histogram_svg, query_report, rank_report, write_html
+from forvalue.client.report import colour, histogram_svg, query_report, write_html
 from forvalue.indexer.explain import Explanation, PairContribution, TokenContribution
 from forvalue.indexer.index import Hit, SearchResult
 
