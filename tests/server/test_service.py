@@ -290,16 +290,19 @@ def test_stop_drains_in_flight_calls(served_index, local_index):
             wait_for(_queued(srv, 1), what="the call to reach the model's queue")
             import asyncio
 
-            stopped = asyncio.run_coroutine_threadsafe(srv.server.stop(30), srv.loop)
+            # the grace outlasts every bounded wait below (a probe on a draining server can hang until its
+            # own timeout), so the in-flight call can only end by finishing, never by the grace running out
+            stopped = asyncio.run_coroutine_threadsafe(srv.server.stop(300), srv.loop)
 
             def refused():
-                try:
-                    c.health()
-                except ServerError:
-                    return True
+                with InfluenceClient(srv.address, timeout=2) as probe:
+                    try:
+                        probe.health()
+                    except ServerError:
+                        return True
                 return False
 
-            wait_for(refused, what="the draining server to refuse new calls")
+            wait_for(refused, timeout=60, what="the draining server to refuse new calls")
             gate.set()
             assert len(in_flight.result(timeout=60).answers[0].hits) == 3  # finished, not cancelled
             stopped.result(60)
