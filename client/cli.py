@@ -111,15 +111,6 @@ class BatchTokens(click.ParamType):
         return n
 
 
-def _batch_sizes(batch_tokens, lm, max_length: int) -> tuple[int, int]:
-    """(batch_tokens, max_batch) for the loaded model: "auto" sizes them to its device's memory."""
-    from forvalue.indexer.forward import GPU_MAX_BATCH, auto_batch_tokens
-
-    if batch_tokens == "auto":
-        return auto_batch_tokens(lm.model, max_length)
-    return batch_tokens, (GPU_MAX_BATCH if lm.device.type == "cuda" else 64)
-
-
 def model_options(fn):
     opts = [
         click.option("--device", default="cpu", show_default=True, help="torch device for the forward pass."),
@@ -251,7 +242,7 @@ def eval_cmd(data, train_path, model_path, tokens, max_length, batch_tokens, dev
     """
     from forvalue.indexer.data import load_eval_sets
     from forvalue.indexer.evaluate import run_eval
-    from forvalue.indexer.forward import ForwardConfig
+    from forvalue.indexer.forward import ForwardConfig, batch_sizes
     from forvalue.indexer.score import ScoreConfig
     if index_dir is not None:
         _eval_through_index(data, index_dir, model_path, device, rerank, as_json, no_progress, fields)
@@ -261,7 +252,7 @@ def eval_cmd(data, train_path, model_path, tokens, max_length, batch_tokens, dev
     t0 = time.perf_counter()
     lm = _load_model(model_path, device)
     load_seconds = time.perf_counter() - t0
-    batch_tokens, max_batch = _batch_sizes(batch_tokens, lm, max_length)
+    batch_tokens, max_batch = batch_sizes(batch_tokens, lm.model, max_length)
     fwd = ForwardConfig(tokens=tokens, max_length=max_length, batch_tokens=batch_tokens, max_batch=max_batch)
     result = run_eval(lm, valuation, train, fwd, score, progress=not no_progress)
     report = {"data": str(data), **result.report, "load_seconds": load_seconds}
@@ -453,13 +444,14 @@ def index_build_cmd(data, out_dir, split, model_path, tokens, max_length, batch_
     import dataclasses
 
     from forvalue.indexer.build import build_index
+    from forvalue.indexer.forward import batch_sizes
     from forvalue.indexer.store import IndexRoot
     config = _build_config(tokens, max_length, 4096 if batch_tokens == "auto" else batch_tokens, dim, rank, shard_size,
                            rerank_dtype, fit_samples, seed, rerank_top)
     config = dataclasses.replace(config, first_stage=first_stage)
     samples = _train_rows(data, fields, split)
     lm = _load_model(model_path, device)
-    batch_tokens, max_batch = _batch_sizes(batch_tokens, lm, max_length)
+    batch_tokens, max_batch = batch_sizes(batch_tokens, lm.model, max_length)
     config = dataclasses.replace(config, batch_tokens=batch_tokens, max_batch=max_batch)
     if ray_address is not None:
         from forvalue.indexer.raybuild import RayOptions, build_index_ray
@@ -488,6 +480,7 @@ def index_add_cmd(index_dir, data, split, model_path, device, batch_tokens, no_p
     import dataclasses
 
     from forvalue.indexer.build import BuildConfig, build_index
+    from forvalue.indexer.forward import batch_sizes
     from forvalue.indexer.sketch import SketchConfig
     from forvalue.indexer.store import IndexRoot
 
@@ -503,7 +496,7 @@ def index_add_cmd(index_dir, data, split, model_path, device, batch_tokens, no_p
     )
     samples = _train_rows(data, fields, split)
     lm = _load_model(model_path, device)
-    batch_tokens, max_batch = _batch_sizes(batch_tokens, lm, m["max_length"])
+    batch_tokens, max_batch = batch_sizes(batch_tokens, lm.model, m["max_length"])
     config = dataclasses.replace(config, batch_tokens=batch_tokens, max_batch=max_batch)
     name = build_index(index_dir, samples, lm, config, progress=not no_progress, base=base)
     _print_summary(root.load(name, verify=False).manifest, name)

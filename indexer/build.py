@@ -25,7 +25,9 @@ from . import __version__
 from .deletion import DELETED_FILE, current_takedowns, deleted_json, hidden_rows, takedown_lock
 from .data import Sample
 from .errors import ConfigError, DataError, IndexMismatchError
-from .forward import TOKEN_SCOPES, Features, ForwardConfig, Head, iter_features, refuse_images
+from .forward import (
+    CPU_MAX_BATCH, TOKEN_SCOPES, Features, ForwardConfig, Head, iter_features, refuse_images, token_rows,
+)
 from .filters import FieldIndex
 from .firststage import FirstStageConfig
 from .model import LoadedModel
@@ -64,7 +66,7 @@ class BuildConfig:
     rerank_dtype: str = "float32"
     max_length: int = 2048
     batch_tokens: int = 4096
-    max_batch: int = 64
+    max_batch: int = CPU_MAX_BATCH
     rerank_top: int = 32
     first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
 
@@ -116,7 +118,7 @@ def _params(lm: LoadedModel, config: BuildConfig) -> dict:
         "rerank_top": config.rerank_top,
     }
     if lm.dtype != torch.float32:  # a half-precision pass gives slightly other features: a build of its own
-        params["forward_dtype"] = str(lm.dtype).removeprefix("torch.")
+        params["forward_dtype"] = lm.dtype_name
     return params
 
 
@@ -251,8 +253,7 @@ def encode_shard(lm: LoadedModel, head: Head, sk: Sketcher, samples: Sequence[Sa
     lens = torch.cat(lengths)
     offsets = torch.zeros(lens.numel() + 1, dtype=torch.long)
     offsets[1:] = torch.cumsum(lens, 0)
-    # token rows of the concatenation in sample order
-    src, new_offsets = Features(torch.empty(0), torch.empty(0), torch.empty(0), offsets).token_index(inverse)
+    src, new_offsets = token_rows(offsets, inverse)  # token rows of the concatenation, in sample order
     arrays = {"sketch": torch.cat(out["sketch"])[inverse].float().numpy()}
     if norms:
         arrays["g_norm"] = torch.cat(out["g_norm"])[inverse].float().numpy()
@@ -426,7 +427,7 @@ def _build(idx_root: IndexRoot, build: Build, samples: Sequence[Sample], lm: Loa
         "shard_sizes": counts,
         "index": faiss_info,
         "build_seconds": round(time.perf_counter() - t0, 2),
-        "forward": {"device": device.type, "dtype": str(lm.dtype).removeprefix("torch."),
+        "forward": {"device": device.type, "dtype": lm.dtype_name,
                     "batch_tokens": config.batch_tokens, "max_batch": config.max_batch},
     }
     with takedown_lock(idx_root):  # a deletion finishing meanwhile is carried into this version too

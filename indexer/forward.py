@@ -30,6 +30,12 @@ from .errors import ConfigError, ModelError
 
 TOKEN_SCOPES = ("response", "all")
 
+# Batch budget on a CPU: larger batches only add padding and cache misses there.
+CPU_BATCH_TOKENS = 4096
+CPU_MAX_BATCH = 64
+# Samples per batch on a GPU (short samples then fill a batch by count, not tokens).
+GPU_MAX_BATCH = 1024
+
 
 @dataclass(frozen=True)
 class ForwardConfig:
@@ -52,7 +58,7 @@ class ForwardConfig:
 
     tokens: str = "response"
     batch_tokens: int = 8192
-    max_batch: int = 64
+    max_batch: int = CPU_MAX_BATCH
     max_length: int = 2048
     add_eos: bool = True
     padding_side: str = "right"
@@ -222,13 +228,7 @@ class Features:
 
     def token_index(self, idx: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(token rows of samples `idx`, in that order; their offsets): what `select` gathers."""
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        lens = self.lengths[idx]
-        offsets = torch.zeros(idx.numel() + 1, dtype=torch.long)
-        offsets[1:] = torch.cumsum(lens, 0)
-        # row r of the result comes from offsets_self[idx[j]] + (r - offsets[j]) for the j that owns r
-        shift = torch.repeat_interleave(self.offsets[:-1][idx] - offsets[:-1], lens)
-        return torch.arange(int(offsets[-1])) + shift, offsets
+        return token_rows(self.offsets, idx)
 
     @staticmethod
     def concat(parts: Sequence[Features]) -> Features:
@@ -241,6 +241,18 @@ class Features:
             torch.cat([p.h for p in parts]), torch.cat([p.y for p in parts]), torch.cat([p.lse for p in parts]),
             offsets, sum(p.truncated for p in parts),
         )
+
+
+def token_rows(offsets: torch.Tensor, idx: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For samples with token row `offsets` (n + 1,): (the token rows of samples `idx`, in that order; the
+    offsets of those samples in that order)."""
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    lens = (offsets[1:] - offsets[:-1])[idx]
+    out = torch.zeros(idx.numel() + 1, dtype=torch.long)
+    out[1:] = torch.cumsum(lens, 0)
+    # row r of the result comes from offsets[idx[j]] + (r - out[j]) for the j that owns r
+    shift = torch.repeat_interleave(offsets[:-1][idx] - out[:-1], lens)
+    return torch.arange(int(out[-1])) + shift, out
 
 
 @dataclass(frozen=True)
@@ -334,12 +346,6 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int, max_batch: int) -> l
     return batches
 
 
-# Batch budget on a CPU: larger batches only add padding and cache misses there.
-CPU_BATCH_TOKENS = 4096
-# Samples per batch when batches are sized to GPU memory (short samples then fill a batch by count, not tokens).
-GPU_MAX_BATCH = 1024
-
-
 def tokens_for_memory(free_bytes: int, per_token_bytes: float, reserve_bytes: int, fraction: float = 0.7,
                       lo: int = 256, hi: int = 1 << 18) -> int:
     """Padded tokens per batch that fit in `fraction` of the memory left after `reserve_bytes`, in [lo, hi]."""
@@ -359,7 +365,7 @@ def auto_batch_tokens(model: nn.Module, max_length: int, rows_per_block: int = 4
     """
     device = _model_device(model)
     if device.type != "cuda":
-        return CPU_BATCH_TOKENS, 64
+        return CPU_BATCH_TOKENS, CPU_MAX_BATCH
     with model_lock(model):
         vocab_size = model.get_output_embeddings().weight.shape[0]
     L = max(2, min(max_length, 1024))
@@ -380,6 +386,14 @@ def auto_batch_tokens(model: nn.Module, max_length: int, rows_per_block: int = 4
     reserve = 4 * rows_per_block * min(chunk, vocab_size) * 4
     tokens = tokens_for_memory(free, per_token, reserve, lo=max_length)
     return tokens, GPU_MAX_BATCH
+
+
+def batch_sizes(batch_tokens: int | str, model: nn.Module, max_length: int) -> tuple[int, int]:
+    """(batch_tokens, max_batch) for `model`: "auto" sizes both to its device (`auto_batch_tokens`); a number
+    is used as given, with the device's samples-per-batch cap."""
+    if batch_tokens == "auto":
+        return auto_batch_tokens(model, max_length)
+    return int(batch_tokens), (GPU_MAX_BATCH if _model_device(model).type == "cuda" else CPU_MAX_BATCH)
 
 
 def _model_device(model: nn.Module) -> torch.device:

