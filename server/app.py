@@ -322,13 +322,26 @@ def serve(config: ServerConfig, address: str, announce: Callable[[str], None] = 
     asyncio.run(_serve(config, address, announce))
 
 
-async def _serve(config: ServerConfig, address: str, announce: Callable[[str], None]) -> None:
-    server, port = create_server(config, address)
+async def start_until_signal(server) -> asyncio.Event:
+    """Start `server`; the returned event is set by SIGTERM or SIGINT (the server's own and the router's loop)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    return stop
+
+
+async def drain(server, grace_seconds: float, announce: Callable[[str], None]) -> None:
+    """Health NOT_SERVING, in-flight calls get `grace_seconds`, then stopped; announced before and after."""
+    announce("stopping: health NOT_SERVING, draining in-flight calls")
+    await server.stop(grace_seconds)
+    announce("stopped")
+
+
+async def _serve(config: ServerConfig, address: str, announce: Callable[[str], None]) -> None:
+    server, port = create_server(config, address)
+    stop = await start_until_signal(server)
     host = address.rsplit(":", 1)[0]
     announce(f"listening on {host}:{port}; loading the model and index")
     if server.metrics_port is not None:
@@ -343,7 +356,5 @@ async def _serve(config: ServerConfig, address: str, announce: Callable[[str], N
     if ready.done():
         announce(f"serving {config.index_dir} ({server.servicer.version}) on {host}:{port}")
         await stopping
-    announce("stopping: health NOT_SERVING, draining in-flight calls")
     ready.cancel()
-    await server.stop(config.grace_seconds)
-    announce("stopped")
+    await drain(server, config.grace_seconds, announce)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from grpc_health.v1 import health_pb2
 
 from forvalue.indexer.errors import ConfigError, IndexMismatchError
 
-from .app import HealthServicer, build_grpc_server
+from .app import HealthServicer, build_grpc_server, drain, start_until_signal
 from .metrics import REQUEST_ID, Metrics
 from .protocol import SERVICE_NAME, pb
 from .servicer import add_influence_handlers
@@ -382,16 +381,10 @@ def serve_router(config: RouterConfig, address: str, announce: Callable[[str], N
 
     async def run() -> None:
         server, port = create_router(config, address)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await server.start()
+        stop = await start_until_signal(server)
         host = address.rsplit(":", 1)[0]
         announce(f"routing {len(config.shards)} shards ({', '.join(config.shards)}) on {host}:{port}")
         await stop.wait()
-        announce("stopping: health NOT_SERVING, draining in-flight calls")
-        await server.stop(config.grace_seconds)
-        announce("stopped")
+        await drain(server, config.grace_seconds, announce)
 
     asyncio.run(run())
