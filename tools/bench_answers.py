@@ -53,7 +53,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="JSON only (the output is JSON anyway)")
     args = ap.parse_args()
 
-    from forvalue.indexer.build import BuildConfig, build_index
+    from common import open_or_build_index
+
     from forvalue.indexer.data import load_valuation_set
     from forvalue.indexer.deletion import delete_samples
     from forvalue.indexer.filters import Where, value_key
@@ -64,15 +65,11 @@ def main() -> None:
     lm = load_model(args.model)
     tmp = tempfile.TemporaryDirectory()
     train, queries = example()
-    index_dir = args.index
-    if index_dir is None:
-        index_dir = f"{tmp.name}/index"
-        build_index(index_dir, train, lm, BuildConfig())
+    index_dir, idx = open_or_build_index(lm, args.index, train, f"{tmp.name}/index")
     if args.valuation is not None:
         queries = load_valuation_set(args.valuation)
     rng = np.random.default_rng(0)
     queries = [queries[i] for i in sorted(rng.permutation(len(queries))[: args.queries])]
-    idx = Index.open(index_dir, lm)
     codes, keys = idx.fields.codes(args.field)
     all_rows = np.arange(idx.n)
 

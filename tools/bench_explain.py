@@ -38,20 +38,15 @@ def main() -> None:
     args = ap.parse_args()
 
     from bench_serve import example_rows
+    from common import open_or_build_index
 
-    from forvalue.indexer.build import BuildConfig, build_index
-    from forvalue.indexer.index import Index
     from forvalue.indexer.model import load_model
 
     torch.set_grad_enabled(False)
     lm = load_model(args.model)
     tmp = tempfile.TemporaryDirectory()
     train, queries = example_rows()
-    index_dir = args.index
-    if index_dir is None:
-        index_dir = tmp.name
-        build_index(index_dir, train, lm, BuildConfig(), progress=False)
-    idx = Index.open(index_dir, lm)
+    _, idx = open_or_build_index(lm, args.index, train, tmp.name)
     head64 = Head.from_model(lm.model, torch.float64)
     plain, explained, worst, tokens, err_score, err_total = [], [], 0.0, [], 0.0, 0.0
     for i, q in enumerate(queries[: args.queries]):

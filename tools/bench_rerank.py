@@ -34,23 +34,18 @@ def main() -> None:
     args = ap.parse_args()
 
     from bench_serve import example_rows
+    from common import open_or_build_index
 
-    from forvalue.indexer.build import BuildConfig, build_index
     from forvalue.indexer.data import load_valuation_set
-    from forvalue.indexer.index import Index
     from forvalue.indexer.model import load_model
 
     torch.set_grad_enabled(False)
     lm = load_model(args.model)
     tmp = tempfile.TemporaryDirectory()
     train, queries = example_rows()
-    index_dir = args.index
-    if index_dir is None:
-        index_dir = tmp.name
-        build_index(index_dir, train, lm, BuildConfig())
+    _, idx = open_or_build_index(lm, args.index, train, tmp.name)
     if args.valuation is not None:
         queries = [(s.prompt, s.response) for s in load_valuation_set(args.valuation)]
-    idx = Index.open(index_dir, lm)
     queries = queries[: args.queries]
     t_pruned, t_full, scored, mismatches, max_rel = [], [], [], 0, 0.0
     for q in queries:

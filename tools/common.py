@@ -1,4 +1,5 @@
-"""Shared by the tools/ scripts: features and exact scores cached on disk between runs (torch files)."""
+"""Shared by the tools/ scripts: features and exact scores cached on disk between runs (torch files), and the
+index a benchmark queries."""
 
 from __future__ import annotations
 
@@ -22,6 +23,18 @@ def cached_features(lm, head, samples, tokens: str, cache: Path | None, name: st
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"h": f.h, "y": f.y, "lse": f.lse, "offsets": f.offsets}, path)
     return f
+
+
+def open_or_build_index(lm, index_dir: str | None, train, build_dir: str):
+    """(its directory, the opened Index): `index_dir` as given, or when None a default-config index of `train`
+    built into `build_dir`."""
+    from forvalue.indexer.build import BuildConfig, build_index
+    from forvalue.indexer.index import Index
+
+    if index_dir is None:
+        index_dir = build_dir
+        build_index(index_dir, train, lm, BuildConfig())
+    return index_dir, Index.open(index_dir, lm)
 
 
 def cached_exact(fv: Features, ft: Features, head, cache: Path | None, name: str) -> torch.Tensor:
