@@ -18,28 +18,15 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from forvalue.indexer.data import Sample
-from forvalue.indexer.errors import ConfigError, ForValueError
+from forvalue.indexer.errors import ConfigError, ServerError
 from forvalue.indexer.filters import Where, as_where
-from forvalue.indexer.index import GroupedResult, SearchResult
+from forvalue.indexer.results import GroupedResult, SearchResult
 from forvalue.server import convert
 from forvalue.server.protocol import pb, pb_grpc
 
 WhereLike = Where | Mapping[str, Any] | Sequence[str] | None
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-class ServerError(ForValueError, RuntimeError):
-    """A call to the influence service failed.
-
-    Attributes:
-        code: the grpc.StatusCode (None when the server broke the protocol). details: the server's message.
-    """
-
-    def __init__(self, address: str, code: grpc.StatusCode | None, details: str):
-        self.code = code
-        self.details = details
-        super().__init__(f"server {address}: {code.name if code else 'protocol error'}: {details}")
 
 
 def _credentials(tls: bool | str | None) -> grpc.ChannelCredentials | None:

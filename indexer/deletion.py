@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import ConfigError, DataError, IndexCorruptError
+from .errors import ConfigError, DataError, IndexCorruptError, UnknownIdsError
 from .filters import FieldIndex
 from .store import IndexRoot, Version
 
@@ -38,10 +38,6 @@ DELETED_FILE = "deleted.json"
 TAKEDOWN_LOCK = ".takedown.lock"
 # manifest keys the store writes itself at publish time (never copied from a base version)
 _STORE_KEYS = ("format_version", "build_key", "n_rows", "shards", "arrays", "files", "manifest_sha256")
-
-
-class UnknownIdsError(DataError):
-    """Ids to delete that are in no row of the index (nothing was deleted)."""
 
 
 @dataclass(frozen=True)

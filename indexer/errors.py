@@ -6,6 +6,8 @@ The CLI maps every ForValueError to a one-line message and exit code 2.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ForValueError(Exception):
     """Base of every error forvalue raises for a user's mistake (bad input, wrong model, bad index)."""
@@ -50,3 +52,47 @@ class IndexCorruptError(ForValueError, ValueError):
 
 class RecallTooLowError(ForValueError, ValueError):
     """An approximate first stage measured a recall against flat search below the required minimum."""
+
+
+# --- takedowns and the service (mapped to gRPC status codes in server/status.py) -----------------------
+
+
+class UnknownIdsError(DataError):
+    """Ids to delete that are in no row of the index (nothing was deleted)."""
+
+
+class NotReadyError(ForValueError, RuntimeError):
+    """The server is still loading its model and index (or failed to), or is stopping."""
+
+
+class ResourceExhaustedError(ForValueError, RuntimeError):
+    """The queue of requests waiting for the model is full (max_queue); retry later."""
+
+
+class DeadlineExceededError(ForValueError, TimeoutError):
+    """The call's deadline passed before its request reached the model (it never did)."""
+
+
+class InvalidRequestError(ConfigError):
+    """A request field has an invalid value; `field` names it (e.g. "samples[2].response")."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class ShardsUnavailableError(NotReadyError):
+    """One or more shards did not answer (and the caller did not allow a partial answer): UNAVAILABLE."""
+
+
+class ServerError(ForValueError, RuntimeError):
+    """A call to the influence service failed.
+
+    Attributes:
+        code: the grpc.StatusCode (None when the server broke the protocol). details: the server's message.
+    """
+
+    def __init__(self, address: str, code: Any, details: str):
+        self.code = code
+        self.details = details
+        super().__init__(f"server {address}: {code.name if code else 'protocol error'}: {details}")

@@ -149,7 +149,7 @@ def run_index_eval(index, valuation: Sequence[Sample], rerank: int = 100, k: int
     t1 = time.perf_counter()
     q = index.query_sketches(fv)
     approx = index.sketch_scores(q).double()
-    through = index.score_all(fv).double()
+    through = index.score_matrix(fv).double()
     t2 = time.perf_counter()
     ft = extract_features(index.lm.model, index.lm.preprocessor, [_row_input(r) for r in rows],
                           index.forward, index.head, progress, "reference")

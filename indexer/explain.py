@@ -19,65 +19,12 @@ computed one vocabulary chunk at a time (`score.pair_alpha`), never a (Tv, Tt, |
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from .forward import Features, Head
+from .results import Explanation, PairContribution, TokenContribution
 from .score import pair_alpha, sample_blocks
-
-
-@dataclass(frozen=True)
-class TokenContribution:
-    """One scored token and its share of a score.
-
-    Attributes:
-        token: text of the target token (the token this position predicts).
-        position: 0-based index among its sample's scored tokens.
-        contribution: its row sum (query token) or column sum (training token) of C.
-        sample: the query group member it belongs to (0 for a training token or a single query).
-    """
-
-    token: str
-    position: int
-    contribution: float
-    sample: int = 0
-
-
-@dataclass(frozen=True)
-class PairContribution:
-    """One (query token, training token) pair and its term C[k, k'] of a score.
-
-    Attributes:
-        query_position, train_position: 0-based indices among the scored tokens of each sample.
-        query_token, train_token: texts of their target tokens.
-        contribution: C[k, k'] = <h_k, h_k'> · α_kk' / nv.
-        query_sample: the query group member of the query token (0 for a single query).
-    """
-
-    query_position: int
-    train_position: int
-    query_token: str
-    train_token: str
-    contribution: float
-    query_sample: int = 0
-
-
-@dataclass(frozen=True)
-class Explanation:
-    """Why one training sample has its score for a query.
-
-    Attributes:
-        query_tokens: every scored token of the query (group members in order) with its row sum.
-        train_tokens: every scored token of the training sample with its column sum.
-        top_pairs: the pairs with the largest |C[k, k']|, largest first.
-        total: Σ C = the score (query_tokens and train_tokens each sum to it too).
-    """
-
-    query_tokens: list[TokenContribution]
-    train_tokens: list[TokenContribution]
-    top_pairs: list[PairContribution]
-    total: float
 
 
 def contributions(fv: Features, ft: Features, head: Head, pv: torch.Tensor | None = None,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,90 +16,17 @@ from .build import MAP_FILES, load_maps
 from .data import Sample
 from .deletion import deleted_of
 from .errors import ConfigError, IndexCorruptError, IndexMismatchError
-from .explain import Explanation, explain_rows, token_labeler
+from .explain import explain_rows, token_labeler
 from .filters import FieldIndex, Where, check_field
 from .forward import Features, ForwardConfig, Head, extract_features
 from .model import LoadedModel
 from .rerank import Candidates, must_score, pruning_pays, query_probs_fit, score_bounds
+from .results import (DIRECTIONS, GROUP, Explanation, Group, GroupedResult, Hit, Scores, SearchResult, check_direction,
+                      cut_texts, index_info)
 from .score import exact_scores, self_scores
 from .store import IndexRoot, Version
 
-DIRECTIONS = ("most", "least")
 CALIBRATION_ROWS = 8192  # rows (a seeded sample above this) whose first-stage scores calibrate percentiles
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One training sample in an answer.
-
-    Attributes:
-        id: the training sample's id. score: exact For-Value to the query (group mean).
-        rank: 1-based rank in this answer. row: row number in the index version. metadata: stored row.
-        percentile: calibrated score, the estimated share of the index's training samples whose value
-            to this query is lower (0..1; see `Index.percentiles`); None when not computed.
-        cosine: calibrated score, score / (‖G_query‖·‖G_row‖) in [-1, 1] (exact); None when the index
-            stores no norms (built before they were stored).
-        explanation: which token pairs make the score (`Index.search(..., explain=P)`); None when not asked.
-    """
-
-    id: str
-    score: float
-    rank: int
-    row: int
-    metadata: dict
-    percentile: float | None = None
-    cosine: float | None = None
-    explanation: Explanation | None = None
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """One answer.
-
-    Attributes:
-        hits: best first. version: the index version that answered. direction: "most" or "least".
-        candidates: first-stage candidates considered. exact_scored: how many of them were scored exactly
-            (the others were ruled out by certified bounds, see rerank.py); None when not reported.
-    """
-
-    hits: list[Hit]
-    version: str
-    direction: str
-    candidates: int
-    exact_scored: int | None = None
-
-
-@dataclass(frozen=True)
-class Group:
-    """One value of the group-by field in a `GroupedResult`.
-
-    Attributes:
-        key: the field's value (canonical text, filters.value_key); None for the rows that lack the field.
-        count: training rows in the group (in scope). total: Σ of their exact values to the query.
-        mean: total / count. hits: the group's top rows, best first (exact scores, ranks within the group).
-    """
-
-    key: str | None
-    count: int
-    total: float
-    mean: float
-    hits: list[Hit]
-
-
-@dataclass(frozen=True)
-class GroupedResult:
-    """Source aggregation: which values of `field` (e.g. which dataset) drove the output.
-
-    Attributes:
-        field: the group-by field. groups: ordered by total, largest first ("most") or smallest first
-            ("least"). version: the index version. direction: "most" or "least". scored: rows scored exactly.
-    """
-
-    field: str
-    groups: list[Group]
-    version: str
-    direction: str
-    scored: int
 
 
 def _pairs(samples: Sequence[Sample | tuple[str, str]]) -> list[tuple[str, str]]:
@@ -144,6 +70,7 @@ class Index:
         self.rerank_top = int(m.get("rerank_top", 0))  # 0: an index without top probabilities (no pruning)
         self.query_top = 32
         self._labels = None  # token id → text, cached (explain)
+        self._ids: list[str] | None = None  # ids in row order, read on first use
         self._calibration: np.ndarray | None = None  # sketches of the rows percentiles are taken among
         # flat: exact search over the (checksummed) sketch arrays, built on load; IVF: its stored file
         version.open_all()  # every file open now: serving goes on if gc deletes the version's directory
@@ -227,8 +154,7 @@ class Index:
                 top-k of that set, as if the index held nothing else. Deleted rows are never returned.
             calibrate: fill each hit's `percentile` and `cosine` (see `Hit`).
         """
-        if direction not in DIRECTIONS:
-            raise ConfigError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        check_direction(direction)
         if k < 1:
             raise ConfigError(f"k must be >= 1, got {k}")
         if rerank < 0:
@@ -352,14 +278,6 @@ class Index:
             out[:, a : a + part.size] = exact_scores(features, self.candidate_features(part), self._cpu_head)
         return out
 
-    def scores_in_scope(self, features: Features, where: Where | None = None) -> tuple[list[int], list[float]]:
-        """(rows, exact value to the query group, the mean over its rows) of every training row in scope
-        (matching `where`, not deleted), in row order."""
-        scope = self.scope(where)
-        rows = np.arange(self.n, dtype=np.int64) if scope is None else scope
-        scores = self.score_rows(features, rows).mean(0).tolist() if rows.size else []
-        return rows.tolist(), scores
-
     def group_by(self, samples: Sequence[Sample | tuple[str, str]], field: str, k: int = 3, direction: str = "most",
                  where: Where | None = None, features: Features | None = None, max_groups: int = 0,
                  max_rows: int = 0) -> GroupedResult:
@@ -373,8 +291,7 @@ class Index:
             max_groups: keep only the first groups in that order (0 = all).
             max_rows: refuse (ConfigError) when more rows than this are in scope (0 = no limit).
         """
-        if direction not in DIRECTIONS:
-            raise ConfigError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        check_direction(direction)
         if k < 0 or max_groups < 0:
             raise ConfigError(f"k and max_groups must be >= 0, got {k}, {max_groups}")
         check_field(field, "group_by")
@@ -438,6 +355,91 @@ class Index:
         """First-stage scores of every training row for each query sketch (nq, dim) → (nq, n)."""
         return torch.from_numpy(self.ann.all_scores(sketches.float().numpy()))
 
-    def score_all(self, features: Features, block: int = 512) -> torch.Tensor:
+    def score_matrix(self, features: Features, block: int = 512) -> torch.Tensor:
         """Exact For-Value of every training row (deleted ones included) for each query row → (nq, n)."""
         return self.score_rows(features, np.arange(self.n), block)
+
+    # --- the calls of the service's client (`client.InfluenceClient`): same names, arguments and results ------
+
+    def top_k(self, samples: Sequence[Sample | tuple[str, str]], k: int = 10, direction: str = "most",
+              rerank: int = 100, group: bool = True, max_text_chars: int = 0, explain: int = 0,
+              where: Where | None = None) -> list[tuple[int, SearchResult]]:
+        """Every answer of one query: [(query index, or GROUP = -1 for the group, result)], as the client's.
+
+        Args:
+            direction: "most", "least" or "both" (two answers per query: most, then least).
+            group: one answer for the mean of `samples`; False: one per sample.
+            max_text_chars: cut the hits' prompts and responses to this many characters (0 = whole).
+            explain: > 0: every hit carries an `Explanation` with this many top token pairs.
+        """
+        check_direction(direction, both=True)
+        if not samples:
+            raise ConfigError("top_k needs at least one valuation sample")
+        directions = DIRECTIONS if direction == "both" else (direction,)
+        found = self.answers(self.encode(samples), k, directions, rerank, group, explain, where)
+        return [(q, cut_texts(r, max_text_chars)) for q, r in found]
+
+    def answers(self, features: Features, k: int, directions: Sequence[str], rerank: int = 100, group: bool = True,
+                explain: int = 0, where: Where | None = None, group_by: str = "", max_rows: int = 0
+                ) -> list[tuple[int, SearchResult | GroupedResult]]:
+        """The answers to one query from its samples' features (one forward pass, done): per direction, one for
+        the group (query index GROUP) or one per sample; `group_by` makes each a `GroupedResult` (k rows per
+        group, at most `max_rows` rows in scope)."""
+
+        def one(f: Features, d: str) -> SearchResult | GroupedResult:
+            if group_by:
+                return self.group_by([], group_by, k, d, where=where, features=f, max_rows=max_rows)
+            return self.search([], k, d, rerank, features=f, explain=explain, where=where)
+
+        if group:
+            return [(GROUP, one(features, d)) for d in directions]
+        return [(i, one(features.select([i]), d)) for i in range(features.n) for d in directions]
+
+    def scores(self, samples: Sequence[Sample | tuple[str, str]], where: Where | None = None, batch: int = 64,
+               features: Features | None = None) -> Scores:
+        """The exact value of every training row in scope (matching `where`, not deleted) to the group
+        `samples` (the mean over its members), `batch` samples per forward pass (or their `features`)."""
+        if batch < 1:
+            raise ConfigError(f"batch must be >= 1, got {batch}")
+        if features is None and not samples:
+            raise ConfigError("scores needs at least one valuation sample")
+        scope = self.scope(where)
+        rows = np.arange(self.n, dtype=np.int64) if scope is None else scope
+        total = np.zeros(rows.size, dtype=np.float64)
+        parts = [features] if features is not None else (
+            self.encode(samples[a : a + batch]) for a in range(0, len(samples), batch))
+        n = 0
+        for f in parts:
+            if rows.size:
+                total += self.score_rows(f, rows).double().sum(0).numpy()
+            n += f.n
+        ids = self.ids()
+        return Scores([ids[r] for r in rows.tolist()], rows.tolist(), total / max(n, 1), self.version.name)
+
+    def score_all(self, samples: Sequence[Sample | tuple[str, str]], chunk_size: int = 0,
+                  return_version: bool = False, where: Where | None = None
+                  ) -> tuple[list[str], np.ndarray] | tuple[list[str], np.ndarray, str]:
+        """(ids, exact values (n,) float64[, version]) of every training row in scope, as the client's
+        (`chunk_size` only shapes the service's stream: no effect here)."""
+        s = self.scores(samples, where)
+        return (s.ids, s.values, s.version) if return_version else (s.ids, s.values)
+
+    def info(self) -> dict:
+        """The index version: index_version, model_name, model_fingerprint, tokens, n_samples, sketch_dim,
+        index_kind and its manifest (without file checksums), as the client's."""
+        return index_info(self.manifest, self.version.name)
+
+    def ids(self) -> list[str]:
+        """Training sample ids in row order (read once)."""
+        if self._ids is None:
+            self._ids = [str(row["id"]) for row in self.version.rows(list(range(self.n)))]
+        return self._ids
+
+    def close(self) -> None:
+        """Nothing to release (the files stay open while the object lives); there for `with`, as the client's."""
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -34,16 +34,16 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from forvalue.indexer.index import GroupedResult, Index, SearchResult
+from forvalue.indexer.errors import DeadlineExceededError, NotReadyError, ResourceExhaustedError
+from forvalue.indexer.index import Index
+from forvalue.indexer.results import GroupedResult, SearchResult
 
 from .config import ServerConfig
-from .convert import GROUP, TopKQuery
-from .status import DeadlineExceededError, NotReadyError, ResourceExhaustedError
+from .convert import TopKQuery
 
 if TYPE_CHECKING:
     from forvalue.indexer.forward import Features
 
-    from .servicer import Served
 
 log = logging.getLogger("forvalue.server")
 
@@ -69,22 +69,9 @@ def estimate_tokens(samples: list[tuple]) -> int:
 
 def answers(index: Index, query: TopKQuery, features: Features
             ) -> list[tuple[int, SearchResult | GroupedResult]]:
-    """The answers to a TopK query from its samples' features: one search per answer.
-
-    Args:
-        features: the features of `query.samples`, in order (n = len(query.samples)).
-    """
-    e = query.explain_pairs  # > 0: every hit carries its token-level Explanation (from these features)
-
-    def one(f: Features, d: str) -> SearchResult | GroupedResult:
-        if query.group_by:
-            return index.group_by([], query.group_by, query.k, d, where=query.where, features=f,
-                                  max_rows=MAX_GROUP_ROWS)
-        return index.search([], query.k, d, query.rerank, features=f, explain=e, where=query.where)
-
-    if query.group:
-        return [(GROUP, one(features, d)) for d in query.directions]
-    return [(i, one(features.select([i]), d)) for i in range(features.n) for d in query.directions]
+    """The answers to a TopK query from its samples' features (`features`: of `query.samples`, in order)."""
+    return index.answers(features, query.k, query.directions, query.rerank, query.group, query.explain_pairs,
+                         query.where, query.group_by, MAX_GROUP_ROWS)
 
 
 def top_k(index: Index, query: TopKQuery) -> list[tuple[int, SearchResult]]:
@@ -141,7 +128,7 @@ class Job:
     """
 
     query: TopKQuery | None
-    call: Callable[[Served], Any] | None
+    call: Callable[[Index], Any] | None
     deadline: float | None
     future: asyncio.Future
     arrived: float
@@ -158,7 +145,7 @@ class Batcher:
         served: returns the version being served now (swapped atomically by the servicer).
     """
 
-    def __init__(self, config: ServerConfig, executor: Executor, served: Callable[[], Served]):
+    def __init__(self, config: ServerConfig, executor: Executor, served: Callable[[], Index | None]):
         self._wait = config.batch_wait_ms / 1000.0
         self._max_tokens = config.batch_tokens
         self._max_requests = config.max_batch_requests
@@ -189,7 +176,7 @@ class Batcher:
         """
         return await self._submit(query, None, deadline, estimate_tokens(query.samples))
 
-    async def call(self, fn: Callable[[Served], Any], deadline: float | None = None) -> tuple[str, Any]:
+    async def call(self, fn: Callable[[Index], Any], deadline: float | None = None) -> tuple[str, Any]:
         """(version, fn(served)) run alone in the model's executor, after the jobs queued before it.
 
         Raises:
@@ -322,11 +309,11 @@ class Batcher:
             return out
         if live[0].call is not None:
             assert len(live) == 1, "an un-batched call shares its turn with nothing"
-            return out + [self._guard(live[0], lambda: (served.version, live[0].call(served)))]
+            return out + [self._guard(live[0], lambda: (served.version.name, live[0].call(served)))]
         self.stats.saw_batch(len(live))
         self._forward_pass(len(live))
         try:
-            features = served.index.encode([s for job in live for s in job.query.samples])
+            features = served.encode([s for job in live for s in job.query.samples])
         except Exception as exc:
             if len(live) == 1:
                 return out + [(live[0], None, exc)]
@@ -338,15 +325,15 @@ class Batcher:
             n = len(job.query.samples)
             part = features if len(live) == 1 else features.select(list(range(a, a + n)))
             a += n
-            out.append(self._guard(job, lambda: (served.version, answers(served.index, job.query, part))))
+            out.append(self._guard(job, lambda: (served.version.name, answers(served, job.query, part))))
         return out
 
-    def _alone(self, served: Served, job: Job) -> tuple[Job, Any, BaseException | None]:
+    def _alone(self, served: Index, job: Job) -> tuple[Job, Any, BaseException | None]:
         dropped = self._count_drop(job, time.monotonic())
         if dropped is not None:
             return job, None, dropped
         self._forward_pass(1)
-        return self._guard(job, lambda: (served.version, top_k(served.index, job.query)))
+        return self._guard(job, lambda: (served.version.name, top_k(served, job.query)))
 
     def _forward_pass(self, n: int) -> None:
         """Count a forward pass of `n` TopK requests (model's thread)."""

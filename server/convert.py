@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from google.protobuf import json_format
 
 from forvalue.indexer.data import Sample
-from forvalue.indexer.errors import ConfigError
-from forvalue.indexer.explain import Explanation, PairContribution, TokenContribution
+from forvalue.indexer.errors import ConfigError, InvalidRequestError
 from forvalue.indexer.filters import Where, check_field
-from forvalue.indexer.index import Group, GroupedResult, Hit, SearchResult
+from forvalue.indexer.results import (Explanation, Group, GroupedResult, Hit, PairContribution, SearchResult,
+                                      TokenContribution, check_direction, index_info)
 
 from .config import ServerConfig
 from .protocol import pb
@@ -33,15 +33,6 @@ _DIRECTIONS = {pb.DIRECTION_UNSPECIFIED: ("most",), pb.MOST: ("most",), pb.LEAST
 _TO_PB = {"most": pb.MOST, "least": pb.LEAST, "both": pb.BOTH}
 _FROM_PB = {pb.MOST: "most", pb.LEAST: "least"}
 _OWN_FIELDS = ("id", "prompt", "response")  # Hit fields of their own, not repeated in metadata
-GROUP = -1  # Answer.query_index of a group answer
-
-
-class InvalidRequestError(ConfigError):
-    """A request field has an invalid value; `field` names it (e.g. "samples[2].response")."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field}: {message}")
 
 
 @dataclass(frozen=True)
@@ -281,11 +272,9 @@ def delete_response(result) -> pb.DeleteResponse:
 
 def info_response(manifest: dict, version: str) -> pb.InfoResponse:
     """Info about an index version from its manifest (file checksums left out)."""
-    msg = pb.InfoResponse(index_version=version, model_name=manifest["model"]["name"],
-                          model_fingerprint=manifest["model"]["fingerprint"], tokens=manifest["tokens"],
-                          n_samples=int(manifest["n_samples"]), sketch_dim=int(manifest["sketch"]["dim"]),
-                          index_kind=manifest["index"]["kind"])
-    msg.manifest.update({k: v for k, v in manifest.items() if k != "files"})
+    info = index_info(manifest, version)
+    msg = pb.InfoResponse(**{k: v for k, v in info.items() if k != "manifest"})
+    msg.manifest.update(info["manifest"])
     return msg
 
 
@@ -341,9 +330,7 @@ def direction_to_pb(direction: str) -> int:
     Raises:
         ConfigError: another name.
     """
-    if direction not in _TO_PB:
-        raise ConfigError(f"direction must be one of {tuple(_TO_PB)}, got {direction!r}")
-    return _TO_PB[direction]
+    return _TO_PB[check_direction(direction, both=True)]
 
 
 def _plain(value):

@@ -42,13 +42,13 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2
 
-from forvalue.indexer.errors import ConfigError, IndexMismatchError
+from forvalue.indexer.errors import ConfigError, DeadlineExceededError, IndexMismatchError, ShardsUnavailableError
 
 from .app import HealthServicer, build_grpc_server, drain, start_until_signal
 from .metrics import REQUEST_ID, Metrics
 from .protocol import SERVICE_NAME, pb
 from .servicer import add_influence_handlers
-from .status import DeadlineExceededError, NotReadyError, rpc
+from .status import rpc
 
 log = logging.getLogger("forvalue.server.router")
 
@@ -98,10 +98,6 @@ class RouterConfig:
             raise ConfigError(f"max_message_bytes must be >= 1, got {self.max_message_bytes}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key go together (--tls-cert, --tls-key); give both, or neither")
-
-
-class ShardsUnavailableError(NotReadyError):
-    """One or more shards did not answer (and the caller did not allow a partial answer): UNAVAILABLE."""
 
 
 # --- merging (pure: messages in, messages out) ---------------------------------------------------------

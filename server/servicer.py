@@ -21,40 +21,22 @@ from typing import Any
 import grpc
 
 from forvalue.indexer.deletion import delete_samples
-from forvalue.indexer.errors import IndexCorruptError, IndexMismatchError, ModelError
+from forvalue.indexer.errors import IndexCorruptError, IndexMismatchError, InvalidRequestError, ModelError, NotReadyError
 from forvalue.indexer.filters import Where
 from forvalue.indexer.index import Index
+from forvalue.indexer.results import Scores
 
 from . import convert
-from .batching import Batcher, BatchStats, top_k  # noqa: F401 (top_k: the unbatched reference, re-exported)
+from .batching import Batcher, BatchStats
 from .config import ServerConfig
 from .metrics import Metrics
 from .protocol import ADMIN_SERVICE_NAME, SERVICE_NAME, pb, pb_grpc
-from .status import NotReadyError, rpc
+from .status import rpc
 
 
-class Served:
-    """The loaded index version being served, and what is derived from it once (the ids of all rows)."""
-
-    def __init__(self, index: Index):
-        self.index = index
-        self.version = index.version.name
-        self._ids: list[str] | None = None
-
-    def ids(self) -> list[str]:
-        """Training sample ids in row order (read once, in the model's thread)."""
-        if self._ids is None:
-            self._ids = [str(row["id"]) for row in self.index.version.rows(list(range(self.index.n)))]
-        return self._ids
-
-
-def score_all(served: Served, samples: list[tuple[str, str]], where: Where | None = None
-              ) -> tuple[list[str], list[float], list[int]]:
-    """(ids, exact For-Value to the group `samples` (the mean over its members), rows) of every training row
-    in scope: matching `where`, not deleted."""
-    rows, scores = served.index.scores_in_scope(served.index.encode(samples), where)
-    ids = served.ids()
-    return [ids[r] for r in rows], scores, rows
+def score_all(index: Index, samples: list[tuple[str, str]], where: Where | None = None) -> Scores:
+    """The exact value of every training row in scope (matching `where`, not deleted) to the group `samples`."""
+    return index.scores(samples, where)
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -75,7 +57,7 @@ class InfluenceServicer(pb_grpc.InfluenceServicer):
 
     def __init__(self, config: ServerConfig, executor: Executor, metrics: Metrics | None = None):
         self._config = config
-        self._served: Served | None = None  # replaced whole by attach, never modified: the atomic swap
+        self._served: Index | None = None  # replaced whole by attach, never modified: the atomic swap
         self._load_error: BaseException | None = None
         self.batcher = Batcher(config, executor, lambda: self._served)
         self.metrics = metrics if metrics is not None else Metrics()
@@ -85,7 +67,7 @@ class InfluenceServicer(pb_grpc.InfluenceServicer):
     @property
     def version(self) -> str | None:
         """The index version being served, None before one is attached."""
-        return None if self._served is None else self._served.version
+        return None if self._served is None else self._served.version.name
 
     @property
     def stats(self) -> BatchStats:
@@ -95,12 +77,12 @@ class InfluenceServicer(pb_grpc.InfluenceServicer):
     @property
     def index(self) -> Index | None:
         """The index version being served, None before one is attached."""
-        return None if self._served is None else self._served.index
+        return self._served
 
     def attach(self, index: Index) -> None:
         """Serve `index` from the next batch on; batches already running finish with the version they read."""
-        self._served = Served(index)
-        self.metrics.serving(self._served.version)
+        self._served = index
+        self.metrics.serving(index.version.name)
 
     async def close(self) -> None:
         """Stop batching; calls still waiting get UNAVAILABLE."""
@@ -109,7 +91,7 @@ class InfluenceServicer(pb_grpc.InfluenceServicer):
     def load_failed(self, exc: BaseException) -> None:
         self._load_error = exc
 
-    def _ready(self) -> Served:
+    def _ready(self) -> Index:
         if self._served is None:
             exc = self._load_error
             if isinstance(exc, (IndexMismatchError, IndexCorruptError, ModelError)):
@@ -122,20 +104,20 @@ class InfluenceServicer(pb_grpc.InfluenceServicer):
 
     @rpc(pb.TopKRequest)
     async def TopK(self, request: pb.TopKRequest, context: grpc.aio.ServicerContext) -> pb.TopKResponse:
-        served = self._ready()
-        images = getattr(served.index, "accepts_images", False)  # a VLM index takes images
+        index = self._ready()
+        images = getattr(index, "accepts_images", False)  # a VLM index takes images
         query = convert.topk_query(request, self._config, accepts_images=images)
         version, answers = await self.batcher.top_k(query, deadline_of(context))
         return convert.topk_response(answers, version, query.max_text_chars)
 
     @rpc(pb.ScoreAllRequest)
     async def ScoreAll(self, request: pb.ScoreAllRequest, context: grpc.aio.ServicerContext):
-        served = self._ready()
-        images = getattr(served.index, "accepts_images", False)  # a VLM index takes images
+        index = self._ready()
+        images = getattr(index, "accepts_images", False)  # a VLM index takes images
         query = convert.score_all_query(request, self._config, accepts_images=images)
-        version, (ids, scores, rows) = await self.batcher.call(
+        version, scores = await self.batcher.call(
             functools.partial(score_all, samples=query.samples, where=query.where), deadline_of(context))
-        for chunk in convert.score_chunks(ids, scores, query.chunk_size, version, rows):
+        for chunk in convert.score_chunks(scores.ids, scores.values.tolist(), query.chunk_size, version, scores.rows):
             yield chunk
 
     @rpc(pb.DeleteRequest)
@@ -143,10 +125,10 @@ class InfluenceServicer(pb_grpc.InfluenceServicer):
         """InfluenceAdmin.Delete (registered only with ServerConfig.admin): publish, then serve, a version
         without these samples. The index directory's takedown lock serialises concurrent deletions."""
         if not request.ids:
-            raise convert.InvalidRequestError("ids", "give at least one training sample id")
+            raise InvalidRequestError("ids", "give at least one training sample id")
         for i, sample_id in enumerate(request.ids):
             if not sample_id.strip():
-                raise convert.InvalidRequestError(f"ids[{i}]", "must not be empty")
+                raise InvalidRequestError(f"ids[{i}]", "must not be empty")
         result = await asyncio.get_running_loop().run_in_executor(
             None, functools.partial(delete_samples, self._config.index_dir, list(request.ids),
                                     missing="ignore" if request.ignore_missing else "error"))
@@ -156,8 +138,8 @@ class InfluenceServicer(pb_grpc.InfluenceServicer):
 
     @rpc(pb.InfoRequest)
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        served = self._ready()
-        return convert.info_response(served.index.manifest, served.version)
+        index = self._ready()
+        return convert.info_response(index.manifest, index.version.name)
 
 
 def add_influence_handlers(servicer: Any, server: grpc.aio.Server) -> None:

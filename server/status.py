@@ -30,25 +30,13 @@ import logging
 import grpc
 from google.protobuf.message import DecodeError
 
-from forvalue.indexer.deletion import UnknownIdsError
-from forvalue.indexer.errors import ForValueError, IndexCorruptError, IndexMismatchError, ModelError
+from forvalue.indexer.errors import (DeadlineExceededError, ForValueError, IndexCorruptError, IndexMismatchError,
+                                     InvalidRequestError, ModelError, NotReadyError, ResourceExhaustedError,
+                                     UnknownIdsError)
 
-from .convert import InvalidRequestError
 from .metrics import Call
 
 log = logging.getLogger("forvalue.server")
-
-
-class NotReadyError(ForValueError, RuntimeError):
-    """The server is still loading its model and index (or failed to), or is stopping."""
-
-
-class ResourceExhaustedError(ForValueError, RuntimeError):
-    """The queue of requests waiting for the model is full (max_queue); retry later."""
-
-
-class DeadlineExceededError(ForValueError, TimeoutError):
-    """The call's deadline passed before its request reached the model (it never did)."""
 
 
 _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (

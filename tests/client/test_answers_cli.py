@@ -69,8 +69,8 @@ def test_rank_where(tmp_path, sources, local_index, where):
     r = run("rank", *sources[where], "--valuation", str(val), "--out", str(out), "--where", "source=a", "--json")
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    ref_rows, ref = local_index.scores_in_scope(local_index.encode([(PROMPT, RESPONSE)]), Where.parse(["source=a"]))
-    want = {local_index.version.rows([r_])[0]["id"]: s for r_, s in zip(ref_rows, ref)}
+    ref = local_index.scores([], Where.parse(["source=a"]), features=local_index.encode([(PROMPT, RESPONSE)]))
+    want = {local_index.version.rows([r_])[0]["id"]: s for r_, s in zip(ref.rows, ref.values)}
     assert {row["id"] for row in rows} == set(want) and len(rows) == 18
     for row in rows:
         assert row["score"] == pytest.approx(want[row["id"]], rel=1e-5, abs=1e-6)

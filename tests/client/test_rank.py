@@ -37,7 +37,7 @@ def valuation(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(local_index, valuation):
     """(training ids in row order, their mean exact value to the valuation set (n,) float64), in-process."""
-    scores = local_index.score_all(local_index.encode(valuation[1])).mean(0).double().numpy()
+    scores = local_index.score_matrix(local_index.encode(valuation[1])).mean(0).double().numpy()
     ids = [str(row["id"]) for row in local_index.version.rows(list(range(local_index.n)))]
     return ids, scores
 

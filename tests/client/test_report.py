@@ -11,8 +11,7 @@ from click.testing import CliRunner
 
 from forvalue.client.cli import main
 from forvalue.client.report import colour, histogram_svg, query_report, write_html
-from forvalue.indexer.explain import Explanation, PairContribution, TokenContribution
-from forvalue.indexer.index import Hit, SearchResult
+from forvalue.indexer.results import Explanation, Hit, PairContribution, SearchResult, TokenContribution
 
 from serving import corpus
 

@@ -103,7 +103,7 @@ def test_score_all_is_exact(built, lm):
     root, samples, _ = built
     idx = Index.open(str(root), lm)
     queries = corpus(2, seed=4)
-    got = idx.score_all(idx.encode(queries), block=7)
+    got = idx.score_matrix(idx.encode(queries), block=7)
     torch.testing.assert_close(got, exact_all(lm, queries, samples), rtol=1e-4, atol=1e-4)
 
 

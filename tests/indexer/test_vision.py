@@ -441,7 +441,7 @@ def test_grpc_round_trip_with_images(vlm_server, vlm_index, vlm_corpus, tmp_path
         assert [(h.id, h.score) for h in by_bytes.hits] == [(h.id, h.score) for h in
                                                            c.search([queries[1]], k=4, rerank=16).hits]
         ids, got = c.score_all([queries[0]])
-        want = index.score_all(index.encode([queries[0]])).mean(0)
+        want = index.score_matrix(index.encode([queries[0]])).mean(0)
         torch.testing.assert_close(torch.tensor(got), want.double(), rtol=1e-5, atol=1e-4)
 
 

@@ -52,9 +52,9 @@ def test_group_by_and_score_all_with_where(influence_server, local_index):
             _same_hits(rg.hits, lg.hits)
         assert remote.scored == 36
         ids, scores = c.score_all(QUERIES, where={"source": "b"})
-        rows, want = local_index.scores_in_scope(local_index.encode(QUERIES), Where.of([("source", "b")]))
-        assert len(ids) == 18 and ids == [local_index.version.rows([r])[0]["id"] for r in rows]
-        np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-6)
+        want = local_index.scores([], Where.of([("source", "b")]), features=local_index.encode(QUERIES))
+        assert len(ids) == 18 and ids == [local_index.version.rows([r])[0]["id"] for r in want.rows]
+        np.testing.assert_allclose(scores, want.values, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("request_kwargs, field", [

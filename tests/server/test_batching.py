@@ -19,8 +19,8 @@ from forvalue.server import convert
 from forvalue.server.batching import Batcher, estimate_tokens, top_k
 from forvalue.server.config import ServerConfig
 from forvalue.server.protocol import pb, pb_grpc
-from forvalue.server.servicer import Served
-from forvalue.server.status import DeadlineExceededError, ResourceExhaustedError, status_of
+from forvalue.indexer.errors import DeadlineExceededError, ResourceExhaustedError
+from forvalue.server.status import status_of
 
 from serving import ServerThread, block_model, corpus, wait_for
 
@@ -201,11 +201,10 @@ def _query(samples):
 
 def test_a_deadline_passed_on_arrival_never_reaches_the_model(local_index):
     counting = CountingIndex(local_index)
-    served = Served(counting)
 
     async def main():
         with ThreadPoolExecutor(1) as executor:
-            batcher = Batcher(ServerConfig(index_dir="unused"), executor, lambda: served)
+            batcher = Batcher(ServerConfig(index_dir="unused"), executor, lambda: counting)
             with pytest.raises(DeadlineExceededError):
                 await batcher.top_k(_query([QUERIES[0]]), deadline=time.monotonic() - 0.001)
             version, answers = await batcher.top_k(_query([QUERIES[0]]), deadline=time.monotonic() + 60)
@@ -224,7 +223,7 @@ def test_a_full_queue_is_resource_exhausted_at_once(local_index):
     async def main():
         with ThreadPoolExecutor(1) as executor:
             executor.submit(gate.wait, 60)
-            batcher = Batcher(ServerConfig(index_dir="unused", max_queue=2), executor, lambda: Served(local_index))
+            batcher = Batcher(ServerConfig(index_dir="unused", max_queue=2), executor, lambda: local_index)
             waiting = [asyncio.ensure_future(batcher.top_k(_query([QUERIES[i]]))) for i in range(2)]
             await asyncio.sleep(0.05)
             assert batcher.queued == 2

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from forvalue.indexer.errors import ConfigError, ForValueError
-from forvalue.indexer.index import Hit, SearchResult
+from forvalue.indexer.results import GROUP, Hit, SearchResult
 from forvalue.server import convert
 from forvalue.server.config import ServerConfig
-from forvalue.server.convert import InvalidRequestError
+from forvalue.indexer.errors import InvalidRequestError
 from forvalue.server.protocol import pb
 
 CFG = ServerConfig(index_dir="unused", k_cap=20, default_rerank=30, max_rerank=50, max_samples=3,
@@ -87,7 +87,7 @@ def test_answers_and_chunks():
     hits = [Hit(id=f"s{i}", score=float(-i), rank=i + 1, row=i, metadata={"id": f"s{i}", "prompt": "", "response": "r"})
             for i in range(3)]
     res = SearchResult(hits, "v000002", "least", 17)
-    resp = convert.topk_response([(convert.GROUP, res), (1, res)], "v000002")
+    resp = convert.topk_response([(GROUP, res), (1, res)], "v000002")
     assert resp.index_version == "v000002" and [a.query_index for a in resp.answers] == [-1, 1]
     assert resp.answers[0].direction == pb.LEAST and resp.answers[0].candidates == 17
     assert convert.search_result(resp.answers[0], resp.index_version) == res

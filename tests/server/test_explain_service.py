@@ -6,11 +6,10 @@ import grpc
 import pytest
 
 from forvalue.client.client import InfluenceClient, ServerError
-from forvalue.indexer.explain import Explanation, PairContribution, TokenContribution
-from forvalue.indexer.index import Hit
+from forvalue.indexer.results import Explanation, Hit, PairContribution, TokenContribution
 from forvalue.server import convert
 from forvalue.server.config import ServerConfig
-from forvalue.server.convert import InvalidRequestError
+from forvalue.indexer.errors import InvalidRequestError
 from forvalue.server.protocol import pb, pb_grpc
 
 from serving import corpus

@@ -117,7 +117,7 @@ def test_response_names_the_shards(router, shards):
 def test_score_all_concatenates_the_shards(router, local_index):
     with InfluenceClient(router.address) as c:
         ids, scores, version = c.score_all(QUERY, chunk_size=5, return_version=True)
-    ref = local_index.score_all(local_index.encode(QUERY)).mean(0).numpy()
+    ref = local_index.score_matrix(local_index.encode(QUERY)).mean(0).numpy()
     assert ids == [f"s{i}" for i in range(36)]  # the shards hold contiguous parts, in shard order
     np.testing.assert_allclose(scores, ref, rtol=1e-5, atol=1e-6)
     assert version == "+".join(["v000001"] * N_SHARDS)
@@ -158,7 +158,7 @@ def test_one_shard_stopped(shards, shard_dirs, served_model_dir, local_index):
         assert len(reply.shards_failed) == 1 and reply.shards_failed[0].startswith(f"{third.address}: UNAVAILABLE")
         assert reply.index_version == "v000001+v000001"
         # the reference: the exact top-5 of the rows of shards 0 and 1 (s0..s23)
-        exact = local_index.score_all(local_index.encode(QUERY)).mean(0).numpy()[:24]
+        exact = local_index.score_matrix(local_index.encode(QUERY)).mean(0).numpy()[:24]
         want = np.argsort(-exact, kind="stable")[:5]
         assert [h.id for h in reply.answers[0].hits] == [f"s{i}" for i in want]
         np.testing.assert_allclose([h.score for h in reply.answers[0].hits], exact[want], rtol=1e-5, atol=1e-6)

@@ -179,7 +179,7 @@ def test_right_token_answers_as_in_process(auth_server, local_index, served_inde
     assert [h.id for h in remote.hits] == [h.id for h in ref.hits]
     np.testing.assert_allclose([h.score for h in remote.hits], [h.score for h in ref.hits], rtol=1e-5, atol=1e-5)
     assert ids == [s.id for s in served_index[1]]
-    np.testing.assert_allclose(scores, local_index.score_all(local_index.encode(QUERIES)).mean(0).numpy(),
+    np.testing.assert_allclose(scores, local_index.score_matrix(local_index.encode(QUERIES)).mean(0).numpy(),
                                rtol=1e-5, atol=1e-5)
     assert info["index_version"] == local_index.version.name
 

@@ -67,7 +67,7 @@ def test_texts_truncated_on_request(client):
 def test_score_all_chunks_equal_group_mean(client, local_index, served_index):
     ids, scores = client.score_all(QUERIES, chunk_size=7)  # 36 rows: 6 chunks, the last one short
     assert ids == [s.id for s in served_index[1]]
-    ref = local_index.score_all(local_index.encode(QUERIES)).mean(0).numpy()
+    ref = local_index.score_matrix(local_index.encode(QUERIES)).mean(0).numpy()
     np.testing.assert_allclose(scores, ref, rtol=1e-5, atol=1e-5)
     chunks = list(pb_grpc.InfluenceStub(client._channel).ScoreAll(
         pb.ScoreAllRequest(samples=[pb.ValuationSample(prompt=p, response=r) for p, r in QUERIES], chunk_size=7)))

@@ -1,0 +1,188 @@
+"""The answers forvalue gives, as plain data: hits, search results, groups, explanations.
+
+Shared by the in-process `Index`, the gRPC server's converters and the Python client, so this module
+imports neither torch nor numpy: `from forvalue.client import InfluenceClient` stays light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .errors import ConfigError
+
+DIRECTIONS = ("most", "least")
+GROUP = -1  # the query index of an answer for the whole group of valuation samples (not one of its members)
+
+
+@dataclass(frozen=True)
+class TokenContribution:
+    """One scored token and its share of a score.
+
+    Attributes:
+        token: text of the target token (the token this position predicts).
+        position: 0-based index among its sample's scored tokens.
+        contribution: its row sum (query token) or column sum (training token) of C.
+        sample: the query group member it belongs to (0 for a training token or a single query).
+    """
+
+    token: str
+    position: int
+    contribution: float
+    sample: int = 0
+
+
+@dataclass(frozen=True)
+class PairContribution:
+    """One (query token, training token) pair and its term C[k, k'] of a score.
+
+    Attributes:
+        query_position, train_position: 0-based indices among the scored tokens of each sample.
+        query_token, train_token: texts of their target tokens.
+        contribution: C[k, k'] = <h_k, h_k'> · α_kk' / nv.
+        query_sample: the query group member of the query token (0 for a single query).
+    """
+
+    query_position: int
+    train_position: int
+    query_token: str
+    train_token: str
+    contribution: float
+    query_sample: int = 0
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why one training sample has its score for a query.
+
+    Attributes:
+        query_tokens: every scored token of the query (group members in order) with its row sum.
+        train_tokens: every scored token of the training sample with its column sum.
+        top_pairs: the pairs with the largest |C[k, k']|, largest first.
+        total: Σ C = the score (query_tokens and train_tokens each sum to it too).
+    """
+
+    query_tokens: list[TokenContribution]
+    train_tokens: list[TokenContribution]
+    top_pairs: list[PairContribution]
+    total: float
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One training sample in an answer.
+
+    Attributes:
+        id: the training sample's id. score: exact For-Value to the query (group mean).
+        rank: 1-based rank in this answer. row: row number in the index version. metadata: stored row.
+        percentile: calibrated score, the estimated share of the index's training samples whose value
+            to this query is lower (0..1; see `Index.percentiles`); None when not computed.
+        cosine: calibrated score, score / (‖G_query‖·‖G_row‖) in [-1, 1] (exact); None when the index
+            stores no norms (built before they were stored).
+        explanation: which token pairs make the score (`Index.search(..., explain=P)`); None when not asked.
+    """
+
+    id: str
+    score: float
+    rank: int
+    row: int
+    metadata: dict
+    percentile: float | None = None
+    cosine: float | None = None
+    explanation: Explanation | None = None
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """One answer.
+
+    Attributes:
+        hits: best first. version: the index version that answered. direction: "most" or "least".
+        candidates: first-stage candidates considered. exact_scored: how many of them were scored exactly
+            (the others were ruled out by certified bounds, see rerank.py); None when not reported.
+    """
+
+    hits: list[Hit]
+    version: str
+    direction: str
+    candidates: int
+    exact_scored: int | None = None
+
+
+@dataclass(frozen=True)
+class Group:
+    """One value of the group-by field in a `GroupedResult`.
+
+    Attributes:
+        key: the field's value (canonical text, filters.value_key); None for the rows that lack the field.
+        count: training rows in the group (in scope). total: Σ of their exact values to the query.
+        mean: total / count. hits: the group's top rows, best first (exact scores, ranks within the group).
+    """
+
+    key: str | None
+    count: int
+    total: float
+    mean: float
+    hits: list[Hit]
+
+
+@dataclass(frozen=True)
+class GroupedResult:
+    """Source aggregation: which values of `field` (e.g. which dataset) drove the output.
+
+    Attributes:
+        field: the group-by field. groups: ordered by total, largest first ("most") or smallest first
+            ("least"). version: the index version. direction: "most" or "least". scored: rows scored exactly.
+    """
+
+    field: str
+    groups: list[Group]
+    version: str
+    direction: str
+    scored: int
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The exact value of every training row in scope to a valuation group (`score_all`'s full answer).
+
+    Attributes:
+        ids: training sample ids, in row order. rows: their row numbers in the index version.
+        values: exact For-Value of each row to the group (the mean over its members), float64.
+        version: the index version that answered ("" for an empty answer from a server).
+    """
+
+    ids: list[str]
+    rows: list[int]
+    values: Any  # numpy float64 array (n,)
+    version: str
+
+
+def check_direction(direction: str, both: bool = False) -> str:
+    """`direction` itself when it is "most" or "least" (or "both" where allowed).
+
+    Raises:
+        ConfigError: another name.
+    """
+    allowed = DIRECTIONS + (("both",) if both else ())
+    if direction not in allowed:
+        raise ConfigError(f"direction must be one of {allowed}, got {direction!r}")
+    return direction
+
+
+def cut_texts(result: SearchResult, limit: int) -> SearchResult:
+    """`result` with every hit's prompt and response cut to `limit` characters (0 = whole)."""
+    if not limit:
+        return result
+    hits = [replace(h, metadata={**h.metadata, **{f: str(h.metadata[f])[:limit] for f in ("prompt", "response")
+                                                 if f in h.metadata}}) for h in result.hits]
+    return replace(result, hits=hits)
+
+
+def index_info(manifest: dict, version: str) -> dict:
+    """What `info()` returns for an index version: its name, model, scope, size and manifest (no checksums)."""
+    return {"index_version": version, "model_name": manifest["model"]["name"],
+            "model_fingerprint": manifest["model"]["fingerprint"], "tokens": manifest["tokens"],
+            "n_samples": int(manifest["n_samples"]), "sketch_dim": int(manifest["sketch"]["dim"]),
+            "index_kind": manifest["index"]["kind"],
+            "manifest": {k: v for k, v in manifest.items() if k != "files"}}
