@@ -6,15 +6,22 @@ forvalue error (bad data, bad model path, bad option) becomes one line on stderr
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
 import logging
-import math
 import os
 import sys
 import time
 
 import click
+
+from forvalue.client import render
+from forvalue.indexer.config import (
+    DTYPE_CHOICES, FIRST_STAGE_KINDS, METHODS, RERANK_DTYPES, TOKEN_SCOPES, BuildConfig, FirstStageConfig, ScoreConfig,
+    SketchConfig,
+)
+from forvalue.indexer.results import DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH
+from forvalue.server.config import ServerConfig
 
 EXIT_USAGE = 2
 
@@ -64,8 +71,6 @@ def field_options(fn):
     return wrapper
 
 
-# indexer.model.DTYPE_CHOICES, spelled out so that --help needs no torch (a test keeps them equal)
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 _DTYPE_KEY = "forvalue.dtype"
 
 
@@ -77,7 +82,7 @@ def dtype_option(fn):
         click.get_current_context().meta[_DTYPE_KEY] = kwargs.pop("dtype")
         return fn(*args, **kwargs)
 
-    return click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
+    return click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=ServerConfig.dtype, show_default=True,
                         help="Precision of the forward pass: auto = bfloat16 on a GPU (float16 where it has no "
                              "bfloat16), float32 on a CPU. Scores are computed in float32 either way.")(wrapper)
 
@@ -116,9 +121,9 @@ def model_options(fn):
         click.option("--device", default="cpu", show_default=True, help="torch device for the forward pass."),
         click.option("--batch-tokens", type=BatchTokens(), default="auto", show_default=True,
                      help="Padded tokens per forward batch; auto: 4096 on a CPU, sized to the free memory on a GPU."),
-        click.option("--max-length", type=click.IntRange(2), default=2048, show_default=True,
+        click.option("--max-length", type=click.IntRange(2), default=BuildConfig.max_length, show_default=True,
                      help="Longest token sequence; longer samples lose prompt tokens from the left."),
-        click.option("--tokens", type=click.Choice(["response", "all"]), default="response", show_default=True,
+        click.option("--tokens", type=click.Choice(TOKEN_SCOPES), default=BuildConfig.tokens, show_default=True,
                      help="Scored positions: the response (+EOS), or every position of prompt + response."),
         click.option("--model", "model_path", default=None,
                      help="Local Hugging Face model directory or .gguf file [default: SmolLM2-135M-Instruct]; "
@@ -204,6 +209,23 @@ def connect(server: str, token_file: str | None, tls: bool, tls_ca: str | None):
     return InfluenceClient(server, token=read_token(token_file), tls=tls_ca if tls_ca is not None else tls)
 
 
+@contextlib.contextmanager
+def open_source(server, index_dir, model_path, device, token_file, tls, tls_ca):
+    """(what answers, its name for the output): an `InfluenceClient` of `server` or the in-process `Index` of
+    `index_dir` (one of them: the other None). Both have the same calls (search, top_k, group_by, scores, info),
+    so a command runs one code path for either."""
+    if (server is None) == (index_dir is None):
+        _fail("give exactly one of --server ADDR or --index DIR")
+    if server is not None:
+        with connect(server, token_file, tls, tls_ca) as client:
+            yield client, f"server {server}"
+        return
+    from forvalue.indexer.index import Index
+
+    with Index.open(index_dir, _load_model(model_path, device)) as index:
+        yield index, f"index {index_dir}"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="forvalue")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
@@ -218,15 +240,15 @@ def main(verbose: bool) -> None:
 @click.argument("data")
 @click.option("--train", "train_path", default=None, help="Training file, when DATA holds the valuation rows only.")
 @model_options
-@click.option("--method", type=click.Choice(["exact", "inbatch", "shared", "emb"]), default="exact", show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default=ScoreConfig.method, show_default=True,
               help="exact: full vocabulary; inbatch: the paper's in-batch vocabulary; shared: one fixed vocabulary "
                    "(training targets); emb: the Emb baseline (alpha = 1).")
-@click.option("--memory-mb", type=click.IntRange(16), default=1024, show_default=True,
+@click.option("--memory-mb", type=click.IntRange(16), default=ScoreConfig.memory_mb, show_default=True,
               help="Working-memory budget of the scoring step.")
 @click.option("--index", "index_dir", default=None,
               help="Evaluate through this index (its rows are the training set): adds fidelity_top10 and "
                    "candidate_recall of the first stage.")
-@click.option("--rerank", type=click.IntRange(1), default=100, show_default=True,
+@click.option("--rerank", type=click.IntRange(1), default=DEFAULT_RERANK, show_default=True,
               help="With --index: first-stage candidates scored exactly.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
@@ -243,7 +265,6 @@ def eval_cmd(data, train_path, model_path, tokens, max_length, batch_tokens, dev
     from forvalue.indexer.data import load_eval_sets
     from forvalue.indexer.evaluate import run_eval
     from forvalue.indexer.forward import ForwardConfig, batch_sizes
-    from forvalue.indexer.score import ScoreConfig
     if index_dir is not None:
         _eval_through_index(data, index_dir, model_path, device, rerank, as_json, no_progress, fields)
         return
@@ -256,10 +277,7 @@ def eval_cmd(data, train_path, model_path, tokens, max_length, batch_tokens, dev
     fwd = ForwardConfig(tokens=tokens, max_length=max_length, batch_tokens=batch_tokens, max_batch=max_batch)
     result = run_eval(lm, valuation, train, fwd, score, progress=not no_progress)
     report = {"data": str(data), **result.report, "load_seconds": load_seconds}
-    if as_json:
-        click.echo(json.dumps(_jsonable(report), sort_keys=True))
-        return
-    click.echo(_format_report(report))
+    click.echo(render.dumps(report) if as_json else render.eval_text(report))
 
 
 def _eval_through_index(data, index_dir, model_path, device, rerank, as_json, no_progress, fields):
@@ -274,57 +292,7 @@ def _eval_through_index(data, index_dir, model_path, device, rerank, as_json, no
     load_seconds = time.perf_counter() - t0
     report = {"data": str(data), "index": str(index_dir),
               **run_index_eval(index, valuation, rerank=rerank, progress=not no_progress), "load_seconds": load_seconds}
-    if as_json:
-        click.echo(json.dumps(_jsonable(report), sort_keys=True))
-        return
-    f = _fmt
-    click.echo("\n".join([
-        f"data        {report['data']}",
-        f"index       {report['index']} ({report['index_version']}, {report['n_train']} samples, "
-        f"sketch {report['sketch_dim']} dims, rerank {report['rerank']})",
-        f"AUC         {f(report['auc_mean'])} through the index (ScoreAll), {f(report['exact_auc_mean'])} exact, "
-        f"{f(report['sketch_auc_mean'])} first stage alone",
-        f"Recall      {f(report['recall_mean'])} through the index (ScoreAll), {f(report['exact_recall_mean'])} exact, "
-        f"{f(report['sketch_recall_mean'])} first stage alone",
-        f"fidelity    top-10 most {f(report['fidelity_top10_most'])}, least {f(report['fidelity_top10_least'])} "
-        f"(index top-10 vs exact top-10 over all {report['n_train']} rows)",
-        f"candidates  recall of the exact top-10 in the first stage's top-{report['rerank']}: "
-        f"most {f(report['candidate_recall_most'])}, least {f(report['candidate_recall_least'])}",
-        f"time        {report['seconds']:.1f} s   peak memory {report['peak_memory_mb']:.0f} MiB",
-    ]))
-
-
-def _jsonable(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    return obj
-
-
-def _fmt(x) -> str:
-    """A metric with three decimals, or n/a when undefined (None or NaN)."""
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3f}"
-
-
-def _format_report(r: dict) -> str:
-    f = _fmt
-
-    lines = [
-        f"data        {r['data']}",
-        f"model       {r['model']}   tokens={r['tokens']}   method={r['method']}",
-        f"samples     {r['n_valuation']} valuation x {r['n_train']} training",
-        f"AUC         {f(r['auc_mean'])} ± {f(r['auc_std'])}   (over {r['n_rows_scored']} valuation rows)",
-        f"Recall      {f(r['recall_mean'])} ± {f(r['recall_std'])}",
-    ]
-    if _fmt(r.get("clean_auc")) != "n/a":
-        lines.append(f"clean AUC   {f(r['clean_auc'])}   (clean vs corrupted training rows, by mean value)   "
-                     f"clean share in top 10%: {f(r['clean_share_top10'])}")
-    lines.append(
-        f"time        {r['seconds']:.1f} s (load {r['load_seconds']:.1f} s, forward {r['forward_seconds']:.1f} s, "
-        f"scores {r['score_seconds']:.1f} s)   peak memory {r['peak_memory_mb']:.0f} MiB"
-    )
-    return "\n".join(lines)
+    click.echo(render.dumps(report) if as_json else render.index_eval_text(report))
 
 
 @main.group("index")
@@ -334,19 +302,20 @@ def index_group() -> None:
 
 def sketch_options(fn):
     opts = [
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the vocabulary hashing."),
-        click.option("--fit-samples", type=click.IntRange(1), default=2000, show_default=True,
+        click.option("--seed", type=int, default=SketchConfig.seed, show_default=True,
+                     help="Seed of the vocabulary hashing."),
+        click.option("--fit-samples", type=click.IntRange(1), default=SketchConfig.fit_samples, show_default=True,
                      help="Samples of the corpus used to fit the sketch maps."),
-        click.option("--rerank-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+        click.option("--rerank-dtype", type=click.Choice(RERANK_DTYPES), default=BuildConfig.rerank_dtype,
                      show_default=True, help="Storage of the hidden states kept for exact re-ranking."),
-        click.option("--rerank-top", type=click.IntRange(0), default=32, show_default=True,
+        click.option("--rerank-top", type=click.IntRange(0), default=BuildConfig.rerank_top, show_default=True,
                      help="Largest next-token probabilities stored per training token, so queries score exactly "
                           "only the candidates that can be in the answer (0 = score every candidate)."),
-        click.option("--shard-size", type=click.IntRange(1), default=1024, show_default=True,
+        click.option("--shard-size", type=click.IntRange(1), default=BuildConfig.shard_size, show_default=True,
                      help="Samples per shard (the unit a killed build resumes from)."),
-        click.option("--rank", type=click.IntRange(1), default=4, show_default=True,
+        click.option("--rank", type=click.IntRange(1), default=SketchConfig.rank, show_default=True,
                      help="Principal directions of the hidden states in the sketch."),
-        click.option("--dim", type=click.IntRange(1), default=4096, show_default=True,
+        click.option("--dim", type=click.IntRange(1), default=SketchConfig().dim, show_default=True,
                      help="First-stage sketch dimension (rank x vocabulary buckets); 4 bytes each."),
     ]
     for opt in opts:
@@ -355,10 +324,8 @@ def sketch_options(fn):
 
 
 def _build_config(tokens, max_length, batch_tokens, dim, rank, shard_size, rerank_dtype, fit_samples, seed,
-                  rerank_top=32):
-    from forvalue.indexer.build import BuildConfig
+                  rerank_top=BuildConfig.rerank_top):
     from forvalue.indexer.errors import ConfigError
-    from forvalue.indexer.sketch import SketchConfig
 
     if dim % rank:
         raise ConfigError(f"--dim ({dim}) must be a multiple of --rank ({rank})")
@@ -388,29 +355,27 @@ def first_stage_options(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, index_kind, approx_threshold, nlist, nprobe, pq_m, refine, min_recall, **kwargs):
-        from forvalue.indexer.firststage import FirstStageConfig
-
         kwargs["first_stage"] = FirstStageConfig(kind=index_kind, approx_threshold=approx_threshold, nlist=nlist,
                                                  nprobe=nprobe, pq_m=pq_m, refine=refine, min_recall=min_recall)
         return fn(*args, **kwargs)
 
     opts = [
-        click.option("--min-recall", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+        click.option("--min-recall", type=click.FloatRange(0, 1), default=FirstStageConfig.min_recall, show_default=True,
                      help="Approximate first stage: the recall@10 against flat search (most and least, measured at "
                           "build time on held-out training sketches) below which the build is refused."),
-        click.option("--refine", type=click.IntRange(1), default=2, show_default=True,
+        click.option("--refine", type=click.IntRange(1), default=FirstStageConfig.refine, show_default=True,
                      help="Approximate first stage: candidates taken from the codes per wanted row, re-scored "
                           "exactly from the stored sketches."),
-        click.option("--pq-m", "pq_m", type=click.IntRange(1), default=64, show_default=True,
+        click.option("--pq-m", "pq_m", type=click.IntRange(1), default=FirstStageConfig.pq_m, show_default=True,
                      help="ivf-pq: bytes per row (must divide --dim)."),
-        click.option("--nprobe", type=click.IntRange(0), default=0, show_default=True,
+        click.option("--nprobe", type=click.IntRange(0), default=FirstStageConfig.nprobe, show_default=True,
                      help="IVF lists searched per query; 0 = per direction, the smallest reaching --min-recall "
                           "(chosen at build time)."),
-        click.option("--nlist", type=click.IntRange(0), default=0, show_default=True,
+        click.option("--nlist", type=click.IntRange(0), default=FirstStageConfig.nlist, show_default=True,
                      help="IVF lists; 0 = about the square root of the corpus size."),
-        click.option("--approx-threshold", type=click.IntRange(1), default=1_000_000, show_default=True,
+        click.option("--approx-threshold", type=click.IntRange(1), default=FirstStageConfig.approx_threshold, show_default=True,
                      help="--index-kind auto: corpus size from which the first stage is approximate (ivf-sq8)."),
-        click.option("--index-kind", type=click.Choice(["auto", "flat-ip", "ivf-sq8", "ivf-pq"]), default="auto",
+        click.option("--index-kind", type=click.Choice(FIRST_STAGE_KINDS), default=FirstStageConfig.kind,
                      show_default=True,
                      help="First stage: exact flat search, or an inverted file with 8-bit (sq8) or product-"
                           "quantised (pq) codes; auto = flat below --approx-threshold rows."),
@@ -479,9 +444,8 @@ def index_add_cmd(index_dir, data, split, model_path, device, batch_tokens, no_p
     """Append samples as a new version, with the same vocabulary map and sketch parameters."""
     import dataclasses
 
-    from forvalue.indexer.build import BuildConfig, build_index
+    from forvalue.indexer.build import build_index
     from forvalue.indexer.forward import batch_sizes
-    from forvalue.indexer.sketch import SketchConfig
     from forvalue.indexer.store import IndexRoot
 
     root = IndexRoot(index_dir)
@@ -523,7 +487,7 @@ def index_info_cmd(index_dir, version, files, no_verify):
     m["version"] = v.name
     m["current"] = root.current()
     m["versions"] = root.versions()
-    click.echo(json.dumps(m, indent=2, sort_keys=True))
+    click.echo(render.json.dumps(m, indent=2, sort_keys=True))
 
 
 @index_group.command("delete")
@@ -542,9 +506,9 @@ def index_delete_cmd(index_dir, ids_path, missing):
     if not os.path.isdir(index_dir):
         _fail(f"{index_dir}: no such index directory")
     result = delete_samples(index_dir, read_id_file(ids_path), missing=missing)
-    click.echo(json.dumps({"version": result.version, "base": result.base, "published": result.published,
-                           "deleted": result.deleted, "already_deleted": result.already, "unknown": result.unknown,
-                           "hidden_rows": result.hidden_rows}, sort_keys=True))
+    click.echo(render.dumps({"version": result.version, "base": result.base, "published": result.published,
+                             "deleted": result.deleted, "already_deleted": result.already, "unknown": result.unknown,
+                             "hidden_rows": result.hidden_rows}))
 
 
 @index_group.command("gc")
@@ -568,15 +532,13 @@ def index_gc_cmd(index_dir, keep):
         _fail(f"{index_dir}: not an index directory (it has no versions/); nothing to remove")
     current = root.current()  # a CURRENT that cannot be read stops gc before anything is deleted
     removed = root.gc(keep)
-    click.echo(json.dumps({"removed": removed, "kept": root.versions(), "current": current}, sort_keys=True))
+    click.echo(render.dumps({"removed": removed, "kept": root.versions(), "current": current}))
 
 
 def _print_summary(m: dict, name: str) -> None:
     from forvalue.indexer.build import storage_summary
 
-    click.echo(json.dumps({"version": name, "n_samples": m["n_samples"], "tokens": m["tokens"],
-                           "sketch_dim": m["sketch"]["dim"], "index": m["index"], "storage": storage_summary(m),
-                           "build_seconds": m["build_seconds"]}, sort_keys=True))
+    click.echo(render.dumps(render.build_summary(m, name, storage_summary(m))))
 
 
 def router_options(fn):
@@ -628,22 +590,22 @@ def router_options(fn):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=50051, show_default=True,
               help="Port to listen on; 0 picks a free one (printed).")
-@click.option("--device", default="cpu", show_default=True, help="torch device for the forward pass.")
-@click.option("--k-cap", type=click.IntRange(1), default=1000, show_default=True, help="Largest k a request may ask for.")
-@click.option("--max-sample-chars", type=click.IntRange(1), default=100_000, show_default=True,
+@click.option("--device", default=ServerConfig.device, show_default=True, help="torch device for the forward pass.")
+@click.option("--k-cap", type=click.IntRange(1), default=ServerConfig.k_cap, show_default=True, help="Largest k a request may ask for.")
+@click.option("--max-sample-chars", type=click.IntRange(1), default=ServerConfig.max_sample_chars, show_default=True,
               help="Most characters in a valuation sample's prompt, and in its response (longer: INVALID_ARGUMENT).")
 @click.option("--max-queue", type=click.IntRange(1), default=None,
               help="Requests waiting for or in the model beyond which new ones get RESOURCE_EXHAUSTED at once "
                    "(health checks still answer) [default: no limit].")
-@click.option("--grace", type=click.FloatRange(0), default=10.0, show_default=True,
+@click.option("--grace", type=click.FloatRange(0), default=ServerConfig.grace_seconds, show_default=True,
               help="Seconds in-flight calls may take to finish after SIGTERM.")
-@click.option("--batch-wait-ms", type=click.FloatRange(0, 60_000), default=5.0, show_default=True,
+@click.option("--batch-wait-ms", type=click.FloatRange(0, 60_000), default=ServerConfig.batch_wait_ms, show_default=True,
               help="How long a TopK request may wait for others to share its forward pass (0: no wait).")
-@click.option("--batch-tokens", type=click.IntRange(1), default=16_384, show_default=True,
+@click.option("--batch-tokens", type=click.IntRange(1), default=ServerConfig.batch_tokens, show_default=True,
               help="Estimated tokens (about 4 characters each) beyond which no more requests join a batch.")
-@click.option("--max-batch-requests", type=click.IntRange(1), default=64, show_default=True,
+@click.option("--max-batch-requests", type=click.IntRange(1), default=ServerConfig.max_batch_requests, show_default=True,
               help="Most TopK requests sharing one forward pass (1: no batching).")
-@click.option("--watch-seconds", type=click.FloatRange(0), default=2.0, show_default=True,
+@click.option("--watch-seconds", type=click.FloatRange(0), default=ServerConfig.watch_seconds, show_default=True,
               help="How often to check the index's CURRENT and serve a new version without a restart (0: never).")
 @click.option("--no-reflection", is_flag=True, help="Do not serve gRPC server reflection.")
 @click.option("--token-file", "token_file", default=None, metavar="PATH",
@@ -656,7 +618,7 @@ def router_options(fn):
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve Prometheus metrics over HTTP (/metrics) on --host at this port; 0 picks a free one "
                    "(printed) [default: no metrics endpoint].")
-@click.option("--max-explain-pairs", type=click.IntRange(1), default=100, show_default=True,
+@click.option("--max-explain-pairs", type=click.IntRange(1), default=ServerConfig.max_explain_pairs, show_default=True,
               help="Most top token pairs per hit an explained TopK request may ask for (explain_pairs).")
 @click.option("--enable-admin", is_flag=True,
               help="Also serve forvalue.v1.InfluenceAdmin (Delete: takedowns publish a new version without the "
@@ -677,7 +639,7 @@ def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars
                           max_batch_requests=max_batch_requests, watch_seconds=watch_seconds,
                           token=read_token(token_file), tls_cert=tls_cert, tls_key=tls_key, metrics_port=metrics_port,
                           admin=enable_admin, max_explain_pairs=max_explain_pairs,
-                          default_explain_pairs=min(10, max_explain_pairs))
+                          default_explain_pairs=min(ServerConfig.default_explain_pairs, max_explain_pairs))
     if enable_admin and config.token is None:
         click.echo("forvalue: warning: --enable-admin without --token-file: anyone who reaches the port can take "
                    "samples down", err=True)
@@ -700,9 +662,9 @@ def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars
 @click.option("--valuation", "valuation_path", default=None,
               help="Or: a file of valuation samples (JSONL, Parquet, *.hf), queried as one group (mean).")
 # -k and --rerank are checked by the server (or Index.search), so a bad value is one line naming it, exit 2
-@click.option("-k", "k", type=int, default=10, show_default=True, help="Training samples to list (>= 1).")
+@click.option("-k", "k", type=int, default=DEFAULT_K, show_default=True, help="Training samples to list (>= 1).")
 @click.option("--least", is_flag=True, help="The least valuable instead of the most valuable.")
-@click.option("--rerank", type=int, default=100, show_default=True,
+@click.option("--rerank", type=int, default=DEFAULT_RERANK, show_default=True,
               help="First-stage candidates re-ranked exactly (those that cannot be in the answer are ruled "
                    "out by certified bounds first); >= 0, raised to k.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
@@ -729,8 +691,6 @@ def query_cmd(server, index_dir, model_path, device, prompt, response, valuation
 
     Each hit also carries calibrated scores: pct, the estimated share of the index's training samples with a
     lower value to this query, and cos, the score normalised by both gradients' norms (-1..1)."""
-    if (server is None) == (index_dir is None):
-        _fail("give exactly one of --server ADDR or --index DIR")
     if (response is None) == (valuation_path is None):
         _fail("give exactly one of --response TEXT (with --prompt) or --valuation FILE")
     if valuation_path is not None:
@@ -743,125 +703,36 @@ def query_cmd(server, index_dir, model_path, device, prompt, response, valuation
     if html_path is not None and valuation_path is not None and os.path.abspath(html_path) == os.path.abspath(
             valuation_path):
         _fail(f"--html {html_path!r} is an input of this command; write to another file")
+    if group_by is not None and (explain or html_path is not None):
+        _fail("--group-by cannot be combined with --explain or --html; use --where FIELD=VALUE to look into one group")
     direction = "least" if least else "most"
     where = _where(where_items)
-    if group_by is not None:
-        if explain or html_path is not None:
-            _fail("--group-by cannot be combined with --explain or --html; use --where FIELD=VALUE to look into "
-                  "one group")
-        return _query_groups(server, index_dir, model_path, device, samples, group_by, k, direction, where,
-                             as_json, token_file, tls, tls_ca)
     pairs = explain_pairs if explain or html_path is not None else 0
-    # the report shows both ends: one call (one forward pass) answers both directions
-    directions = ("most", "least") if html_path is not None else (direction,)
-    if server is not None:
-        with connect(server, token_file, tls, tls_ca) as client:
-            if html_path is None:
-                results = {direction: client.search(samples, k=k, direction=direction, rerank=rerank, explain=pairs,
-                                                    where=where)}
-            else:
-                results = {r.direction: r for _, r in client.top_k(samples, k, "both", rerank, explain=pairs,
-                                                                   where=where)}
-        source = f"server {server}"
-    else:
-        from forvalue.indexer.index import Index
-
-        index = Index.open(index_dir, _load_model(model_path, device))
-        features = index.encode(samples) if len(directions) > 1 else None
-        results = {d: index.search(samples, k=k, direction=d, rerank=rerank, features=features, explain=pairs,
-                                   where=where) for d in directions}
-        source = f"index {index_dir}"
+    with open_source(server, index_dir, model_path, device, token_file, tls, tls_ca) as (source, name):
+        if group_by is not None:
+            grouped = source.group_by(samples, group_by, k=k, direction=direction, where=where)
+        elif html_path is not None:  # the report shows both ends: one call (one forward pass) answers both
+            results = {r.direction: r for _, r in source.top_k(samples, k, "both", rerank, explain=pairs, where=where)}
+        else:
+            results = {direction: source.search(samples, k=k, direction=direction, rerank=rerank, explain=pairs,
+                                                where=where)}
+    if group_by is not None:
+        click.echo(render.dumps(render.groups_json(grouped, name, len(samples))) if as_json
+                   else render.groups_text(grouped, name))
+        return
     result = results[direction]
     if html_path is not None:
         from forvalue.client.report import query_report, write_html
 
         texts = [s[:2] for s in samples]  # the report shows the texts (a VLM sample's image stays out)
-        write_html(html_path, query_report(texts, [results["most"], results["least"]], source))
+        write_html(html_path, query_report(texts, [results["most"], results["least"]], name))
         click.echo(f"forvalue: wrote the report to {html_path}", err=True)
     if as_json:
-        out = _result_json(result, source, len(samples))
-        if explain:
-            import dataclasses
-
-            for h_out, h in zip(out["hits"], result.hits):
-                h_out["explanation"] = None if h.explanation is None else dataclasses.asdict(h.explanation)
-        click.echo(json.dumps(out, sort_keys=True))
-        return
-    from forvalue.client.terminal import color_hits, use_color, with_pairs
-
-    if use_color(color):
-        click.echo(color_hits(result, source, len(samples), explain), color=True)
-        return
-    text = _format_hits(result, source, len(samples))
-    click.echo(with_pairs(text, result, len(samples) > 1) if explain else text)
-
-
-def _result_json(result, source: str, n_queries: int) -> dict:
-    return {"source": source, "version": result.version, "direction": result.direction,
-            "candidates": result.candidates, "exact_scored": result.exact_scored, "n_queries": n_queries,
-            "hits": [{"rank": h.rank, "score": h.score, "percentile": h.percentile, "cosine": h.cosine, "id": h.id,
-                      "row": h.row, "metadata": h.metadata} for h in result.hits]}
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def _cos(x) -> str:
-    return "-" if x is None else f"{x:+.3f}"
-
-
-def _snippet(metadata: dict, width: int = 72) -> str:
-    text = " ".join(f"{metadata.get('prompt', '')} → {metadata.get('response', '')}".split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _scored(result) -> str:
-    return "all" if result.exact_scored in (None, result.candidates) else str(result.exact_scored)
-
-
-def _format_hits(result, source: str, n_queries: int) -> str:
-    group = f"the mean of {n_queries} valuation samples" if n_queries > 1 else "the valuation sample"
-    lines = [f"{source}, version {result.version}: the {len(result.hits)} {result.direction} valuable training "
-             f"samples for {group} ({result.candidates} candidates, {_scored(result)} scored exactly)"]
-    id_width = max([len("id")] + [len(h.id) for h in result.hits])
-    lines.append(f"{'rank':>4}  {'score':>12}  {'pct':>6}  {'cos':>6}  {'id':<{id_width}}  "
-                 "training sample (prompt → response)")
-    for h in result.hits:
-        lines.append(f"{h.rank:>4}  {h.score:>12.6g}  {_pct(h.percentile):>6}  {_cos(h.cosine):>6}  "
-                     f"{h.id:<{id_width}}  {_snippet(h.metadata)}")
-    return "\n".join(lines)
-
-
-def _query_groups(server, index_dir, model_path, device, samples, field, k, direction, where, as_json, token_file,
-                  tls, tls_ca) -> None:
-    if server is not None:
-        with connect(server, token_file, tls, tls_ca) as client:
-            result = client.group_by(samples, field, k=k, direction=direction, where=where)
-        source = f"server {server}"
+        click.echo(render.dumps(render.hits_json(result, name, len(samples), explain)))
+    elif render.use_color(color):
+        click.echo(render.color_hits(result, name, len(samples), explain), color=True)
     else:
-        from forvalue.indexer.index import Index
-
-        index = Index.open(index_dir, _load_model(model_path, device))
-        result = index.group_by(samples, field, k=k, direction=direction, where=where)
-        source = f"index {index_dir}"
-    if as_json:
-        click.echo(json.dumps({
-            "source": source, "version": result.version, "direction": result.direction, "field": result.field,
-            "scored": result.scored, "n_queries": len(samples),
-            "groups": [{"key": g.key, "count": g.count, "total": g.total, "mean": g.mean,
-                        "hits": [{"rank": h.rank, "score": h.score, "id": h.id, "row": h.row, "metadata": h.metadata}
-                                 for h in g.hits]} for g in result.groups]}, sort_keys=True))
-        return
-    lines = [f"{source}, version {result.version}: value by {result.field} ({result.scored} training samples "
-             f"scored exactly, {result.direction} valuable first)"]
-    kw = max([len(result.field)] + [len(str(g.key)) for g in result.groups])
-    lines.append(f"{result.field:<{kw}}  {'count':>7}  {'total':>12}  {'mean':>12}  top samples")
-    for g in result.groups:
-        key = "(missing)" if g.key is None else g.key
-        top = ", ".join(f"{h.id} ({h.score:.3g})" for h in g.hits)
-        lines.append(f"{key:<{kw}}  {g.count:>7}  {g.total:>12.6g}  {g.mean:>12.6g}  {top}")
-    click.echo("\n".join(lines))
+        click.echo(render.hits_text(result, name, len(samples), explain))
 
 
 @main.command("rank")
@@ -870,8 +741,8 @@ def _query_groups(server, index_dir, model_path, device, samples, field, k, dire
 @click.option("--model", "model_path", default=None,
               help="With --index: the model the index was built with [default: SmolLM2-135M-Instruct].")
 @click.option("--device", default="cpu", show_default=True, help="With --index: torch device for the forward pass.")
-@click.option("--batch", type=click.IntRange(1), default=64, show_default=True,
-              help="With --index: valuation samples per forward pass.")
+@click.option("--batch", type=click.IntRange(1), default=DEFAULT_SCORE_BATCH, show_default=True,
+              help="Valuation samples per forward pass (--index) or per request (--server).")
 @click.option("--valuation", "valuation_path", required=True,
               help="Valuation samples (JSONL, Parquet, *.hf); a training row's value is its mean score over them.")
 @click.option("--out", "out_path", required=True,
@@ -926,57 +797,36 @@ def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, out_p
     if select_spec is not None:
         parse_select(select_spec, sys.maxsize)  # a malformed spec fails now; a count above n once n is known
 
-    from forvalue.indexer.data import load_valuation_set, read_samples
-    samples = [s.as_input() for s in load_valuation_set(valuation_path, fields)]
-    where = _where(where_items)
-    if server is not None:
-        corpus = {s.id: s for s in read_samples(data_path, fields)} if data_path is not None else None
-        with connect(server, token_file, tls, tls_ca) as client:
-            ids, scores, version = client.score_all(samples, return_version=True, where=where)
-        source = f"server {server}"
-        ranked = _rank_and_select(ids, scores, select_spec, lowest)
-        subset = None if selected_out is None else _corpus_rows(corpus, [ids[i] for i in ranked[0]], data_path)
-    else:
-        from forvalue.indexer.index import Index
+    from forvalue.indexer.data import load_valuation_set, read_samples, sample_of_row
 
-        index = Index.open(index_dir, _load_model(model_path, device))
-        rows, scores = _index_score_all(index, samples, batch, where)
-        ids = [str(row["id"]) for row in index.version.rows(rows)]
-        version, source = index.version.name, f"index {index_dir}"
-        ranked = _rank_and_select(ids, scores, select_spec, lowest)
-        subset = None if selected_out is None else [_stored_sample(row) for row in index.version.rows(rows[ranked[0]])]
-    chosen, order, ranks, percentiles = ranked
-    summary = _write_ranking(out_path, selected_out, ids, scores, chosen, order, ranks, percentiles, subset)
-    summary = {"source": source, "version": version, "n_valuation": len(samples), "n_scored": len(ids),
+    samples = [s.as_input() for s in load_valuation_set(valuation_path, fields)]
+    corpus = {s.id: s for s in read_samples(data_path, fields)} if data_path is not None else None
+    with open_source(server, index_dir, model_path, device, token_file, tls, tls_ca) as (source, name):
+        scores = source.scores(samples, where=_where(where_items), batch=batch)
+        ids = scores.ids
+        chosen, order, ranks, percentiles = _rank_and_select(ids, scores.values, select_spec, lowest)
+        if selected_out is None:
+            subset = None
+        elif corpus is not None:  # a server's rows: from the corpus it was built from
+            subset = _corpus_rows(corpus, [ids[i] for i in chosen], data_path)
+        else:  # the index's own stored rows
+            subset = [sample_of_row(row) for row in source.version.rows([scores.rows[i] for i in chosen])]
+    summary = _write_ranking(out_path, selected_out, ids, scores.values, chosen, order, ranks, percentiles, subset)
+    summary = {"source": name, "version": scores.version, "n_valuation": len(samples), "n_scored": len(ids),
                "direction": "lowest" if lowest else "highest", **summary}
     if html_path is not None:
         from forvalue.client.report import rank_report, write_html
 
-        write_html(html_path, rank_report(ids, scores, order, ranks, chosen, summary))
+        write_html(html_path, rank_report(ids, scores.values, order, ranks, chosen, summary))
         summary["html"] = str(html_path)
     if as_json:
-        click.echo(json.dumps(_jsonable(summary), sort_keys=True))
+        click.echo(render.dumps(summary))
         return
-    from forvalue.client.terminal import color_rank_summary, use_color
-
-    text = _format_rank_summary(summary) + (f"\nforvalue: wrote the report to {html_path}" if html_path else "")
-    if use_color(color, err=True):
-        click.echo(color_rank_summary(text), err=True, color=True)
+    text = render.rank_summary_text(summary)
+    if render.use_color(color, err=True):
+        click.echo(render.color_rank_summary(text), err=True, color=True)
     else:
         click.echo(text, err=True)
-
-
-def _index_score_all(index, samples: list[tuple[str, str]], batch: int, where=None):
-    """(rows in scope: matching `where`, not deleted; the mean exact value of each to `samples`, float64),
-    `batch` samples per forward pass."""
-    import numpy as np
-
-    scope = index.scope(where)
-    rows = np.arange(index.n, dtype=np.int64) if scope is None else scope
-    total = np.zeros(rows.size, dtype=np.float64)
-    for a in range(0, len(samples), batch):
-        total += index.score_rows(index.encode(samples[a : a + batch]), rows).double().sum(0).numpy()
-    return rows, total / len(samples)
 
 
 def _rank_and_select(ids, scores, select_spec, lowest):
@@ -999,15 +849,6 @@ def _corpus_rows(corpus: dict, chosen_ids: list[str], data_path: str) -> list:
     return [corpus[i] for i in chosen_ids]
 
 
-def _stored_sample(row: dict):
-    """A training row as the index stored it (see forvalue.indexer.build) → the Sample it was built from."""
-    from forvalue.indexer.data import Sample
-
-    return Sample(id=str(row["id"]), prompt=row["prompt"], response=row["response"], label=row.get("label"),
-                  split=row.get("split"), clean=row.get("clean"), meta=dict(row.get("meta") or {}),
-                  image=row.get("image"))
-
-
 def _write_ranking(out_path, selected_out, ids, scores, chosen, order, ranks, percentiles, subset) -> dict:
     """Write --out (every row, rank order) and --selected-out; the summary's part about the selection."""
     import numpy as np
@@ -1023,17 +864,6 @@ def _write_ranking(out_path, selected_out, ids, scores, chosen, order, ranks, pe
                  selected[order])
     return {"n_selected": int(chosen.size), "cutoff_score": float(scores[chosen[-1]]) if chosen.size else None,
             "out": str(out_path), "selected_out": None if selected_out is None else str(selected_out)}
-
-
-def _format_rank_summary(s: dict) -> str:
-    lines = [f"forvalue: {s['source']}, version {s['version']}: scored {s['n_scored']} training rows by their mean "
-             f"value to {s['n_valuation']} valuation samples"]
-    if s["n_selected"]:
-        lines.append(f"forvalue: selected the {s['n_selected']} {s['direction']}-valued rows "
-                     f"(cut-off score {s['cutoff_score']:.6g})")
-    lines.append(f"forvalue: wrote the scores to {s['out']}"
-                 + (f" and the selected rows to {s['selected_out']}" if s["selected_out"] else ""))
-    return "\n".join(lines)
 
 
 @main.command("example")

@@ -20,7 +20,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from forvalue.indexer.data import Sample
 from forvalue.indexer.errors import ConfigError, ServerError
 from forvalue.indexer.filters import Where, as_where
-from forvalue.indexer.results import GroupedResult, SearchResult
+from forvalue.indexer.results import (
+    DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH, GroupedResult, Scores, SearchResult, check_direction,
+)
 from forvalue.server import convert
 from forvalue.server.protocol import pb, pb_grpc
 
@@ -71,8 +73,8 @@ class InfluenceClient:
         except grpc.RpcError as exc:
             raise ServerError(self.address, exc.code(), exc.details() or "") from None
 
-    def search(self, samples: Sequence[Sample | tuple[str, str]], k: int = 10, direction: str = "most",
-               rerank: int = 100, explain: int = 0, where: WhereLike = None) -> SearchResult:
+    def search(self, samples: Sequence[Sample | tuple[str, str]], k: int = DEFAULT_K, direction: str = "most",
+               rerank: int = DEFAULT_RERANK, explain: int = 0, where: WhereLike = None) -> SearchResult:
         """Top-k most (or least) valuable training samples for the group `samples`, as `Index.search`.
 
         Args:
@@ -84,15 +86,13 @@ class InfluenceClient:
             where: only training samples whose metadata match (a `Where`, {field: value or [values]}, or
                 "FIELD=VALUE" strings), as `Index.search(..., where=...)`.
         """
-        if direction not in ("most", "least"):
-            raise ConfigError(f"direction must be one of ('most', 'least'), got {direction!r}")
+        check_direction(direction)
         return self.top_k(samples, k, direction, rerank, group=True, explain=explain, where=where)[0][1]
 
     def group_by(self, samples: Sequence[Sample | tuple[str, str]], field: str, k: int = 3, direction: str = "most",
                  where: WhereLike = None) -> GroupedResult:
         """Total and mean value per value of metadata `field`, with each group's top-k rows, as `Index.group_by`."""
-        if direction not in ("most", "least"):
-            raise ConfigError(f"direction must be one of ('most', 'least'), got {direction!r}")
+        check_direction(direction)
         request = pb.TopKRequest(samples=convert.samples_to_pb(samples), k=k, direction=convert.direction_to_pb(direction),
                                  group=True, group_by=field, where=convert.where_to_pb(as_where(where)))
         response = self._call(self._stub.TopK, request)
@@ -107,8 +107,8 @@ class InfluenceClient:
                 "already_deleted": list(reply.already_deleted), "unknown": list(reply.unknown),
                 "hidden_rows": reply.hidden_rows}
 
-    def top_k(self, samples: Sequence[Sample | tuple[str, str]], k: int = 10, direction: str = "most",
-              rerank: int = 100, group: bool = True, max_text_chars: int = 0, explain: int = 0,
+    def top_k(self, samples: Sequence[Sample | tuple[str, str]], k: int = DEFAULT_K, direction: str = "most",
+              rerank: int = DEFAULT_RERANK, group: bool = True, max_text_chars: int = 0, explain: int = 0,
               where: WhereLike = None) -> list[tuple[int, SearchResult]]:
         """Every answer of a TopK call: [(query index, or -1 for the group, result)], per direction.
 
@@ -132,17 +132,50 @@ class InfluenceClient:
     def score_all(self, samples: Sequence[Sample | tuple[str, str]], chunk_size: int = 0,
                   return_version: bool = False, where: WhereLike = None
                   ) -> tuple[list[str], np.ndarray] | tuple[list[str], np.ndarray, str]:
-        """The exact value of every training row to the group `samples`, as `Index.score_all(...).mean(0)`.
+        """The exact value of every training row in scope to the group `samples` (one ScoreAll call), as
+        `Index.score_all`.
 
         Args:
+            chunk_size: rows per streamed chunk (0 = the server's default).
             return_version: also return the index version that answered.
 
         Returns:
             (ids in row order, scores (n,) float64), and the version ("" for an empty index) if asked.
         """
+        s = self._score_all(samples, chunk_size, where)
+        return (s.ids, s.values, s.version) if return_version else (s.ids, s.values)
+
+    def scores(self, samples: Sequence[Sample | tuple[str, str]], where: WhereLike = None,
+               batch: int = DEFAULT_SCORE_BATCH) -> Scores:
+        """The exact value of every training row in scope to the group `samples` (the mean over all of them),
+        as `Index.scores`: one ScoreAll call per `batch` samples (so a valuation set larger than the server's
+        per-request limit works), their means combined by sample count.
+
+        Raises:
+            ServerError: a call failed, or the calls were answered by different index versions (the index
+                changed in between: run again).
+        """
+        if batch < 1:
+            raise ConfigError(f"batch must be >= 1, got {batch}")
+        if not samples:
+            raise ConfigError("scores needs at least one valuation sample")
+        first, total = None, None
+        for a in range(0, len(samples), batch):
+            part = self._score_all(samples[a : a + batch], 0, where)
+            if first is None:
+                first, total = part, part.values * len(samples[a : a + batch])
+                continue
+            if part.version != first.version or part.rows != first.rows:
+                raise ServerError(self.address, None, f"the index changed between calls ({first.version} → "
+                                                      f"{part.version}); run again")
+            total = total + part.values * len(samples[a : a + batch])
+        return Scores(first.ids, first.rows, total / len(samples), first.version)
+
+    def _score_all(self, samples, chunk_size: int, where: WhereLike) -> Scores:
         request = pb.ScoreAllRequest(samples=convert.samples_to_pb(samples), chunk_size=chunk_size,
                                      where=convert.where_to_pb(as_where(where)))
         ids: list[str] = []
+        rows: list[int] = []
         scores: list[float] = []
         versions = set()
         try:
@@ -151,19 +184,18 @@ class InfluenceClient:
                     raise ServerError(self.address, None, f"ScoreAll chunk at offset {chunk.offset} does not "
                                                           f"follow row {len(ids)}")
                 ids.extend(chunk.ids)
+                rows.extend(chunk.rows)
                 scores.extend(chunk.scores)
                 versions.add(chunk.index_version)
         except grpc.RpcError as exc:
             raise ServerError(self.address, exc.code(), exc.details() or "") from None
         if len(versions) > 1:
             raise ServerError(self.address, None, f"ScoreAll mixed index versions {sorted(versions)}")
-        if return_version:
-            return ids, np.asarray(scores, dtype=np.float64), next(iter(versions), "")
-        return ids, np.asarray(scores, dtype=np.float64)
+        return Scores(ids, rows, np.asarray(scores, dtype=np.float64), next(iter(versions), ""))
 
     def info(self) -> dict:
         """The serving index: index_version, model_name, model_fingerprint, tokens, n_samples, sketch_dim,
-        index_kind and its manifest (without file checksums)."""
+        index_kind and its manifest (without file checksums), as `Index.info`."""
         return convert.info_dict(self._call(self._stub.Info, pb.InfoRequest()))
 
     def health(self, service: str = "") -> str:

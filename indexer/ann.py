@@ -47,11 +47,10 @@ from typing import Any
 
 import numpy as np
 
+from .config import APPROXIMATE_KINDS as APPROXIMATE, INDEX_KINDS as KINDS
 from .errors import ConfigError, IndexCorruptError
+from .results import DIRECTIONS
 
-KINDS = ("flat-ip", "ivf-sq8", "ivf-pq")
-APPROXIMATE = ("ivf-sq8", "ivf-pq")
-DIRECTIONS = ("most", "least")
 GPU_K_CAP = 2048  # faiss GPU k-selection limit (GPU_MAX_SELECTION_K)
 CHUNK_BYTES = 64 << 20  # rows read per step of a chunked scan: ~64 MiB of float32 vectors
 

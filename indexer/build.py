@@ -16,73 +16,25 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from . import __version__
+from .config import BuildConfig, FirstStageConfig, SketchConfig
+from .data import Sample, stored_row
 from .deletion import DELETED_FILE, current_takedowns, deleted_json, hidden_rows, takedown_lock
-from .data import Sample
-from .errors import ConfigError, DataError, IndexMismatchError
-from .forward import (
-    CPU_MAX_BATCH, TOKEN_SCOPES, Features, ForwardConfig, Head, iter_features, refuse_images, token_rows,
-)
+from .errors import DataError, IndexMismatchError
 from .filters import FieldIndex
-from .firststage import FirstStageConfig
+from .forward import Features, Head, iter_features, refuse_images, token_rows
 from .model import LoadedModel
-from .sketch import SketchConfig, Sketcher, fit_sketcher, sketch_from_residuals, vocab_pass
+from .sketch import Sketcher, fit_sketcher, sketch_from_residuals, vocab_pass
 from .store import Build, IndexRoot, Version
 
 log = logging.getLogger("forvalue.indexer.build")
 
-RERANK_DTYPES = {"float32": np.float32, "float16": np.float16}
+RERANK_NUMPY = {"float32": np.float32, "float16": np.float16}  # config.RERANK_DTYPES
 MAP_FILES = ("projection.npy", "vocab_bucket.npy", "vocab_sign.npy")
-
-
-@dataclass(frozen=True)
-class BuildConfig:
-    """What an index build computes.
-
-    Attributes:
-        tokens: scored positions, "response" or "all" (see ForwardConfig).
-        sketch: the first-stage sketch shape.
-        shard_size: samples per shard (the unit of resumption).
-        rerank_dtype: storage of the hidden states kept for exact re-ranking: "float32" (exact) or
-            "float16" (half the bytes; scores then differ from exact in the 3rd-4th digit).
-        max_length, batch_tokens, max_batch: as in ForwardConfig (`forward.auto_batch_tokens` sizes the last
-            two to the device's memory).
-        rerank_top: per training token, the largest next-token probabilities stored (with the norm of the
-            rest) so that queries rule out candidates by certified bounds before exact scoring (rerank.py);
-            0 = none (every candidate is scored exactly). 8 + 4/m bytes per token each.
-        first_stage: which FAISS index retrieves the candidates (flat, or IVF above a size threshold) and
-            the recall it must reach (firststage.py). Not part of the build key: changing it reuses the
-            finished shards and rebuilds only the first stage.
-    """
-
-    tokens: str = "response"
-    sketch: SketchConfig = field(default_factory=SketchConfig)
-    shard_size: int = 1024
-    rerank_dtype: str = "float32"
-    max_length: int = 2048
-    batch_tokens: int = 4096
-    max_batch: int = CPU_MAX_BATCH
-    rerank_top: int = 32
-    first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
-
-    def __post_init__(self) -> None:
-        if self.tokens not in TOKEN_SCOPES:
-            raise ConfigError(f"tokens must be one of {TOKEN_SCOPES}, got {self.tokens!r}")
-        if self.shard_size < 1:
-            raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")
-        if self.rerank_dtype not in RERANK_DTYPES:
-            raise ConfigError(f"rerank_dtype must be one of {sorted(RERANK_DTYPES)}, got {self.rerank_dtype!r}")
-        if self.rerank_top < 0:
-            raise ConfigError(f"rerank_top must be >= 0, got {self.rerank_top}")
-
-    def forward(self) -> ForwardConfig:
-        return ForwardConfig(tokens=self.tokens, max_length=self.max_length, batch_tokens=self.batch_tokens,
-                             max_batch=self.max_batch)
 
 
 def corpus_fingerprint(samples: Sequence[Sample]) -> str:
@@ -120,24 +72,6 @@ def _params(lm: LoadedModel, config: BuildConfig) -> dict:
     if lm.dtype != torch.float32:  # a half-precision pass gives slightly other features: a build of its own
         params["forward_dtype"] = lm.dtype_name
     return params
-
-
-def _row_metadata(s: Sample) -> dict:
-    row = {"id": s.id, "prompt": s.prompt, "response": s.response}
-    if s.label is not None:
-        row["label"] = s.label
-    if s.clean is not None:
-        row["clean"] = s.clean
-    if s.split is not None:
-        row["split"] = s.split
-    if s.image is not None:  # the reference, never the pixels
-        from .vision import file_sha256
-
-        row["image"] = s.image
-        row["image_sha256"] = file_sha256(s.image)
-    if s.meta:
-        row["meta"] = s.meta
-    return row
 
 
 def fit_maps(lm: LoadedModel, head: Head, samples: Sequence[Sample], config: BuildConfig, progress: bool = False
@@ -224,7 +158,7 @@ def encode_shard(lm: LoadedModel, head: Head, sk: Sketcher, samples: Sequence[Sa
         batches = itertools.chain(batches, (([todo[i] for i in idx], f) for idx, f in iter_features(
             lm.model, lm.preprocessor, pairs, fwd, head, with_lse=False)))
     host = _ToHost(device)
-    half = RERANK_DTYPES[config.rerank_dtype] == np.float16
+    half = RERANK_NUMPY[config.rerank_dtype] == np.float16
     rows_per_block = 4096 if device.type == "cuda" else 512
     order: list[int] = []
     lengths: list[torch.Tensor] = []
@@ -259,7 +193,7 @@ def encode_shard(lm: LoadedModel, head: Head, sk: Sketcher, samples: Sequence[Sa
         arrays["g_norm"] = torch.cat(out["g_norm"])[inverse].float().numpy()
     tokens = {name: torch.cat(out[name])[src].numpy() for name in ("h", "y", "lse", "top_ids", "top_p", "tail_l2")
               if name in out}
-    return arrays, tokens, new_offsets.numpy().astype(np.int64), [_row_metadata(s) for s in samples]
+    return arrays, tokens, new_offsets.numpy().astype(np.int64), [stored_row(s) for s in samples]
 
 
 class _BackgroundWriter:

@@ -114,6 +114,30 @@ class Sample:
                 ImageRef(path=self.image, source=self.source, row=self.row if self.row >= 0 else None))
 
 
+def stored_row(s: Sample) -> dict[str, Any]:
+    """The row an index stores for a training sample (its metadata): id, prompt, response, the bookkeeping
+    fields that are set, the image's path and sha256 (never its pixels), and `meta` nested."""
+    row: dict[str, Any] = {"id": s.id, "prompt": s.prompt, "response": s.response}
+    for name in ("label", "clean", "split"):
+        if getattr(s, name) is not None:
+            row[name] = getattr(s, name)
+    if s.image is not None:
+        from .vision import file_sha256
+
+        row["image"] = s.image
+        row["image_sha256"] = file_sha256(s.image)
+    if s.meta:
+        row["meta"] = s.meta
+    return row
+
+
+def sample_of_row(row: Mapping[str, Any]) -> Sample:
+    """The Sample a stored row (`stored_row`) was made from."""
+    return Sample(id=str(row["id"]), prompt=row["prompt"], response=row["response"], label=row.get("label"),
+                  split=row.get("split"), clean=row.get("clean"), meta=dict(row.get("meta") or {}),
+                  image=row.get("image"))
+
+
 @dataclass(frozen=True)
 class FieldMap:
     """Which column of a data file holds each Sample field. Change one with `dataclasses.replace`."""

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from . import metrics
+from .config import ScoreConfig
 from .data import Sample
 from .forward import ForwardConfig, Head, extract_features
 from .model import LoadedModel
-from .score import ScoreConfig, exact_scores, scores
+from .score import exact_scores, scores
 
 
 @dataclass(frozen=True)

@@ -24,62 +24,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .ann import APPROXIMATE, KINDS, SketchIndex, _chunked_topk
+from .ann import SketchIndex, _chunked_topk
+from .config import APPROXIMATE_KINDS as APPROXIMATE, FirstStageConfig
 from .errors import ConfigError, IndexCorruptError, RecallTooLowError
 
-FIRST_STAGE_KINDS = ("auto",) + KINDS
 INDEX_FILE = "index.faiss"
 ID_BYTES = 8  # faiss stores an int64 id per row in the inverted lists
 
-
-@dataclass(frozen=True)
-class FirstStageConfig:
-    """How the first stage (candidate retrieval over sketches) is built.
-
-    Attributes:
-        kind: "auto" (flat-ip below approx_threshold rows, ivf-sq8 from it on) or one of ann.KINDS.
-        approx_threshold: rows from which "auto" builds an approximate index.
-        nlist: inverted lists of an IVF kind; 0 = about √n (at most n / 39, so k-means has 39 rows a list).
-        pq_m: bytes per row of "ivf-pq" (must divide the sketch dimension).
-        nprobe: lists searched per query; 0 = the smallest power of two reaching min_recall, at build time.
-        refine: candidates taken from the codes per wanted row, re-scored exactly from the stored sketches.
-        min_recall: the recall@k (most and least) below which an approximate build is refused.
-        recall_k: k of the measured recall.
-        recall_queries: training sketches used as held-out queries for the recall.
-        train_rows: rows the IVF kinds are trained on; 0 = min(n, max(50·nlist, 10000)).
-        seed: seed of the training and query samples (and of faiss's k-means).
-    """
-
-    kind: str = "auto"
-    approx_threshold: int = 1_000_000
-    nlist: int = 0
-    pq_m: int = 64
-    nprobe: int = 0
-    refine: int = 2
-    min_recall: float = 0.95
-    recall_k: int = 10
-    recall_queries: int = 200
-    train_rows: int = 0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in FIRST_STAGE_KINDS:
-            raise ConfigError(f"index kind must be one of {FIRST_STAGE_KINDS}, got {self.kind!r}")
-        for name in ("approx_threshold", "pq_m", "refine", "recall_k", "recall_queries"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("nlist", "nprobe", "train_rows"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0 (0 = automatic), got {getattr(self, name)}")
-        if self.nlist and self.nprobe > self.nlist:
-            raise ConfigError(f"nprobe ({self.nprobe}) must be at most nlist ({self.nlist})")
-        if not 0.0 <= self.min_recall <= 1.0:
-            raise ConfigError(f"min_recall must be between 0 and 1, got {self.min_recall}")
 
 
 def choose_kind(n: int, config: FirstStageConfig) -> str:

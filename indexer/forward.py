@@ -26,13 +26,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config import CPU_MAX_BATCH, TOKEN_SCOPES
 from .errors import ConfigError, ModelError
-
-TOKEN_SCOPES = ("response", "all")
 
 # Batch budget on a CPU: larger batches only add padding and cache misses there.
 CPU_BATCH_TOKENS = 4096
-CPU_MAX_BATCH = 64
 # Samples per batch on a GPU (short samples then fill a batch by count, not tokens).
 GPU_MAX_BATCH = 1024
 

@@ -21,8 +21,10 @@ from .filters import FieldIndex, Where, check_field
 from .forward import Features, ForwardConfig, Head, extract_features
 from .model import LoadedModel
 from .rerank import Candidates, must_score, pruning_pays, query_probs_fit, score_bounds
-from .results import (DIRECTIONS, GROUP, Explanation, Group, GroupedResult, Hit, Scores, SearchResult, check_direction,
-                      cut_texts, index_info)
+from .results import (
+    DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH, DIRECTIONS, GROUP, Explanation, Group, GroupedResult, Hit, Scores,
+    SearchResult, check_direction, cut_texts, index_info,
+)
 from .score import exact_scores, self_scores
 from .store import IndexRoot, Version
 
@@ -138,8 +140,8 @@ class Index:
         pos = order if keep is None else keep[order]
         return cand[pos.numpy()], exact[order], int(exact.numel())
 
-    def search(self, samples: Sequence[Sample | tuple[str, str]], k: int = 10, direction: str = "most",
-               rerank: int = 100, features: Features | None = None, prune: bool = True, explain: int = 0,
+    def search(self, samples: Sequence[Sample | tuple[str, str]], k: int = DEFAULT_K, direction: str = "most",
+               rerank: int = DEFAULT_RERANK, features: Features | None = None, prune: bool = True, explain: int = 0,
                where: Where | None = None, calibrate: bool = True) -> SearchResult:
         """Top-k most (or least) valuable training samples for the group `samples` (scored by the mean of G).
 
@@ -361,8 +363,8 @@ class Index:
 
     # --- the calls of the service's client (`client.InfluenceClient`): same names, arguments and results ------
 
-    def top_k(self, samples: Sequence[Sample | tuple[str, str]], k: int = 10, direction: str = "most",
-              rerank: int = 100, group: bool = True, max_text_chars: int = 0, explain: int = 0,
+    def top_k(self, samples: Sequence[Sample | tuple[str, str]], k: int = DEFAULT_K, direction: str = "most",
+              rerank: int = DEFAULT_RERANK, group: bool = True, max_text_chars: int = 0, explain: int = 0,
               where: Where | None = None) -> list[tuple[int, SearchResult]]:
         """Every answer of one query: [(query index, or GROUP = -1 for the group, result)], as the client's.
 
@@ -379,8 +381,8 @@ class Index:
         found = self.answers(self.encode(samples), k, directions, rerank, group, explain, where)
         return [(q, cut_texts(r, max_text_chars)) for q, r in found]
 
-    def answers(self, features: Features, k: int, directions: Sequence[str], rerank: int = 100, group: bool = True,
-                explain: int = 0, where: Where | None = None, group_by: str = "", max_rows: int = 0
+    def answers(self, features: Features, k: int, directions: Sequence[str], rerank: int = DEFAULT_RERANK,
+                group: bool = True, explain: int = 0, where: Where | None = None, group_by: str = "", max_rows: int = 0
                 ) -> list[tuple[int, SearchResult | GroupedResult]]:
         """The answers to one query from its samples' features (one forward pass, done): per direction, one for
         the group (query index GROUP) or one per sample; `group_by` makes each a `GroupedResult` (k rows per
@@ -395,8 +397,8 @@ class Index:
             return [(GROUP, one(features, d)) for d in directions]
         return [(i, one(features.select([i]), d)) for i in range(features.n) for d in directions]
 
-    def scores(self, samples: Sequence[Sample | tuple[str, str]], where: Where | None = None, batch: int = 64,
-               features: Features | None = None) -> Scores:
+    def scores(self, samples: Sequence[Sample | tuple[str, str]], where: Where | None = None,
+               batch: int = DEFAULT_SCORE_BATCH, features: Features | None = None) -> Scores:
         """The exact value of every training row in scope (matching `where`, not deleted) to the group
         `samples` (the mean over its members), `batch` samples per forward pass (or their `features`)."""
         if batch < 1:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .archs import RANDOM_PREFIX
+from .config import DTYPE_CHOICES
 from .errors import ConfigError, ModelError
 
 if TYPE_CHECKING:  # transformers is imported lazily: it takes over a second to import
@@ -60,7 +61,6 @@ _KEY_SAMPLE_BYTES = 1 << 20
 
 # --dtype names → torch dtypes; "auto" is bfloat16 on a GPU that has it, else float32 (resolve_dtype)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_CHOICES = ("auto", *DTYPES)
 
 # Config keys that change with the transformers version, the path, the dtype or runtime flags, not with the
 # model: left out of the fingerprint (at every nesting level, for composite configs).

@@ -31,7 +31,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from .build import MAP_FILES, BuildConfig, build_index, encode_shard, load_maps
+from .build import MAP_FILES, build_index, encode_shard, load_maps
+from .config import BuildConfig
 from .data import Sample
 from .errors import ConfigError
 from .model import LoadedModel
@@ -66,8 +67,7 @@ def _config_to_json(config: BuildConfig) -> str:
 
 
 def _config_from_json(text: str) -> BuildConfig:
-    from .firststage import FirstStageConfig
-    from .sketch import SketchConfig
+    from .config import FirstStageConfig, SketchConfig
 
     d = json.loads(text)
     return BuildConfig(**{**d, "sketch": SketchConfig(**d["sketch"]),

@@ -12,6 +12,9 @@ from typing import Any
 from .errors import ConfigError
 
 DIRECTIONS = ("most", "least")
+DEFAULT_K = 10  # answers per query
+DEFAULT_RERANK = 100  # first-stage candidates scored exactly
+DEFAULT_SCORE_BATCH = 64  # valuation samples per forward pass (or per request) when scoring every row
 GROUP = -1  # the query index of an answer for the whole group of valuation samples (not one of its members)
 
 

@@ -20,50 +20,10 @@ stays bounded by `memory_mb` whatever the corpus size. The Emb baseline sets α 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .errors import ConfigError
+from .config import ScoreConfig
 from .forward import Features, Head
-
-METHODS = ("exact", "inbatch", "shared", "emb")
-STRATEGIES = ("auto", "pairs", "gram")
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """How scores are computed.
-
-    Attributes:
-        method: "exact" (full vocabulary); "inbatch" (Algorithm 1 of the paper, as its official code
-            does it: each batch of samples gets the vocabulary of the top-`inbatch_topk` predicted tokens
-            at its scored positions, and a valuation batch meets a training batch on the intersection of
-            their vocabularies; scores then depend on how samples are batched); "shared" (one fixed
-            vocabulary for all: the target tokens of the training set); "emb" (the Emb baseline, α = 1:
-            inner products of summed hidden states).
-        strategy: "pairs", "gram" or "auto" (the cheaper by a flop count); the result is the same.
-        memory_mb: working-memory budget for the blocks of one step.
-        inbatch_size: samples per batch for method "inbatch" (valuation and training alike).
-        inbatch_topk: predicted tokens per position that enter a batch's vocabulary for "inbatch".
-    """
-
-    method: str = "exact"
-    strategy: str = "auto"
-    memory_mb: int = 1024
-    inbatch_size: int = 32
-    inbatch_topk: int = 5
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.memory_mb < 16:
-            raise ConfigError(f"memory_mb must be >= 16, got {self.memory_mb}")
-        if self.inbatch_size < 1 or self.inbatch_topk < 1:
-            raise ConfigError("inbatch_size and inbatch_topk must be >= 1")
-
 
 # --------------------------------------------------------------------------------------------------
 # References: G built explicitly. Small models only (|U|·d floats per sample).

@@ -26,42 +26,8 @@ from typing import NamedTuple
 
 import torch
 
-from .errors import ConfigError
+from .config import SketchConfig
 from .forward import Features, Head
-
-
-@dataclass(frozen=True)
-class SketchConfig:
-    """Shape of the first-stage sketch.
-
-    Attributes:
-        rank: r, principal directions of the hidden states kept.
-        buckets: m, vocabulary buckets; the sketch has rank · buckets dims.
-        dedicated: tokens given a bucket of their own (the heaviest in the fit sample); the rest of the
-            vocabulary is hashed into the other buckets. Default: half the buckets.
-        seed: seed of the hashing of the vocabulary tail.
-        fit_samples: samples of the corpus used to fit P and R (the first ones of a seeded shuffle).
-    """
-
-    rank: int = 4
-    buckets: int = 1024
-    dedicated: int | None = None
-    seed: int = 0
-    fit_samples: int = 2000
-
-    def __post_init__(self) -> None:
-        if self.rank < 1 or self.buckets < 1 or self.fit_samples < 1:
-            raise ConfigError("rank, buckets and fit_samples must be >= 1")
-        if self.dedicated is not None and not 0 <= self.dedicated <= self.buckets:
-            raise ConfigError(f"dedicated must be between 0 and buckets ({self.buckets}), got {self.dedicated}")
-
-    @property
-    def dim(self) -> int:
-        return self.rank * self.buckets
-
-    @property
-    def n_dedicated(self) -> int:
-        return self.buckets // 2 if self.dedicated is None else self.dedicated
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,9 @@ from typing import Any
 import grpc
 
 from forvalue.indexer.deletion import delete_samples
-from forvalue.indexer.errors import IndexCorruptError, IndexMismatchError, InvalidRequestError, ModelError, NotReadyError
+from forvalue.indexer.errors import (
+    IndexCorruptError, IndexMismatchError, InvalidRequestError, ModelError, NotReadyError,
+)
 from forvalue.indexer.filters import Where
 from forvalue.indexer.index import Index
 from forvalue.indexer.results import Scores

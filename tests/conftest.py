@@ -67,8 +67,8 @@ def served_lm(served_model_dir):
 @pytest.fixture(scope="session")
 def served_index(tmp_path_factory, served_lm):
     """(index directory, its training samples): 36 samples built with the tiny model."""
-    from forvalue.indexer.build import BuildConfig, build_index
-    from forvalue.indexer.sketch import SketchConfig
+    from forvalue.indexer.build import build_index
+    from forvalue.indexer.config import BuildConfig, SketchConfig
 
     from serving import corpus
 

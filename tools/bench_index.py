@@ -25,12 +25,12 @@ import time
 
 import torch
 
-from forvalue.indexer.build import BuildConfig, encode_shard, fit_maps
+from forvalue.indexer.build import encode_shard, fit_maps
+from forvalue.indexer.config import DTYPE_CHOICES, BuildConfig, SketchConfig
 from forvalue.indexer.data import Sample
 from forvalue.indexer.examples import make_transform_dataset
 from forvalue.indexer.forward import Head, batch_sizes, encode, plan_batches
-from forvalue.indexer.model import DTYPE_CHOICES, load_model
-from forvalue.indexer.sketch import SketchConfig
+from forvalue.indexer.model import load_model
 from forvalue.indexer.store import IndexRoot
 
 

@@ -93,8 +93,9 @@ def bench_size(x: np.ndarray, args, log) -> dict:
     import faiss
 
     from forvalue.indexer.ann import SketchIndex
+    from forvalue.indexer.config import FirstStageConfig
     from forvalue.indexer.errors import RecallTooLowError
-    from forvalue.indexer.firststage import FirstStageConfig, build_first_stage, sample_rows
+    from forvalue.indexer.firststage import build_first_stage, sample_rows
 
     n, dim = x.shape
     qrows = sample_rows(n, args.latency_queries, 7)

@@ -83,7 +83,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from forvalue.client.client import InfluenceClient, ServerError
-    from forvalue.indexer.build import BuildConfig, build_index
+    from forvalue.indexer.build import build_index
+    from forvalue.indexer.config import BuildConfig
     from forvalue.indexer.forward import ForwardConfig, encode
     from forvalue.indexer.model import load_model
 

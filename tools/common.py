@@ -28,7 +28,8 @@ def cached_features(lm, head, samples, tokens: str, cache: Path | None, name: st
 def open_or_build_index(lm, index_dir: str | None, train, build_dir: str):
     """(its directory, the opened Index): `index_dir` as given, or when None a default-config index of `train`
     built into `build_dir`."""
-    from forvalue.indexer.build import BuildConfig, build_index
+    from forvalue.indexer.build import build_index
+    from forvalue.indexer.config import BuildConfig
     from forvalue.indexer.index import Index
 
     if index_dir is None:

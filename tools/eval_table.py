@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from forvalue.indexer import metrics
+from forvalue.indexer.config import METHODS, ScoreConfig
 from forvalue.indexer.data import load_eval_sets
 from forvalue.indexer.evaluate import peak_rss_mb
 from forvalue.indexer.forward import Head
 from forvalue.indexer.model import load_model
-from forvalue.indexer.score import METHODS, ScoreConfig, scores
+from forvalue.indexer.score import scores
 
 from common import cached_exact, cached_features
 

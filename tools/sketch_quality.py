@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
+from forvalue.indexer.config import SketchConfig
 from forvalue.indexer.data import load_eval_sets
 from forvalue.indexer.forward import Head
-from forvalue.indexer.model import load_model
-from forvalue.indexer.sketch import SketchConfig, fit_sketcher
 from forvalue.indexer.metrics import candidate_recall_topk, fidelity_at_k
+from forvalue.indexer.model import load_model
+from forvalue.indexer.sketch import fit_sketcher
 
 from common import cached_exact, cached_features
 

@@ -56,7 +56,8 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     index_dir = args.index
     if index_dir is None:
-        from forvalue.indexer.build import BuildConfig, build_index
+        from forvalue.indexer.build import build_index
+        from forvalue.indexer.config import BuildConfig
         from forvalue.indexer.model import load_model
 
         index_dir = os.path.join(tmp.name, "index")

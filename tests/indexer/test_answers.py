@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from forvalue.indexer.build import BuildConfig, build_index
+from forvalue.indexer.build import build_index
+from forvalue.indexer.config import BuildConfig, SketchConfig
 from forvalue.indexer.data import Sample
 from forvalue.indexer.deletion import DELETED_FILE, delete_samples, deleted_of, read_id_file
 from forvalue.indexer.errors import ConfigError, DataError
@@ -16,7 +17,6 @@ from forvalue.indexer.forward import ForwardConfig, Head, extract_features
 from forvalue.indexer.index import Index
 from forvalue.indexer.model import LoadedModel, model_fingerprint, tokenizer_fingerprint
 from forvalue.indexer.score import exact_scores, reference_G
-from forvalue.indexer.sketch import SketchConfig
 from forvalue.indexer.store import IndexRoot
 
 WORDS = "red green blue cat dog sun moon tree rock fish bird star sky sea hill".split()

@@ -11,9 +11,10 @@ import torch
 faiss = pytest.importorskip("faiss")
 
 from forvalue.indexer.ann import ConcatRows, SketchIndex  # noqa: E402
+from forvalue.indexer.config import FirstStageConfig
 from forvalue.indexer.errors import ConfigError, RecallTooLowError  # noqa: E402
-from forvalue.indexer.firststage import (  # noqa: E402
-    FirstStageConfig, auto_nlist, build_first_stage, choose_kind, drop_self, flat_truth, recall_at_k, sample_rows,
+from forvalue.indexer.firststage import (
+    auto_nlist, build_first_stage, choose_kind, drop_self, flat_truth, recall_at_k, sample_rows,
 )
 
 
@@ -268,8 +269,8 @@ def test_build_below_the_recall_is_refused():
 
 
 def _build(root, lm, samples, **first_stage):
-    from forvalue.indexer.build import BuildConfig, build_index
-    from forvalue.indexer.sketch import SketchConfig
+    from forvalue.indexer.build import build_index
+    from forvalue.indexer.config import BuildConfig, SketchConfig
 
     cfg = BuildConfig(sketch=SketchConfig(rank=4, buckets=32, fit_samples=36), shard_size=16,
                       first_stage=FirstStageConfig(**first_stage))
@@ -279,6 +280,7 @@ def _build(root, lm, samples, **first_stage):
 def test_build_index_with_an_ivf_first_stage_answers_like_flat(tmp_path, served_lm):
     from forvalue.indexer.index import Index
     from forvalue.indexer.store import IndexRoot
+
     from serving import corpus
 
     samples = corpus(36)
@@ -304,6 +306,7 @@ def test_build_index_with_an_ivf_first_stage_answers_like_flat(tmp_path, served_
 def test_a_refused_build_keeps_its_shards_and_reruns_only_the_first_stage(tmp_path, served_lm, monkeypatch):
     import forvalue.indexer.build as build_mod
     from forvalue.indexer.store import IndexRoot
+
     from serving import corpus
 
     samples = corpus(36)
@@ -323,6 +326,7 @@ def test_cli_index_kind_and_a_refused_build(tmp_path, served_model_dir):
 
     from forvalue.client.cli import main
     from forvalue.indexer.data import write_jsonl
+
     from serving import corpus
 
     data = tmp_path / "train.jsonl"

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from forvalue.indexer import build as build_mod
-from forvalue.indexer.build import BuildConfig, build_index
+from forvalue.indexer.build import build_index
+from forvalue.indexer.config import BuildConfig, SketchConfig
 from forvalue.indexer.data import Sample
 from forvalue.indexer.errors import IndexCorruptError, IndexMismatchError
 from forvalue.indexer.forward import ForwardConfig, Head, extract_features
 from forvalue.indexer.index import Index
 from forvalue.indexer.model import LoadedModel, model_fingerprint, tokenizer_fingerprint
 from forvalue.indexer.score import exact_scores
-from forvalue.indexer.sketch import SketchConfig
 from forvalue.indexer.store import IndexRoot
 
 from factories import make_model

@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from forvalue.indexer.archs import ARCHS, PUBLISHED_PARAMETERS, random_model
-from forvalue.indexer.build import BuildConfig, build_index
+from forvalue.indexer.build import build_index
+from forvalue.indexer.config import DTYPE_CHOICES, BuildConfig, SketchConfig
 from forvalue.indexer.errors import ConfigError, ModelError
-from forvalue.indexer.forward import (
-    CPU_BATCH_TOKENS, Features, Head, auto_batch_tokens, tokens_for_memory,
-)
-from forvalue.indexer.model import DTYPE_CHOICES, load_model, resolve_dtype
+from forvalue.indexer.forward import CPU_BATCH_TOKENS, Features, Head, auto_batch_tokens, tokens_for_memory
+from forvalue.indexer.model import DTYPES, load_model, resolve_dtype
 from forvalue.indexer.score import self_scores
-from forvalue.indexer.sketch import Sketcher, SketchConfig, reference_sketch
+from forvalue.indexer.sketch import Sketcher, reference_sketch
 from forvalue.indexer.store import Build, IndexRoot
 
 from serving import corpus
@@ -45,10 +44,11 @@ def test_dtype_names():
         resolve_dtype("int8", cpu)
 
 
-def test_cli_spells_the_same_dtype_choices():
-    from forvalue.client.cli import DTYPE_CHOICES as CLI_CHOICES
-
-    assert tuple(CLI_CHOICES) == tuple(DTYPE_CHOICES)
+def test_every_dtype_choice_resolves():
+    """config.DTYPE_CHOICES (what --dtype offers, torch-free) are the names model.DTYPES maps, plus auto."""
+    assert DTYPE_CHOICES == ("auto", *DTYPES)
+    for name in DTYPE_CHOICES:
+        assert resolve_dtype(name, torch.device("cpu")) in DTYPES.values()
 
 
 def test_memory_budget_arithmetic():

@@ -12,9 +12,9 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 pytest.importorskip("faiss")
 
-from forvalue.indexer.build import BuildConfig, build_index  # noqa: E402
+from forvalue.indexer.build import build_index
+from forvalue.indexer.config import BuildConfig, SketchConfig
 from forvalue.indexer.raybuild import RayOptions, RayShards, build_index_ray  # noqa: E402
-from forvalue.indexer.sketch import SketchConfig  # noqa: E402
 from forvalue.indexer.store import IndexRoot  # noqa: E402
 
 from serving import corpus  # noqa: E402

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from forvalue.indexer import index as index_mod
-from forvalue.indexer.build import BuildConfig, build_index
+from forvalue.indexer.build import build_index
+from forvalue.indexer.config import BuildConfig, SketchConfig
 from forvalue.indexer.forward import ForwardConfig, Head, extract_features
 from forvalue.indexer.index import Index
 from forvalue.indexer.model import LoadedModel, model_fingerprint, tokenizer_fingerprint
 from forvalue.indexer.rerank import Candidates, must_score, score_bounds
 from forvalue.indexer.score import exact_scores
-from forvalue.indexer.sketch import SketchConfig, bucket_residuals, vocab_pass
+from forvalue.indexer.sketch import bucket_residuals, vocab_pass
 
 from serving import corpus
 

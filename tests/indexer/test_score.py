@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from forvalue.indexer.config import ScoreConfig
 from forvalue.indexer.forward import ForwardConfig, Head, encode, extract_features
 from forvalue.indexer.score import (
-    ScoreConfig, embedding_sums, exact_scores, reference_scores, scores, scores_gram, scores_pairs, self_scores,
-    target_vocab,
+    embedding_sums, exact_scores, reference_scores, scores, scores_gram, scores_pairs, self_scores, target_vocab,
 )
 
 

@@ -50,9 +50,10 @@ def test_shard_writer_needs_an_open_build(tmp_path):
 
 def test_build_index_write_shards_hook_and_its_fallback(tmp_path, served_lm):
     """The hook gets the missing shards once the maps are saved; what it leaves undone the driver writes."""
-    from forvalue.indexer.build import MAP_FILES, BuildConfig, build_index, encode_shard, load_maps
+    from forvalue.indexer.build import MAP_FILES, build_index, encode_shard, load_maps
+    from forvalue.indexer.config import BuildConfig, SketchConfig
     from forvalue.indexer.forward import Head
-    from forvalue.indexer.sketch import SketchConfig
+
     from serving import corpus
 
     cfg = BuildConfig(sketch=SketchConfig(rank=4, buckets=32, fit_samples=12), shard_size=4)

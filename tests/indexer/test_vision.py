@@ -13,10 +13,11 @@ import json
 import pytest
 import torch
 
+from forvalue.indexer.config import ScoreConfig
 from forvalue.indexer.data import Sample, read_samples
 from forvalue.indexer.errors import DataError, ModelError
 from forvalue.indexer.forward import ForwardConfig, Head, extract_features
-from forvalue.indexer.score import ScoreConfig, reference_scores, scores
+from forvalue.indexer.score import reference_scores, scores
 from forvalue.indexer.vision import ImageRef, decode_image, family_of
 
 from vlm_factories import make_image, make_llava, make_qwen2_vl, save_vlm
@@ -349,10 +350,10 @@ def vlm_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vlm_index(tmp_path_factory, vlm_corpus, vlm_model_dir):
-    from forvalue.indexer.build import BuildConfig, build_index
+    from forvalue.indexer.build import build_index
+    from forvalue.indexer.config import BuildConfig, SketchConfig
     from forvalue.indexer.index import Index
     from forvalue.indexer.model import load_model
-    from forvalue.indexer.sketch import SketchConfig
 
     lm = load_model(vlm_model_dir)
     root = tmp_path_factory.mktemp("vlm-index")

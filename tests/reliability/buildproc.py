@@ -57,16 +57,14 @@ class Builder:
 
 
 def _config(n: int):
-    from forvalue.indexer.build import BuildConfig
-    from forvalue.indexer.sketch import SketchConfig
+    from forvalue.indexer.config import BuildConfig, SketchConfig
 
     return BuildConfig(tokens="response", sketch=SketchConfig(rank=4, buckets=32, fit_samples=n), shard_size=SHARD_SIZE)
 
 
 def _add_config(manifest: dict):
     """The config `forvalue index add` derives from the base version (client/cli.py)."""
-    from forvalue.indexer.build import BuildConfig
-    from forvalue.indexer.sketch import SketchConfig
+    from forvalue.indexer.config import BuildConfig, SketchConfig
 
     sk = manifest["sketch"]
     return BuildConfig(tokens=manifest["tokens"], max_length=manifest["max_length"],

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from forvalue.client.cli import main
 from forvalue.client.client import InfluenceClient
-from forvalue.indexer.build import BuildConfig, build_index
-from forvalue.indexer.sketch import SketchConfig
+from forvalue.indexer.build import build_index
+from forvalue.indexer.config import BuildConfig, SketchConfig
 from forvalue.indexer.store import IndexRoot
 from forvalue.server.config import ServerConfig
 

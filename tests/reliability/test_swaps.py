@@ -53,8 +53,7 @@ class Queries:
 
 
 def _build_config(n: int):
-    from forvalue.indexer.build import BuildConfig
-    from forvalue.indexer.sketch import SketchConfig
+    from forvalue.indexer.config import BuildConfig, SketchConfig
 
     return BuildConfig(tokens="response", sketch=SketchConfig(rank=4, buckets=32, fit_samples=n), shard_size=16)
 

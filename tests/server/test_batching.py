@@ -14,12 +14,11 @@ import grpc
 import numpy as np
 import pytest
 
-from forvalue.indexer.errors import ConfigError
+from forvalue.indexer.errors import ConfigError, DeadlineExceededError, ResourceExhaustedError
 from forvalue.server import convert
 from forvalue.server.batching import Batcher, estimate_tokens, top_k
 from forvalue.server.config import ServerConfig
 from forvalue.server.protocol import pb, pb_grpc
-from forvalue.indexer.errors import DeadlineExceededError, ResourceExhaustedError
 from forvalue.server.status import status_of
 
 from serving import ServerThread, block_model, corpus, wait_for
@@ -273,8 +272,7 @@ def test_cli_serve_options_reach_the_config(monkeypatch, tmp_path):
 
 
 def _build_config(n):
-    from forvalue.indexer.build import BuildConfig
-    from forvalue.indexer.sketch import SketchConfig
+    from forvalue.indexer.config import BuildConfig, SketchConfig
 
     return BuildConfig(tokens="response", sketch=SketchConfig(rank=4, buckets=32, fit_samples=n), shard_size=16)
 

@@ -43,8 +43,8 @@ class RouterThread(ServerThread):
 @pytest.fixture(scope="module")
 def shard_dirs(tmp_path_factory, served_lm, served_index):
     """The served corpus (36 samples) cut into three contiguous parts, one index each."""
-    from forvalue.indexer.build import BuildConfig, build_index
-    from forvalue.indexer.sketch import SketchConfig
+    from forvalue.indexer.build import build_index
+    from forvalue.indexer.config import BuildConfig, SketchConfig
 
     samples = served_index[1]
     dirs = []

@@ -1,0 +1,183 @@
+"""The configuration of forvalue's offline work, as frozen dataclasses, and the names its options take.
+
+Torch-free on purpose: the command line takes its option defaults and choices from here without loading a
+model library, and the modules that do the work (forward, sketch, firststage, build, score) import from here.
+Change a config with `dataclasses.replace`; validation is in each `__post_init__` (ConfigError).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+TOKEN_SCOPES = ("response", "all")  # scored positions: the response (+EOS), or every position
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # precision of the forward pass (model.DTYPES)
+CPU_MAX_BATCH = 64  # samples per forward batch on a CPU
+METHODS = ("exact", "inbatch", "shared", "emb")  # scoring methods of `forvalue eval` (score.py)
+STRATEGIES = ("auto", "pairs", "gram")
+INDEX_KINDS = ("flat-ip", "ivf-sq8", "ivf-pq")  # FAISS first stages (ann.py)
+APPROXIMATE_KINDS = ("ivf-sq8", "ivf-pq")
+FIRST_STAGE_KINDS = ("auto",) + INDEX_KINDS
+RERANK_DTYPES = ("float32", "float16")  # storage of the hidden states kept for exact re-ranking
+
+
+@dataclass(frozen=True)
+class SketchConfig:
+    """Shape of the first-stage sketch.
+
+    Attributes:
+        rank: r, principal directions of the hidden states kept.
+        buckets: m, vocabulary buckets; the sketch has rank · buckets dims.
+        dedicated: tokens given a bucket of their own (the heaviest in the fit sample); the rest of the
+            vocabulary is hashed into the other buckets. Default: half the buckets.
+        seed: seed of the hashing of the vocabulary tail.
+        fit_samples: samples of the corpus used to fit P and R (the first ones of a seeded shuffle).
+    """
+
+    rank: int = 4
+    buckets: int = 1024
+    dedicated: int | None = None
+    seed: int = 0
+    fit_samples: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.buckets < 1 or self.fit_samples < 1:
+            raise ConfigError("rank, buckets and fit_samples must be >= 1")
+        if self.dedicated is not None and not 0 <= self.dedicated <= self.buckets:
+            raise ConfigError(f"dedicated must be between 0 and buckets ({self.buckets}), got {self.dedicated}")
+
+    @property
+    def dim(self) -> int:
+        return self.rank * self.buckets
+
+    @property
+    def n_dedicated(self) -> int:
+        return self.buckets // 2 if self.dedicated is None else self.dedicated
+
+
+@dataclass(frozen=True)
+class FirstStageConfig:
+    """How the first stage (candidate retrieval over sketches) is built.
+
+    Attributes:
+        kind: "auto" (flat-ip below approx_threshold rows, ivf-sq8 from it on) or one of INDEX_KINDS.
+        approx_threshold: rows from which "auto" builds an approximate index.
+        nlist: inverted lists of an IVF kind; 0 = about √n (at most n / 39, so k-means has 39 rows a list).
+        pq_m: bytes per row of "ivf-pq" (must divide the sketch dimension).
+        nprobe: lists searched per query; 0 = the smallest power of two reaching min_recall, at build time.
+        refine: candidates taken from the codes per wanted row, re-scored exactly from the stored sketches.
+        min_recall: the recall@k (most and least) below which an approximate build is refused.
+        recall_k: k of the measured recall.
+        recall_queries: training sketches used as held-out queries for the recall.
+        train_rows: rows the IVF kinds are trained on; 0 = min(n, max(50·nlist, 10000)).
+        seed: seed of the training and query samples (and of faiss's k-means).
+    """
+
+    kind: str = "auto"
+    approx_threshold: int = 1_000_000
+    nlist: int = 0
+    pq_m: int = 64
+    nprobe: int = 0
+    refine: int = 2
+    min_recall: float = 0.95
+    recall_k: int = 10
+    recall_queries: int = 200
+    train_rows: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in FIRST_STAGE_KINDS:
+            raise ConfigError(f"index kind must be one of {FIRST_STAGE_KINDS}, got {self.kind!r}")
+        for name in ("approx_threshold", "pq_m", "refine", "recall_k", "recall_queries"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("nlist", "nprobe", "train_rows"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0 = automatic), got {getattr(self, name)}")
+        if self.nlist and self.nprobe > self.nlist:
+            raise ConfigError(f"nprobe ({self.nprobe}) must be at most nlist ({self.nlist})")
+        if not 0.0 <= self.min_recall <= 1.0:
+            raise ConfigError(f"min_recall must be between 0 and 1, got {self.min_recall}")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How scores are computed.
+
+    Attributes:
+        method: "exact" (full vocabulary); "inbatch" (Algorithm 1 of the paper, as its official code
+            does it: each batch of samples gets the vocabulary of the top-`inbatch_topk` predicted tokens
+            at its scored positions, and a valuation batch meets a training batch on the intersection of
+            their vocabularies; scores then depend on how samples are batched); "shared" (one fixed
+            vocabulary for all: the target tokens of the training set); "emb" (the Emb baseline, α = 1:
+            inner products of summed hidden states).
+        strategy: "pairs", "gram" or "auto" (the cheaper by a flop count); the result is the same.
+        memory_mb: working-memory budget for the blocks of one step.
+        inbatch_size: samples per batch for method "inbatch" (valuation and training alike).
+        inbatch_topk: predicted tokens per position that enter a batch's vocabulary for "inbatch".
+    """
+
+    method: str = "exact"
+    strategy: str = "auto"
+    memory_mb: int = 1024
+    inbatch_size: int = 32
+    inbatch_topk: int = 5
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.memory_mb < 16:
+            raise ConfigError(f"memory_mb must be >= 16, got {self.memory_mb}")
+        if self.inbatch_size < 1 or self.inbatch_topk < 1:
+            raise ConfigError("inbatch_size and inbatch_topk must be >= 1")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What an index build computes.
+
+    Attributes:
+        tokens: scored positions, "response" or "all" (see ForwardConfig).
+        sketch: the first-stage sketch shape.
+        shard_size: samples per shard (the unit of resumption).
+        rerank_dtype: storage of the hidden states kept for exact re-ranking: "float32" (exact) or
+            "float16" (half the bytes; scores then differ from exact in the 3rd-4th digit).
+        max_length, batch_tokens, max_batch: as in ForwardConfig (`forward.auto_batch_tokens` sizes the last
+            two to the device's memory).
+        rerank_top: per training token, the largest next-token probabilities stored (with the norm of the
+            rest) so that queries rule out candidates by certified bounds before exact scoring (rerank.py);
+            0 = none (every candidate is scored exactly). 8 + 4/m bytes per token each.
+        first_stage: which FAISS index retrieves the candidates (flat, or IVF above a size threshold) and
+            the recall it must reach (firststage.py). Not part of the build key: changing it reuses the
+            finished shards and rebuilds only the first stage.
+    """
+
+    tokens: str = "response"
+    sketch: SketchConfig = field(default_factory=SketchConfig)
+    shard_size: int = 1024
+    rerank_dtype: str = "float32"
+    max_length: int = 2048
+    batch_tokens: int = 4096
+    max_batch: int = CPU_MAX_BATCH
+    rerank_top: int = 32
+    first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
+
+    def __post_init__(self) -> None:
+        if self.tokens not in TOKEN_SCOPES:
+            raise ConfigError(f"tokens must be one of {TOKEN_SCOPES}, got {self.tokens!r}")
+        if self.shard_size < 1:
+            raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.rerank_dtype not in RERANK_DTYPES:
+            raise ConfigError(f"rerank_dtype must be one of {list(RERANK_DTYPES)}, got {self.rerank_dtype!r}")
+        if self.rerank_top < 0:
+            raise ConfigError(f"rerank_top must be >= 0, got {self.rerank_top}")
+
+    def forward(self):
+        """The ForwardConfig of this build's passes (a forward.ForwardConfig: imports torch)."""
+        from .forward import ForwardConfig
+
+        return ForwardConfig(tokens=self.tokens, max_length=self.max_length, batch_tokens=self.batch_tokens,
+                             max_batch=self.max_batch)
