@@ -264,7 +264,8 @@ def eval_cmd(data, train_path, model_path, tokens, max_length, batch_tokens, dev
     """
     from forvalue.indexer.data import load_eval_sets
     from forvalue.indexer.evaluate import run_eval
-    from forvalue.indexer.forward import ForwardConfig, batch_sizes
+    from forvalue.indexer.features import ForwardConfig
+    from forvalue.indexer.forward import batch_sizes
     if index_dir is not None:
         _eval_through_index(data, index_dir, model_path, device, rerank, as_json, no_progress, fields)
         return

@@ -25,8 +25,9 @@ from .config import BuildConfig, FirstStageConfig, SketchConfig
 from .data import Sample, stored_row
 from .deletion import DELETED_FILE, current_takedowns, deleted_json, hidden_rows, takedown_lock
 from .errors import DataError, IndexMismatchError
+from .features import Features, Head, token_rows
 from .filters import FieldIndex
-from .forward import Features, Head, iter_features, refuse_images, token_rows
+from .forward import iter_features, refuse_images
 from .model import LoadedModel
 from .sketch import Sketcher, fit_sketcher, sketch_from_residuals, vocab_pass
 from .store import Build, IndexRoot, Version
@@ -43,7 +44,7 @@ def corpus_fingerprint(samples: Sequence[Sample]) -> str:
     for s in samples:
         parts = (s.id, s.prompt, s.response)
         if s.image is not None:
-            from .vision import file_sha256
+            from .images import file_sha256
 
             parts += ("\0image", file_sha256(s.image))
         for part in parts:

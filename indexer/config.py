@@ -177,7 +177,7 @@ class BuildConfig:
 
     def forward(self):
         """The ForwardConfig of this build's passes (a forward.ForwardConfig: imports torch)."""
-        from .forward import ForwardConfig
+        from .features import ForwardConfig
 
         return ForwardConfig(tokens=self.tokens, max_length=self.max_length, batch_tokens=self.batch_tokens,
                              max_batch=self.max_batch)

@@ -108,7 +108,7 @@ class Sample:
         """What the forward pass takes: (prompt, response), or (prompt, response, vision.ImageRef) with an image."""
         if self.image is None:
             return (self.prompt, self.response)
-        from .vision import ImageRef
+        from .images import ImageRef
 
         return (self.prompt, self.response,
                 ImageRef(path=self.image, source=self.source, row=self.row if self.row >= 0 else None))
@@ -122,7 +122,7 @@ def stored_row(s: Sample) -> dict[str, Any]:
         if getattr(s, name) is not None:
             row[name] = getattr(s, name)
     if s.image is not None:
-        from .vision import file_sha256
+        from .images import file_sha256
 
         row["image"] = s.image
         row["image_sha256"] = file_sha256(s.image)
@@ -563,7 +563,7 @@ def _parse_row(
     image = obj.get(fields.image)
     used.add(fields.image)
     if image is not None:
-        from .vision import resolve_image_path
+        from .images import resolve_image_path
 
         try:
             image = resolve_image_path(image, source)

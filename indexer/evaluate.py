@@ -19,7 +19,8 @@ import torch
 from . import metrics
 from .config import ScoreConfig
 from .data import Sample
-from .forward import ForwardConfig, Head, extract_features
+from .features import ForwardConfig, Head
+from .forward import extract_features
 from .model import LoadedModel
 from .score import exact_scores, scores
 
@@ -107,7 +108,7 @@ def _row_input(row: dict) -> tuple:
     """A stored index row as forward-pass input; its image (a VLM index) is read again from its path."""
     if not row.get("image"):
         return (row["prompt"], row["response"])
-    from .vision import ImageRef
+    from .images import ImageRef
 
     return (row["prompt"], row["response"], ImageRef(path=row["image"], source=f"index row {row['id']!r}"))
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .forward import Features, Head
+from .features import Features, Head
 from .results import Explanation, PairContribution, TokenContribution
 from .score import pair_alpha, sample_blocks
 

@@ -17,8 +17,9 @@ from .data import Sample
 from .deletion import deleted_of
 from .errors import ConfigError, IndexCorruptError, IndexMismatchError
 from .explain import explain_rows, token_labeler
+from .features import Features, ForwardConfig, Head
 from .filters import FieldIndex, Where, check_field
-from .forward import Features, ForwardConfig, Head, extract_features
+from .forward import extract_features
 from .model import LoadedModel
 from .rerank import Candidates, must_score, pruning_pays, query_probs_fit, score_bounds
 from .results import (

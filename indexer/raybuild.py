@@ -93,7 +93,7 @@ class ShardEncoder:
         import numpy as np
         import torch
 
-        from .forward import Head
+        from .features import Head
         from .model import load_model
         from .store import ShardWriter
 

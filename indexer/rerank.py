@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .forward import Features, Head
+from .features import Features, Head
 from .score import segment_sum_rows
 
 # relative float-rounding slack between this computation and exact_scores', per |<h, h'>| (|α| ≤ 3)

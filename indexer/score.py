@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .config import ScoreConfig
-from .forward import Features, Head
+from .features import Features, Head
 
 # --------------------------------------------------------------------------------------------------
 # References: G built explicitly. Small models only (|U|·d floats per sample).

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from .config import SketchConfig
-from .forward import Features, Head
+from .features import Features, Head
 
 
 @dataclass(frozen=True)

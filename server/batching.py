@@ -42,7 +42,7 @@ from .config import ServerConfig
 from .convert import TopKQuery
 
 if TYPE_CHECKING:
-    from forvalue.indexer.forward import Features
+    from forvalue.indexer.features import Features
 
 
 log = logging.getLogger("forvalue.server")

@@ -22,8 +22,10 @@ from google.protobuf import json_format
 from forvalue.indexer.data import Sample
 from forvalue.indexer.errors import ConfigError, InvalidRequestError
 from forvalue.indexer.filters import Where, check_field
-from forvalue.indexer.results import (Explanation, Group, GroupedResult, Hit, PairContribution, SearchResult,
-                                      TokenContribution, check_direction, index_info)
+from forvalue.indexer.results import (
+    Explanation, Group, GroupedResult, Hit, PairContribution, SearchResult, TokenContribution, check_direction,
+    index_info,
+)
 
 from .config import ServerConfig
 from .protocol import pb
@@ -133,7 +135,7 @@ def _samples(items: Sequence[pb.ValuationSample], config: ServerConfig, accepts_
 
 def _image(s: pb.ValuationSample, name: str):
     """The sample's image as a `vision.ImageRef`, after checking its type, size and pixels."""
-    from forvalue.indexer.vision import MIME_TYPES, ImageRef, decode_image
+    from forvalue.indexer.images import MIME_TYPES, ImageRef, decode_image
 
     if s.image_mime_type.lower() not in MIME_TYPES:
         raise InvalidRequestError(f"{name}_mime_type", f"{s.image_mime_type!r} is not supported; use one of "
@@ -314,7 +316,7 @@ def _image_payload(image, name: str) -> tuple[bytes, str]:
         InvalidRequestError: the image cannot be read or is not a supported image.
     """
     from forvalue.indexer.errors import DataError
-    from forvalue.indexer.vision import ImageRef
+    from forvalue.indexer.images import ImageRef
 
     if not isinstance(image, ImageRef):
         image = ImageRef(data=bytes(image)) if isinstance(image, (bytes, bytearray)) else ImageRef(path=str(image))

@@ -16,7 +16,7 @@ import time
 import torch
 
 from forvalue.indexer.evaluate import peak_rss_mb
-from forvalue.indexer.forward import Features, Head
+from forvalue.indexer.features import Features, Head
 from forvalue.indexer.score import estimate_flops, exact_scores
 
 

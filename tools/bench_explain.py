@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from forvalue.indexer.forward import Features, Head
+from forvalue.indexer.features import Features, Head
 from forvalue.indexer.score import exact_scores
 
 
@@ -38,9 +38,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from bench_serve import example_rows
-    from common import open_or_build_index
 
     from forvalue.indexer.model import load_model
+
+    from common import open_or_build_index
 
     torch.set_grad_enabled(False)
     lm = load_model(args.model)

@@ -35,7 +35,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from forvalue.indexer.data import read_samples
-    from forvalue.indexer.forward import ForwardConfig, Head, extract_features
+    from forvalue.indexer.features import ForwardConfig, Head
+    from forvalue.indexer.forward import extract_features
     from forvalue.indexer.model import load_model
 
     torch.set_grad_enabled(False)

@@ -29,7 +29,8 @@ from forvalue.indexer.build import encode_shard, fit_maps
 from forvalue.indexer.config import DTYPE_CHOICES, BuildConfig, SketchConfig
 from forvalue.indexer.data import Sample
 from forvalue.indexer.examples import make_transform_dataset
-from forvalue.indexer.forward import Head, batch_sizes, encode, plan_batches
+from forvalue.indexer.features import Head, plan_batches
+from forvalue.indexer.forward import batch_sizes, encode
 from forvalue.indexer.model import load_model
 from forvalue.indexer.store import IndexRoot
 

@@ -85,7 +85,8 @@ def main() -> None:
     from forvalue.client.client import InfluenceClient, ServerError
     from forvalue.indexer.build import build_index
     from forvalue.indexer.config import BuildConfig
-    from forvalue.indexer.forward import ForwardConfig, encode
+    from forvalue.indexer.features import ForwardConfig
+    from forvalue.indexer.forward import encode
     from forvalue.indexer.model import load_model
 
     torch.set_grad_enabled(False)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from forvalue.indexer.forward import Features, ForwardConfig, extract_features
+from forvalue.indexer.features import Features, ForwardConfig
+from forvalue.indexer.forward import extract_features
 from forvalue.indexer.score import exact_scores
 
 

@@ -18,7 +18,7 @@ from forvalue.indexer import metrics
 from forvalue.indexer.config import METHODS, ScoreConfig
 from forvalue.indexer.data import load_eval_sets
 from forvalue.indexer.evaluate import peak_rss_mb
-from forvalue.indexer.forward import Head
+from forvalue.indexer.features import Head
 from forvalue.indexer.model import load_model
 from forvalue.indexer.score import scores
 

@@ -19,7 +19,7 @@ import torch
 
 from forvalue.indexer.config import SketchConfig
 from forvalue.indexer.data import load_eval_sets
-from forvalue.indexer.forward import Head
+from forvalue.indexer.features import Head
 from forvalue.indexer.metrics import candidate_recall_topk, fidelity_at_k
 from forvalue.indexer.model import load_model
 from forvalue.indexer.sketch import fit_sketcher

@@ -12,8 +12,9 @@ from forvalue.indexer.config import BuildConfig, SketchConfig
 from forvalue.indexer.data import Sample
 from forvalue.indexer.deletion import DELETED_FILE, delete_samples, deleted_of, read_id_file
 from forvalue.indexer.errors import ConfigError, DataError
+from forvalue.indexer.features import ForwardConfig, Head
 from forvalue.indexer.filters import FieldIndex, Where, value_key
-from forvalue.indexer.forward import ForwardConfig, Head, extract_features
+from forvalue.indexer.forward import extract_features
 from forvalue.indexer.index import Index
 from forvalue.indexer.model import LoadedModel, model_fingerprint, tokenizer_fingerprint
 from forvalue.indexer.score import exact_scores, reference_G

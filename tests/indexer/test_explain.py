@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from forvalue.indexer.errors import ConfigError
-from forvalue.indexer.explain import (
-    contributions, explain_rows, reference_contributions, summarize, token_labeler,
-)
-from forvalue.indexer.forward import ForwardConfig, Head, extract_features
+from forvalue.indexer.explain import contributions, explain_rows, reference_contributions, summarize, token_labeler
+from forvalue.indexer.features import ForwardConfig, Head
+from forvalue.indexer.forward import extract_features
 from forvalue.indexer.score import exact_scores, reference_scores
 
 from serving import corpus

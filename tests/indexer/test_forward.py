@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from forvalue.indexer.errors import ConfigError
-from forvalue.indexer.forward import ForwardConfig, Head, encode, extract_features, plan_batches
+from forvalue.indexer.features import ForwardConfig, Head, plan_batches
+from forvalue.indexer.forward import encode, extract_features
 
 
 def _reference_tokens(model, tokenizer, prompt, response, tokens):

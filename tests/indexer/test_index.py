@@ -11,7 +11,8 @@ from forvalue.indexer.build import build_index
 from forvalue.indexer.config import BuildConfig, SketchConfig
 from forvalue.indexer.data import Sample
 from forvalue.indexer.errors import IndexCorruptError, IndexMismatchError
-from forvalue.indexer.forward import ForwardConfig, Head, extract_features
+from forvalue.indexer.features import ForwardConfig, Head
+from forvalue.indexer.forward import extract_features
 from forvalue.indexer.index import Index
 from forvalue.indexer.model import LoadedModel, model_fingerprint, tokenizer_fingerprint
 from forvalue.indexer.score import exact_scores

@@ -11,7 +11,8 @@ from forvalue.indexer.archs import ARCHS, PUBLISHED_PARAMETERS, random_model
 from forvalue.indexer.build import build_index
 from forvalue.indexer.config import DTYPE_CHOICES, BuildConfig, SketchConfig
 from forvalue.indexer.errors import ConfigError, ModelError
-from forvalue.indexer.forward import CPU_BATCH_TOKENS, Features, Head, auto_batch_tokens, tokens_for_memory
+from forvalue.indexer.features import Features, Head
+from forvalue.indexer.forward import CPU_BATCH_TOKENS, auto_batch_tokens, tokens_for_memory
 from forvalue.indexer.model import DTYPES, load_model, resolve_dtype
 from forvalue.indexer.score import self_scores
 from forvalue.indexer.sketch import Sketcher, reference_sketch

@@ -10,7 +10,8 @@ import torch
 from forvalue.indexer import index as index_mod
 from forvalue.indexer.build import build_index
 from forvalue.indexer.config import BuildConfig, SketchConfig
-from forvalue.indexer.forward import ForwardConfig, Head, extract_features
+from forvalue.indexer.features import ForwardConfig, Head
+from forvalue.indexer.forward import extract_features
 from forvalue.indexer.index import Index
 from forvalue.indexer.model import LoadedModel, model_fingerprint, tokenizer_fingerprint
 from forvalue.indexer.rerank import Candidates, must_score, score_bounds

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from forvalue.indexer.config import ScoreConfig
-from forvalue.indexer.forward import ForwardConfig, Head, encode, extract_features
+from forvalue.indexer.features import ForwardConfig, Head
+from forvalue.indexer.forward import encode, extract_features
 from forvalue.indexer.score import (
     embedding_sums, exact_scores, reference_scores, scores, scores_gram, scores_pairs, self_scores, target_vocab,
 )

@@ -52,7 +52,7 @@ def test_build_index_write_shards_hook_and_its_fallback(tmp_path, served_lm):
     """The hook gets the missing shards once the maps are saved; what it leaves undone the driver writes."""
     from forvalue.indexer.build import MAP_FILES, build_index, encode_shard, load_maps
     from forvalue.indexer.config import BuildConfig, SketchConfig
-    from forvalue.indexer.forward import Head
+    from forvalue.indexer.features import Head
 
     from serving import corpus
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from forvalue.indexer.config import SketchConfig
-from forvalue.indexer.forward import ForwardConfig, Head, extract_features
+from forvalue.indexer.features import ForwardConfig, Head
+from forvalue.indexer.forward import extract_features
 from forvalue.indexer.score import exact_scores, reference_G
 from forvalue.indexer.sketch import (
     Sketcher, _row_blocks, bucket_residuals, fit_projection, fit_sketcher, reference_sketch, token_mass, vocab_pass,

@@ -16,9 +16,11 @@ import torch
 from forvalue.indexer.config import ScoreConfig
 from forvalue.indexer.data import Sample, read_samples
 from forvalue.indexer.errors import DataError, ModelError
-from forvalue.indexer.forward import ForwardConfig, Head, extract_features
+from forvalue.indexer.features import ForwardConfig, Head
+from forvalue.indexer.forward import extract_features
+from forvalue.indexer.images import ImageRef, decode_image
 from forvalue.indexer.score import reference_scores, scores
-from forvalue.indexer.vision import ImageRef, decode_image, family_of
+from forvalue.indexer.vision import family_of
 
 from vlm_factories import make_image, make_llava, make_qwen2_vl, save_vlm
 
@@ -251,12 +253,12 @@ def test_decode_image_validates():
 
 
 def test_size_limits(monkeypatch):
-    import forvalue.indexer.vision as vision
+    import forvalue.indexer.images as images
 
-    monkeypatch.setattr(vision, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(DataError, match=r"size 11×10 is out of range"):
         decode_image(make_image(0, (10, 11)))
-    monkeypatch.setattr(vision, "MAX_IMAGE_BYTES", 50)
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 50)
     with pytest.raises(DataError, match="larger than"):
         decode_image(make_image(0, (10, 11)))
 
@@ -363,8 +365,8 @@ def vlm_index(tmp_path_factory, vlm_corpus, vlm_model_dir):
 
 
 def test_index_round_trip_with_images(vlm_index, vlm_corpus):
+    from forvalue.indexer.images import file_sha256
     from forvalue.indexer.score import exact_scores
-    from forvalue.indexer.vision import file_sha256
 
     root, index = vlm_index
     samples = vlm_corpus[0]
