@@ -25,7 +25,7 @@ from .config import BuildConfig, FirstStageConfig, SketchConfig
 from .data import Sample, stored_row
 from .deletion import DELETED_FILE, current_takedowns, deleted_json, hidden_rows, takedown_lock
 from .errors import DataError, IndexMismatchError
-from .features import Features, Head, token_rows
+from .features import Features, ForwardConfig, Head, token_rows
 from .filters import FieldIndex
 from .forward import iter_features, refuse_images
 from .model import LoadedModel
@@ -88,7 +88,7 @@ def fit_maps(lm: LoadedModel, head: Head, samples: Sequence[Sample], config: Bui
     pairs = [samples[i].as_input() for i in order]
     cache: dict[int, Features] = {}
     parts = []
-    fwd = dataclasses.replace(config.forward(), on_device=True)  # the fit's vocabulary pass runs there too
+    fwd = dataclasses.replace(ForwardConfig.of_build(config), on_device=True)  # the fit's vocabulary pass runs there too
     for idx, f in iter_features(lm.model, lm.preprocessor, pairs, fwd, head, progress, "fit"):
         parts.append(f)
         host = f.to("cpu")
@@ -155,7 +155,7 @@ def encode_shard(lm: LoadedModel, head: Head, sk: Sketcher, samples: Sequence[Sa
         batches = [(have, Features.concat([known[j] for j in have]))]
     if todo:
         pairs = [samples[j].as_input() for j in todo]
-        fwd = dataclasses.replace(config.forward(), on_device=True)
+        fwd = dataclasses.replace(ForwardConfig.of_build(config), on_device=True)
         batches = itertools.chain(batches, (([todo[i] for i in idx], f) for idx, f in iter_features(
             lm.model, lm.preprocessor, pairs, fwd, head, with_lse=False)))
     host = _ToHost(device)
@@ -296,26 +296,60 @@ def _build(idx_root: IndexRoot, build: Build, samples: Sequence[Sample], lm: Loa
     device = next(lm.model.parameters()).device
     head = Head.from_model(lm.model).to(device)
     t0 = time.perf_counter()
-
     # ‖G‖ per sample: always in a new index; in an added-to one only if its first shards have it
     norms = base is None or "g_norm" in base.manifest["arrays"]
-    fitted: dict[int, Features] = {}
-    # the maps are written one file at a time: a build killed between two of them has to write them again
+    sk, fitted, first = _open_maps(build, base, lm, head, samples, config, progress)
+    n_shards = _write_shards(build, lm, head, sk, samples, config, first, fitted, norms, write_shards, progress)
+    counts = [int(build.read_shard_array(i, "offsets").shape[0] - 1) for i in range(n_shards)]
+    manifest = {
+        **params,
+        "forvalue_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "corpus_fingerprint": corpus,
+        "base_version": base.name if base is not None else None,
+        "n_samples": sum(counts),
+        "shard_sizes": counts,
+        "index": _first_stage_info(build, n_shards, config.first_stage),
+        "build_seconds": round(time.perf_counter() - t0, 2),
+        "forward": {"device": device.type, "dtype": lm.dtype_name,
+                    "batch_tokens": config.batch_tokens, "max_batch": config.max_batch},
+    }
+    with takedown_lock(idx_root):  # a deletion finishing meanwhile is carried into this version too
+        takedowns = current_takedowns(idx_root)
+        if takedowns:
+            rows = hidden_rows(base_ids + [s.id for s in samples], takedowns)
+            build.put_json(DELETED_FILE, deleted_json(takedowns, rows))
+            manifest["deleted"] = {"ids": len(takedowns), "rows": int(rows.size)}
+        return idx_root.publish(build, manifest)
+
+
+def _open_maps(build: Build, base: Version | None, lm: LoadedModel, head: Head, samples: Sequence[Sample],
+               config: BuildConfig, progress: bool) -> tuple[Sketcher, dict[int, Features], int]:
+    """(the sketch maps, the fit samples' features by sample number, the first new shard's number).
+
+    An added-to index keeps its base's maps (and links the base's shards on first use); a new build reads
+    the maps a killed run of it saved, or fits them (whose features are then reused by the shards). The maps
+    are written one file at a time: a build killed between two of them writes them again.
+    """
     have_maps = all(build.has_file(n) for n in MAP_FILES)
     if base is not None:
         sk = load_maps({n: base.global_array(n) for n in MAP_FILES}, config.sketch.buckets)
-        first = len(base.manifest["shards"])
         if not have_maps:
             build.link_shards_from(base, 0)
             _save_maps(build, sk)
-    else:
-        first = 0
-        if have_maps:
-            sk = load_maps({n: build.read_array(n) for n in MAP_FILES}, config.sketch.buckets)
-        else:
-            sk, fitted = fit_maps(lm, head, samples, config, progress)
-            _save_maps(build, sk)
+        return sk, {}, len(base.manifest["shards"])
+    if have_maps:
+        return load_maps({n: build.read_array(n) for n in MAP_FILES}, config.sketch.buckets), {}, 0
+    sk, fitted = fit_maps(lm, head, samples, config, progress)
+    _save_maps(build, sk)
+    return sk, fitted, 0
 
+
+def _write_shards(build: Build, lm: LoadedModel, head: Head, sk: Sketcher, samples: Sequence[Sample],
+                  config: BuildConfig, first: int, fitted: dict[int, Features], norms: bool, write_shards,
+                  progress: bool) -> int:
+    """Encode and write the shards of `samples` not done yet (numbered from `first`; by `write_shards`, a
+    distributed writer, when given, then here what it left); returns the build's shard count."""
     n_new = (len(samples) + config.shard_size - 1) // config.shard_size
     done = set(build.done_shards())
     if write_shards is not None:
@@ -348,30 +382,7 @@ def _build(idx_root: IndexRoot, build: Build, samples: Sequence[Sample], lm: Loa
         finally:
             if bar is not None:
                 bar.close()
-
-    n_shards = first + n_new
-    counts = [int(build.read_shard_array(i, "offsets").shape[0] - 1) for i in range(n_shards)]
-    faiss_info = _first_stage_info(build, n_shards, config.first_stage)
-    manifest = {
-        **params,
-        "forvalue_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "corpus_fingerprint": corpus,
-        "base_version": base.name if base is not None else None,
-        "n_samples": sum(counts),
-        "shard_sizes": counts,
-        "index": faiss_info,
-        "build_seconds": round(time.perf_counter() - t0, 2),
-        "forward": {"device": device.type, "dtype": lm.dtype_name,
-                    "batch_tokens": config.batch_tokens, "max_batch": config.max_batch},
-    }
-    with takedown_lock(idx_root):  # a deletion finishing meanwhile is carried into this version too
-        takedowns = current_takedowns(idx_root)
-        if takedowns:
-            rows = hidden_rows(base_ids + [s.id for s in samples], takedowns)
-            build.put_json(DELETED_FILE, deleted_json(takedowns, rows))
-            manifest["deleted"] = {"ids": len(takedowns), "rows": int(rows.size)}
-        return idx_root.publish(build, manifest)
+    return first + n_new
 
 
 def _row_ids(version: Version) -> list[str]:

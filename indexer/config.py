@@ -175,9 +175,3 @@ class BuildConfig:
         if self.rerank_top < 0:
             raise ConfigError(f"rerank_top must be >= 0, got {self.rerank_top}")
 
-    def forward(self):
-        """The ForwardConfig of this build's passes (a forward.ForwardConfig: imports torch)."""
-        from .features import ForwardConfig
-
-        return ForwardConfig(tokens=self.tokens, max_length=self.max_length, batch_tokens=self.batch_tokens,
-                             max_batch=self.max_batch)

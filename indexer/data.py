@@ -506,11 +506,49 @@ def _parse_row(
         if obj.get(column) is None and not (name == "split" and split is not None):
             raise fail(f"missing required field {column!r}; add it to every row or map it with FieldMap")
 
+    prompt, response = _parse_texts(obj, fields, datainf, used, fail)
+
+    label_column = fields.label
+    if datainf and label_column not in obj and DATAINF_LABEL in obj:
+        label_column = DATAINF_LABEL
+    label = _parse_label(obj.get(label_column), label_column, fail)
+    used.add(label_column)
+
+    row_split = _parse_split(obj.get(fields.split), fields.split, fail)
+    used.add(fields.split)
+    if split is not None:
+        if row_split is not None and row_split != split:
+            raise fail(f"field {fields.split!r} is {obj[fields.split]!r} but the row is in the {split} folder; "
+                       "remove the column or fix the value")
+        row_split = split
+
+    clean = _parse_clean(obj.get(fields.clean), fields.clean, fail)
+    used.add(fields.clean)
+
+    sample_id = _parse_id(obj.get(fields.id), fields.id, f"{id_prefix}{row}", fail)
+    used.add(fields.id)
+
+    image = obj.get(fields.image)
+    used.add(fields.image)
+    if image is not None:
+        from .images import resolve_image_path
+
+        try:
+            image = resolve_image_path(image, source)
+        except ValueError as exc:
+            raise fail(f"field {fields.image!r} {exc}") from exc
+
+    meta = _parse_meta(obj, used, fail)
+    return Sample(id=sample_id, prompt=prompt, response=response, label=label, split=row_split, clean=clean,
+                  meta=meta, row=row, source=source, image=image)
+
+
+def _parse_texts(obj: dict, fields: FieldMap, datainf: bool, used: set, fail) -> tuple[str, str]:
+    """(prompt, response) of a row: its prompt and response columns, or a DataInf row's text = prompt + response."""
     prompt = obj.get(fields.prompt)
     used.add(fields.prompt)
     if not isinstance(prompt, str):
         raise fail(f"field {fields.prompt!r} must be a string, got {type(prompt).__name__}")
-
     if datainf:
         text = obj[DATAINF_TEXT]
         used.add(DATAINF_TEXT)
@@ -531,45 +569,22 @@ def _parse_row(
             raise fail(f"field {fields.response!r} must be a string, got {type(response).__name__}")
     if not response.strip():
         raise fail(f"field {response_field!r} gives an empty or whitespace-only response; drop the row or fill it")
+    return prompt, response
 
-    label_column = fields.label
-    if datainf and label_column not in obj and DATAINF_LABEL in obj:
-        label_column = DATAINF_LABEL
-    label = _parse_label(obj.get(label_column), label_column, fail)
-    used.add(label_column)
 
-    row_split = _parse_split(obj.get(fields.split), fields.split, fail)
-    used.add(fields.split)
-    if split is not None:
-        if row_split is not None and row_split != split:
-            raise fail(f"field {fields.split!r} is {obj[fields.split]!r} but the row is in the {split} folder; "
-                       "remove the column or fix the value")
-        row_split = split
-
-    clean = _parse_clean(obj.get(fields.clean), fields.clean, fail)
-    used.add(fields.clean)
-
-    raw_id = obj.get(fields.id)
-    used.add(fields.id)
+def _parse_id(raw_id: Any, column: str, default: str, fail) -> str:
+    """The row's id: its id column as text, or `default` (the row number with a prefix) when it has none."""
     if raw_id is None:
-        sample_id = f"{id_prefix}{row}"
-    elif isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
-        raise fail(f"field {fields.id!r} must be a string or an integer, got {type(raw_id).__name__}")
-    else:
-        sample_id = str(raw_id)
-        if not sample_id.strip():
-            raise fail(f"field {fields.id!r} is empty; give every row a non-empty id or drop the column")
+        return default
+    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
+        raise fail(f"field {column!r} must be a string or an integer, got {type(raw_id).__name__}")
+    if not str(raw_id).strip():
+        raise fail(f"field {column!r} is empty; give every row a non-empty id or drop the column")
+    return str(raw_id)
 
-    image = obj.get(fields.image)
-    used.add(fields.image)
-    if image is not None:
-        from .images import resolve_image_path
 
-        try:
-            image = resolve_image_path(image, source)
-        except ValueError as exc:
-            raise fail(f"field {fields.image!r} {exc}") from exc
-
+def _parse_meta(obj: dict, used: set, fail) -> dict[str, Any]:
+    """Every column of the row that no field took, checked to be JSON-able."""
     meta = {}
     for key, value in obj.items():
         if key in used:
@@ -578,8 +593,7 @@ def _parse_row(
             raise fail(f"field {key!r} holds a {type(value).__name__}, which is not JSON-able; "
                        "convert it to a string or drop the column")
         meta[key] = value
-    return Sample(id=sample_id, prompt=prompt, response=response, label=label, split=row_split, clean=clean,
-                  meta=meta, row=row, source=source, image=image)
+    return meta
 
 
 def _parse_label(value: Any, column: str, fail) -> str | None:

@@ -117,6 +117,29 @@ def _overlap(answer: torch.Tensor, truth: torch.Tensor) -> float:
     return len(set(answer.tolist()) & set(truth.tolist())) / max(truth.numel(), 1)
 
 
+def _first_stage_fidelity(index, q: torch.Tensor, approx: torch.Tensor, through: torch.Tensor, exact: torch.Tensor,
+                          rerank: int, k: int) -> tuple[list, list, list, list, list]:
+    """The first stage as served (FAISS over the query sketches q, most and least) against the exact reference,
+    per query: (rankings as `index_ranking` makes them, top-k fidelity most, least, candidate recall most, least)."""
+    q = q.float().numpy()
+    C = min(rerank, index.n)
+    _, top_ids = index.ann.search(q, C, "most")
+    _, bottom_ids = index.ann.search(q, C, "least")
+    ranked, fid_most, fid_least, cand_most, cand_least = [], [], [], [], []
+    for i in range(q.shape[0]):
+        top, bottom = torch.from_numpy(top_ids[i]), torch.from_numpy(bottom_ids[i])
+        ranked.append(index_ranking(approx[i], through[i], top, bottom))
+        true_most = torch.argsort(exact[i], descending=True, stable=True)[:k]
+        true_least = torch.argsort(exact[i], descending=False, stable=True)[:k]
+        ans_most = top[torch.argsort(through[i][top], descending=True, stable=True)[:k]]
+        ans_least = bottom[torch.argsort(through[i][bottom], descending=False, stable=True)[:k]]
+        fid_most.append(_overlap(ans_most, true_most))
+        fid_least.append(_overlap(ans_least, true_least))
+        cand_most.append(_overlap(top, true_most))
+        cand_least.append(_overlap(bottom, true_least))
+    return ranked, fid_most, fid_least, cand_most, cand_least
+
+
 def run_index_eval(index, valuation: Sequence[Sample], rerank: int = 100, k: int = 10,
                    progress: bool = False) -> dict:
     """Evaluates through an index, next to exact For-Value recomputed from scratch on the same rows.
@@ -157,24 +180,9 @@ def run_index_eval(index, valuation: Sequence[Sample], rerank: int = 100, k: int
                           index.forward, index.head, progress, "reference")
     exact = exact_scores(fv, ft, index._cpu_head).double()
     t3 = time.perf_counter()
-    # the first stage as served: FAISS over the query sketches, most and least
-    q = q.float().numpy()
-    C = min(rerank, index.n)
-    _, top_ids = index.ann.search(q, C, "most")
-    _, bottom_ids = index.ann.search(q, C, "least")
     k = min(k, index.n)
-    ranked, fid_most, fid_least, cand_most, cand_least = [], [], [], [], []
-    for i in range(fv.n):
-        top, bottom = torch.from_numpy(top_ids[i]), torch.from_numpy(bottom_ids[i])
-        ranked.append(index_ranking(approx[i], through[i], top, bottom))
-        true_most = torch.argsort(exact[i], descending=True, stable=True)[:k]
-        true_least = torch.argsort(exact[i], descending=False, stable=True)[:k]
-        ans_most = top[torch.argsort(through[i][top], descending=True, stable=True)[:k]]
-        ans_least = bottom[torch.argsort(through[i][bottom], descending=False, stable=True)[:k]]
-        fid_most.append(_overlap(ans_most, true_most))
-        fid_least.append(_overlap(ans_least, true_least))
-        cand_most.append(_overlap(top, true_most))
-        cand_least.append(_overlap(bottom, true_least))
+    ranked, fid_most, fid_least, cand_most, cand_least = _first_stage_fidelity(index, q, approx, through, exact,
+                                                                               rerank, k)
     val_labels = [s.label for s in valuation]
     m_through = metrics.evaluate(through.numpy(), val_labels, train_labels, clean)
     m_exact = metrics.evaluate(exact.numpy(), val_labels, train_labels, clean)

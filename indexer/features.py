@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import CPU_MAX_BATCH, TOKEN_SCOPES
+from .config import CPU_MAX_BATCH, TOKEN_SCOPES, BuildConfig
 from .errors import ConfigError, ModelError
 
 
@@ -56,6 +56,12 @@ class ForwardConfig:
     dtype: torch.dtype = torch.float32
     logits_chunk: int = 16384
     on_device: bool = False
+
+    @classmethod
+    def of_build(cls, build: BuildConfig) -> ForwardConfig:
+        """The passes of an index build (`build`: its token scope, max_length and batch sizes)."""
+        return cls(tokens=build.tokens, max_length=build.max_length, batch_tokens=build.batch_tokens,
+                   max_batch=build.max_batch)
 
     def __post_init__(self) -> None:
         if self.tokens not in TOKEN_SCOPES:

@@ -31,6 +31,7 @@ import numpy as np
 from .ann import SketchIndex, _chunked_topk
 from .config import APPROXIMATE_KINDS as APPROXIMATE, FirstStageConfig
 from .errors import ConfigError, IndexCorruptError, RecallTooLowError
+from .results import DIRECTIONS
 
 INDEX_FILE = "index.faiss"
 ID_BYTES = 8  # faiss stores an int64 id per row in the inverted lists
@@ -100,7 +101,7 @@ def flat_truth(vectors: Any, query_rows: np.ndarray, k: int, chunk_rows: int = 1
 
 
 def measure_recall(index: SketchIndex, vectors: Any, query_rows: np.ndarray, truth: dict[str, np.ndarray],
-                   k: int, directions: tuple[str, ...] = ("most", "least")) -> dict[str, float]:
+                   k: int, directions: tuple[str, ...] = DIRECTIONS) -> dict[str, float]:
     """recall@k of `index` against `truth` (from `flat_truth`) per direction, self left out."""
     q = np.ascontiguousarray(vectors[query_rows], dtype=np.float32)
     out = {}
@@ -168,20 +169,7 @@ def build_first_stage(vectors: Any, config: FirstStageConfig = FirstStageConfig(
     k = min(config.recall_k, max(1, n - 1))
     query_rows = sample_rows(n, config.recall_queries, config.seed + 1)
     truth = flat_truth(vectors, query_rows, k)
-    # each direction gets the smallest nprobe of the ladder reaching min_recall (or the last one tried)
-    by_nprobe: list[dict] = []
-    chosen: dict[str, int] = {}
-    best: dict[str, float] = {}
-    for nprobe in ([config.nprobe] if config.nprobe else _nprobe_ladder(nlist)):
-        index.nprobe = nprobe
-        # a direction that reached the recall is not measured again (its nprobe is chosen)
-        todo = tuple(d for d in ("most", "least") if d not in chosen or best[d] < config.min_recall)
-        r = measure_recall(index, vectors, query_rows, truth, k, todo)
-        by_nprobe.append({"nprobe": nprobe, **r})
-        for direction in todo:
-            chosen[direction], best[direction] = nprobe, r[direction]
-        if min(best.values()) >= config.min_recall:
-            break
+    chosen, best, by_nprobe = _choose_nprobe(index, vectors, query_rows, truth, k, config, nlist)
     index.nprobe = max(chosen.values())
     index.set_direction_nprobe(most=chosen["most"], least=chosen["least"])
     t3 = time.perf_counter()
@@ -202,6 +190,26 @@ def build_first_stage(vectors: Any, config: FirstStageConfig = FirstStageConfig(
             "--nprobe (or leave it 0 = automatic) or --refine, use --index-kind ivf-sq8 (if ivf-pq) or flat-ip, "
             "or lower --min-recall. The finished shards are kept: the rerun only rebuilds the first stage")
     return index, info
+
+
+def _choose_nprobe(index: SketchIndex, vectors: Any, query_rows: np.ndarray, truth: Any, k: int,
+                   config: FirstStageConfig, nlist: int) -> tuple[dict[str, int], dict[str, float], list[dict]]:
+    """(nprobe per direction, its measured recall, the curve measured): each direction gets the smallest nprobe
+    of the ladder reaching config.min_recall (or the last one tried); config.nprobe > 0 is the only one tried."""
+    by_nprobe: list[dict] = []
+    chosen: dict[str, int] = {}
+    best: dict[str, float] = {}
+    for nprobe in ([config.nprobe] if config.nprobe else _nprobe_ladder(nlist)):
+        index.nprobe = nprobe
+        # a direction that reached the recall is not measured again (its nprobe is chosen)
+        todo = tuple(d for d in DIRECTIONS if d not in chosen or best[d] < config.min_recall)
+        r = measure_recall(index, vectors, query_rows, truth, k, todo)
+        by_nprobe.append({"nprobe": nprobe, **r})
+        for direction in todo:
+            chosen[direction], best[direction] = nprobe, r[direction]
+        if min(best.values()) >= config.min_recall:
+            break
+    return chosen, best, by_nprobe
 
 
 def _seed_kmeans(index: SketchIndex, seed: int) -> None:

@@ -29,7 +29,7 @@ from forvalue.indexer.build import encode_shard, fit_maps
 from forvalue.indexer.config import DTYPE_CHOICES, BuildConfig, SketchConfig
 from forvalue.indexer.data import Sample
 from forvalue.indexer.examples import make_transform_dataset
-from forvalue.indexer.features import Head, plan_batches
+from forvalue.indexer.features import ForwardConfig, Head, plan_batches
 from forvalue.indexer.forward import batch_sizes, encode
 from forvalue.indexer.model import load_model
 from forvalue.indexer.store import IndexRoot
@@ -49,7 +49,7 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def bare_forward(lm, samples, config) -> float:
-    fwd = config.forward()
+    fwd = ForwardConfig.of_build(config)
     enc = [encode(lm.tokenizer, s.prompt, s.response, fwd) for s in samples]
     device = lm.device
     _sync(device)
@@ -124,7 +124,7 @@ def main() -> None:
         for _ in range(args.repeats):
             bare.append(bare_forward(lm, samples, config))
             idx.append(index_pass(lm, head, sk, samples, config, tmp))
-    n_tokens = sum(len(encode(lm.tokenizer, s.prompt, s.response, config.forward()).ids) for s in samples)
+    n_tokens = sum(len(encode(lm.tokenizer, s.prompt, s.response, ForwardConfig.of_build(config)).ids) for s in samples)
     b, i = min(bare), min(idx)
     device = lm.device.type if lm.device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(lm.device)})"
     print(json.dumps({
