@@ -14,6 +14,28 @@ from factories import make_model, make_tokenizer  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+
+def _gpu_skip_reason(marker) -> str | None:
+    """Why a test marked `gpu` cannot run here (None: it can). `@pytest.mark.gpu` needs a CUDA device;
+    `gpu(faiss=True)` also faiss with GPU support; `gpu(count=N)` N devices."""
+    count = marker.kwargs.get("count", 1)
+    if torch.cuda.device_count() < count:
+        return f"needs {count} CUDA device(s)"
+    if marker.kwargs.get("faiss"):
+        from forvalue.indexer.ann import gpu_count
+
+        if gpu_count() < count:
+            return f"needs faiss-gpu and {count} GPU(s)"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        reason = None if marker is None else _gpu_skip_reason(marker)
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
 TEXTS = [
     ("Reverse: one two three ->", " three two one"),
     ("Upper: abc ->", " ABC"),
@@ -38,6 +60,14 @@ def model64():
 @pytest.fixture(scope="session")
 def model32():
     return make_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def lm(model32, tokenizer):
+    """The tiny model and tokenizer as a LoadedModel (what an Index or a build takes), named "tiny"."""
+    from forvalue.indexer.model import LoadedModel, model_fingerprint, tokenizer_fingerprint
+
+    return LoadedModel(model32, tokenizer, "tiny", model_fingerprint(model32), tokenizer_fingerprint(tokenizer))
 
 
 @pytest.fixture(scope="session")

@@ -19,17 +19,22 @@ WORDS = "red green blue cat dog sun moon tree rock fish bird star sky sea hill".
 OPS = ("Reverse", "Upper", "Repeat")
 
 
-def corpus(n: int, seed: int = 0, prefix: str = "s") -> list[Sample]:
-    """n seeded sentence-transformation samples with a label and one extra metadata field."""
+def default_meta(i: int, words: list[str]) -> dict:
+    return {"source": ["a", "b"][i % 2], "n_words": len(words)}
+
+
+def corpus(n: int, seed: int = 0, prefix: str = "s", max_words: int = 4, meta=default_meta) -> list[Sample]:
+    """n seeded sentence-transformation samples (Reverse, Upper, Repeat of 2..max_words words) with the
+    operation as label and `meta(i, words)` as metadata (default: a source a/b and the word count)."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        w = list(rng.choice(WORDS, size=int(rng.integers(2, 5))))
+        w = list(rng.choice(WORDS, size=int(rng.integers(2, max_words + 1))))
         op = OPS[i % 3]
         resp = {"Reverse": " ".join(w[::-1]), "Upper": " ".join(w).upper(),
                 "Repeat": " ".join(x + " " + x for x in w)}[op]
         out.append(Sample(id=f"{prefix}{i}", prompt=f"{op}: {' '.join(w)} ->", response=" " + resp, label=op,
-                          meta={"source": ["a", "b"][i % 2], "n_words": len(w)}))
+                          meta=meta(i, w)))
     return out
 
 

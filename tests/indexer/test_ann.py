@@ -18,7 +18,6 @@ from forvalue.indexer.ann import (  # noqa: E402
 )
 from forvalue.indexer.errors import ConfigError, IndexCorruptError  # noqa: E402
 
-needs_gpu = pytest.mark.skipif(not gpu_available(), reason="needs faiss-gpu and a CUDA device")
 
 
 @functools.lru_cache(maxsize=None)
@@ -390,8 +389,7 @@ def test_torch_and_faiss_import_in_either_order(order):
 # GPU (skipped without faiss-gpu and CUDA).
 
 
-@pytest.mark.gpu
-@needs_gpu
+@pytest.mark.gpu(faiss=True)
 @pytest.mark.parametrize("direction", ["most", "least"])
 def test_gpu_matches_cpu(tmp_path, direction):
     n, dim = GPU_K_CAP + 1000, 64

@@ -16,35 +16,27 @@ from forvalue.indexer.features import ForwardConfig, Head
 from forvalue.indexer.filters import FieldIndex, Where, value_key
 from forvalue.indexer.forward import extract_features
 from forvalue.indexer.index import Index
-from forvalue.indexer.model import LoadedModel, model_fingerprint, tokenizer_fingerprint
 from forvalue.indexer.score import exact_scores, reference_G
 from forvalue.indexer.store import IndexRoot
 
-WORDS = "red green blue cat dog sun moon tree rock fish bird star sky sea hill".split()
+from serving import corpus as serving_corpus
+
 SOURCES = ["gsm8k", "mmlu", "web"]
 LICENSES = ["mit", "cc-by", "apache"]
 
 
+def _meta(i, words):
+    meta = {"source": SOURCES[i % 3 if i % 7 else 0], "license": LICENSES[(i // 2) % 3], "year": 2020 + i % 4}
+    if i % 11 == 5:
+        del meta["license"]  # some rows lack a field
+    return meta
+
+
 def corpus(n, seed=0, prefix="s"):
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        w = rng.choice(WORDS, size=int(rng.integers(2, 6)))
-        op = ["Reverse", "Upper", "Repeat"][i % 3]
-        resp = {"Reverse": " ".join(w[::-1]), "Upper": " ".join(w).upper(), "Repeat": " ".join(x + " " + x for x in w)}[op]
-        meta = {"source": SOURCES[i % 3 if i % 7 else 0], "license": LICENSES[(i // 2) % 3], "year": 2020 + i % 4}
-        if i % 11 == 5:
-            del meta["license"]  # some rows lack a field
-        out.append(Sample(id=f"{prefix}{i}", prompt=f"{op}: {' '.join(w)} ->", response=" " + resp, label=op, meta=meta))
-    return out
+    return serving_corpus(n, seed, prefix, max_words=5, meta=_meta)
 
 
 CFG = BuildConfig(tokens="response", sketch=SketchConfig(rank=8, buckets=64, fit_samples=50), shard_size=16)
-
-
-@pytest.fixture(scope="module")
-def lm(model32, tokenizer):
-    return LoadedModel(model32, tokenizer, "tiny", model_fingerprint(model32), tokenizer_fingerprint(tokenizer))
 
 
 @pytest.fixture(scope="module")

@@ -343,8 +343,7 @@ def test_cli_index_kind_and_a_refused_build(tmp_path, served_model_dir):
     assert min(summary["index"]["recall"]["most"], summary["index"]["recall"]["least"]) >= 0.5
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not (hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 1), reason="needs 2+ GPUs")
+@pytest.mark.gpu(faiss=True, count=2)
 @pytest.mark.parametrize("kind", ["flat-ip", "ivf-sq8"])
 def test_sharded_over_gpus_equals_one_cpu_index(kind):
     x, q = clustered(3000, 32), queries(32)

@@ -19,25 +19,10 @@ from forvalue.indexer.score import exact_scores
 from forvalue.indexer.store import IndexRoot
 
 from factories import make_model
-
-WORDS = "red green blue cat dog sun moon tree rock fish bird star sky sea hill".split()
-
+from serving import corpus as serving_corpus
 
 def corpus(n, seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        w = rng.choice(WORDS, size=int(rng.integers(2, 6)))
-        op = ["Reverse", "Upper", "Repeat"][i % 3]
-        resp = {"Reverse": " ".join(w[::-1]), "Upper": " ".join(w).upper(), "Repeat": " ".join(x + " " + x for x in w)}[op]
-        out.append(Sample(id=f"s{i}", prompt=f"{op}: {' '.join(w)} ->", response=" " + resp, label=op,
-                          meta={"source": ["a", "b"][i % 2]}))
-    return out
-
-
-@pytest.fixture(scope="module")
-def lm(model32, tokenizer):
-    return LoadedModel(model32, tokenizer, "tiny", model_fingerprint(model32), tokenizer_fingerprint(tokenizer))
+    return serving_corpus(n, seed, max_words=5, meta=lambda i, w: {"source": ["a", "b"][i % 2]})
 
 
 CFG = BuildConfig(tokens="response", sketch=SketchConfig(rank=8, buckets=64, fit_samples=50), shard_size=16)

@@ -21,7 +21,6 @@ from forvalue.indexer.store import Build, IndexRoot
 from serving import corpus
 
 CONFIG = BuildConfig(tokens="response", sketch=SketchConfig(rank=4, buckets=32, fit_samples=24), shard_size=8)
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -135,7 +134,7 @@ def test_a_failed_background_write_fails_the_build_and_a_rerun_finishes_it(tmp_p
         np.testing.assert_array_equal(got[key], want[key])
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_cuda_build_equals_cpu_build(tmp_path, served_model_dir):
     samples = corpus(20)
     cpu = load_model(served_model_dir)

@@ -13,7 +13,6 @@ from forvalue.indexer.config import BuildConfig, SketchConfig
 from forvalue.indexer.features import ForwardConfig, Head
 from forvalue.indexer.forward import extract_features
 from forvalue.indexer.index import Index
-from forvalue.indexer.model import LoadedModel, model_fingerprint, tokenizer_fingerprint
 from forvalue.indexer.rerank import Candidates, must_score, score_bounds
 from forvalue.indexer.score import exact_scores
 from forvalue.indexer.sketch import bucket_residuals, vocab_pass
@@ -96,11 +95,6 @@ def test_must_score_keeps_every_possible_member(direction):
     # tight, separated intervals keep exactly k
     exact = torch.arange(10, dtype=torch.float64)
     assert int(must_score(exact - 0.1, exact + 0.1, 3, direction).sum()) == 3
-
-
-@pytest.fixture(scope="module")
-def lm(model32, tokenizer):
-    return LoadedModel(model32, tokenizer, "tiny", model_fingerprint(model32), tokenizer_fingerprint(tokenizer))
 
 
 @pytest.fixture(scope="module")
