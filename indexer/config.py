@@ -20,6 +20,9 @@ INDEX_KINDS = ("flat-ip", "ivf-sq8", "ivf-pq")  # FAISS first stages (ann.py)
 APPROXIMATE_KINDS = ("ivf-sq8", "ivf-pq")
 FIRST_STAGE_KINDS = ("auto",) + INDEX_KINDS
 RERANK_DTYPES = ("float32", "float16")  # storage of the hidden states kept for exact re-ranking
+# percentiles (Index.percentiles) place a hit among the first-stage scores of every row, or of a seeded sample of
+# this many rows on larger indexes; the rows and the seed are in the manifest ("calibration")
+CALIBRATION_ROWS = 8192
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .build import MAP_FILES, load_maps
+from .config import CALIBRATION_ROWS
 from .data import Sample
 from .deletion import deleted_of
 from .errors import ConfigError, IndexCorruptError, IndexMismatchError
@@ -29,7 +30,6 @@ from .results import (
 from .score import exact_scores, self_scores
 from .store import IndexRoot, Version
 
-CALIBRATION_ROWS = 8192  # rows (a seeded sample above this) whose first-stage scores calibrate percentiles
 
 
 def _pairs(samples: Sequence[Sample | tuple[str, str]]) -> list[tuple[str, str]]:
@@ -233,9 +233,10 @@ class Index:
         rows whose value to the query is lower, (#below + #equal / 2) / n, in [0, 1].
 
         The query's value to a row is estimated by the first-stage score <q, s_i> (no re-rank data); the
-        exact scores of the hits are placed among those of every row, or, above CALIBRATION_ROWS rows, of a
-        fixed seeded sample of that many (the sampling error is then at most ~0.5 percentage points, less
-        in the tails, and the cost stays CALIBRATION_ROWS · D per query at any index size). Comparable
+        exact scores of the hits are placed among those of every row, or, above the manifest's calibration rows
+        (config.CALIBRATION_ROWS), of a sample of that many drawn with the manifest's calibration seed (the
+        sampling error is then at most ~0.5 percentage points, less in the tails, and the cost stays
+        rows · D per query at any index size). Comparable
         across queries and indexes; its error against exact For-Value is measured in docs/results.md.
 
         Args:
@@ -243,8 +244,10 @@ class Index:
         """
         if self._calibration is None:
             live = np.setdiff1d(np.arange(self.n, dtype=np.int64), self.deleted.rows)
-            if live.size > CALIBRATION_ROWS:
-                live = np.sort(np.random.default_rng(0).choice(live, CALIBRATION_ROWS, replace=False))
+            # indexes built before the manifest recorded it: the rows and seed used then
+            cal = self.manifest.get("calibration", {"rows": CALIBRATION_ROWS, "seed": 0})
+            if live.size > cal["rows"]:
+                live = np.sort(np.random.default_rng(cal["seed"]).choice(live, cal["rows"], replace=False))
             self._calibration = np.ascontiguousarray(self.version.take("sketch", live), dtype=np.float32)
         if self._calibration.shape[0] == 0 or scores.numel() == 0:
             return [None] * scores.numel()

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,38 +28,9 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-def example_rows(seed: int = 0) -> tuple[list, list]:
-    from forvalue.indexer.data import Sample
-    from forvalue.indexer.examples import make_transform_dataset
-
-    rows = make_transform_dataset(n_classes=10, n_train_per_class=24, n_test_per_class=6, seed=seed)
-    train = [Sample(id=f"t{i}", prompt=r["prompt"], response=r["response"], label=r.get("label"))
-             for i, r in enumerate(r for r in rows if r["split"] == "train")]
-    test = [(r["prompt"], r["response"]) for r in rows if r["split"] == "test"]
-    return train, test
-
-
-def start_server(index_dir: str, model: str | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    """`forvalue serve --port 0` in its own process → (process, address) once health says SERVING."""
-    cmd = [sys.executable, "-m", "forvalue.client.cli", "serve", "--index", index_dir, "--port", "0", *extra]
-    if model:
-        cmd += ["--model", model]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    address = None
-    for line in proc.stderr:
-        m = re.search(r"listening on (\S+):(\d+)", line)
-        if m:
-            address = f"{m.group(1)}:{m.group(2)}"
-        if line.startswith("forvalue: serving"):
-            break
-        if proc.poll() is not None:
-            break
-    if address is None or proc.poll() is not None:
-        proc.kill()
-        raise SystemExit(f"bench_serve: the server did not start: {line}")
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep draining
-    return proc, address
+from common import example_rows, start_server  # noqa: E402
 
 
 def p50(xs: list[float]) -> float:

@@ -23,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_serve import example_rows, start_server  # noqa: E402
+from common import example_rows, start_server  # noqa: E402
 
 MAX_GROWTH_PCT = 5.0
 

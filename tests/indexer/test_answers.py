@@ -312,16 +312,15 @@ def test_add_to_an_index_with_deletions_keeps_them_hidden(tmp_path, lm, exact):
     assert [h.id for h in got.hits] == [samples[i].id for i in want]
 
 
-def test_percentile_on_large_indexes_uses_a_fixed_sample(built, lm, exact, monkeypatch):
-    import forvalue.indexer.index as index_mod
-
-    monkeypatch.setattr(index_mod, "CALIBRATION_ROWS", 20)
+def test_percentile_on_large_indexes_uses_a_fixed_sample(built, lm, exact):
     root, samples = built
     idx = Index.open(str(root), lm)
+    assert idx.manifest["calibration"] == {"rows": 8192, "seed": CFG.sketch.seed}  # recorded by the build
+    idx.manifest["calibration"] = {"rows": 20, "seed": 3}  # as an index of more than 20 rows would have it
     queries, S, _ = exact
     res = idx.search([queries[2]], k=10, rerank=len(samples))
     assert idx._calibration.shape[0] == 20
-    rows = np.sort(np.random.default_rng(0).choice(np.arange(len(samples)), 20, replace=False))
+    rows = np.sort(np.random.default_rng(3).choice(np.arange(len(samples)), 20, replace=False))
     fq = idx.encode([queries[2]])
     ref = np.sort(idx.sketch_scores(idx.query_sketches(fq))[0].numpy()[rows].astype(np.float64))
     for h in res.hits:
