@@ -18,7 +18,6 @@ filtered and grouped on) or on `--index/--valuation` (then `--field` names the f
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -26,48 +25,21 @@ import tempfile
 import time
 
 import numpy as np
-import torch
 
-
-def example(seed: int = 0):
-    from forvalue.indexer.data import Sample
-    from forvalue.indexer.examples import make_transform_dataset
-
-    rows = make_transform_dataset(n_classes=10, n_train_per_class=24, n_test_per_class=6, seed=seed)
-    train = [Sample(id=f"t{i}", prompt=r["prompt"], response=r["response"], label=r.get("label"))
-             for i, r in enumerate(r for r in rows if r["split"] == "train")]
-    test = [Sample(id=f"v{i}", prompt=r["prompt"], response=r["response"], label=r.get("label"))
-            for i, r in enumerate(r for r in rows if r["split"] == "test")]
-    return train, test
+from common import benchmark_parser, open_benchmark
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--index", default=None, help="an index built with --model [default: built here on the example]")
-    ap.add_argument("--valuation", default=None, help="valuation rows (JSONL/Parquet) [default: the example's]")
+    ap = benchmark_parser(__doc__.splitlines()[0])
     ap.add_argument("--field", default="label", help="metadata field to filter and group on")
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--rerank", type=int, default=100)
-    ap.add_argument("--queries", type=int, default=30)
-    ap.add_argument("--json", action="store_true", help="JSON only (the output is JSON anyway)")
     args = ap.parse_args()
 
-    from common import open_or_build_index
-
-    from forvalue.indexer.data import load_valuation_set
     from forvalue.indexer.deletion import delete_samples
     from forvalue.indexer.filters import Where, value_key
     from forvalue.indexer.index import Index
-    from forvalue.indexer.model import load_model
 
-    torch.set_grad_enabled(False)
-    lm = load_model(args.model)
     tmp = tempfile.TemporaryDirectory()
-    train, queries = example()
-    index_dir, idx = open_or_build_index(lm, args.index, train, f"{tmp.name}/index")
-    if args.valuation is not None:
-        queries = load_valuation_set(args.valuation)
+    lm, index_dir, idx, queries = open_benchmark(args, f"{tmp.name}/index")
     rng = np.random.default_rng(0)
     queries = [queries[i] for i in sorted(rng.permutation(len(queries))[: args.queries])]
     codes, keys = idx.fields.codes(args.field)

@@ -7,7 +7,6 @@ explanation's total equals its hit's score. Prints one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -19,6 +18,8 @@ import torch
 from forvalue.indexer.features import Features, Head
 from forvalue.indexer.score import exact_scores
 
+from common import benchmark_parser, open_benchmark
+
 
 def _double(f, head64):
     """Features in float64, the log-partition recomputed in float64."""
@@ -27,27 +28,12 @@ def _double(f, head64):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--index", default=None, help="an index built with --model [default: the example data]")
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--rerank", type=int, default=100)
+    ap = benchmark_parser(__doc__.splitlines()[0], queries=10)
     ap.add_argument("--pairs", type=int, default=10)
-    ap.add_argument("--queries", type=int, default=10)
-    ap.add_argument("--json", action="store_true", help="JSON only (the output is JSON anyway)")
     args = ap.parse_args()
-
-    from bench_serve import example_rows
-
-    from forvalue.indexer.model import load_model
-
-    from common import open_or_build_index
-
-    torch.set_grad_enabled(False)
-    lm = load_model(args.model)
     tmp = tempfile.TemporaryDirectory()
-    train, queries = example_rows()
-    _, idx = open_or_build_index(lm, args.index, train, tmp.name)
+    lm, _, idx, queries = open_benchmark(args, tmp.name)
+    queries = [(s.prompt, s.response) for s in queries]
     head64 = Head.from_model(lm.model, torch.float64)
     plain, explained, worst, tokens, err_score, err_total = [], [], 0.0, [], 0.0, 0.0
     for i, q in enumerate(queries[: args.queries]):

@@ -11,42 +11,21 @@ alternate per query, so the machine's noise hits both).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
 import time
 
 import numpy as np
-import torch
+
+from common import benchmark_parser, open_benchmark
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--index", default=None, help="an index built with --model [default: built here on the "
-                                                  "example data, as tools/bench_serve.py]")
-    ap.add_argument("--valuation", default=None, help="valuation rows (JSONL/Parquet) [default: the example's]")
-    ap.add_argument("--rerank", type=int, default=100)
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--queries", type=int, default=30)
-    ap.add_argument("--json", action="store_true", help="JSON only (the output is JSON anyway)")
-    args = ap.parse_args()
-
-    from bench_serve import example_rows
-    from common import open_or_build_index
-
-    from forvalue.indexer.data import load_valuation_set
-    from forvalue.indexer.model import load_model
-
-    torch.set_grad_enabled(False)
-    lm = load_model(args.model)
+    args = benchmark_parser(__doc__.splitlines()[0]).parse_args()
     tmp = tempfile.TemporaryDirectory()
-    train, queries = example_rows()
-    _, idx = open_or_build_index(lm, args.index, train, tmp.name)
-    if args.valuation is not None:
-        queries = [(s.prompt, s.response) for s in load_valuation_set(args.valuation)]
-    queries = queries[: args.queries]
+    lm, _, idx, queries = open_benchmark(args, tmp.name)
+    queries = [(s.prompt, s.response) for s in queries[: args.queries]]
     t_pruned, t_full, scored, mismatches, max_rel = [], [], [], 0, 0.0
     for q in queries:
         f = idx.encode([q])

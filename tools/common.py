@@ -4,6 +4,7 @@ between runs (torch files), the index a benchmark queries, the example rows a se
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -55,15 +56,55 @@ def cached_exact(fv: Features, ft: Features, head, cache: Path | None, name: str
     return S
 
 
-def example_rows(seed: int = 0) -> tuple[list, list]:
+def example_samples(seed: int = 0) -> tuple[list, list]:
+    """(training Samples, valuation Samples) of the example data set: 10 sentence transformations, 24 training
+    and 6 valuation rows each, labelled by transformation."""
     from forvalue.indexer.data import Sample
     from forvalue.indexer.examples import make_transform_dataset
 
     rows = make_transform_dataset(n_classes=10, n_train_per_class=24, n_test_per_class=6, seed=seed)
-    train = [Sample(id=f"t{i}", prompt=r["prompt"], response=r["response"], label=r.get("label"))
-             for i, r in enumerate(r for r in rows if r["split"] == "train")]
-    test = [(r["prompt"], r["response"]) for r in rows if r["split"] == "test"]
-    return train, test
+
+    def samples(split: str, prefix: str) -> list:
+        return [Sample(id=f"{prefix}{i}", prompt=r["prompt"], response=r["response"], label=r.get("label"))
+                for i, r in enumerate(r for r in rows if r["split"] == split)]
+
+    return samples("train", "t"), samples("test", "v")
+
+
+def example_rows(seed: int = 0) -> tuple[list, list]:
+    """(training Samples, valuation (prompt, response) pairs) of the example data set (`example_samples`)."""
+    train, test = example_samples(seed)
+    return train, [(s.prompt, s.response) for s in test]
+
+
+def benchmark_parser(description: str, queries: int = 30) -> argparse.ArgumentParser:
+    """The options every index benchmark takes: --model, --index, --valuation, --k, --rerank, --queries, --json."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", default=None, help="HF directory or .gguf [default: SmolLM2-135M-Instruct]")
+    ap.add_argument("--index", default=None, help="an index built with --model [default: built here on the "
+                                                  "example data]")
+    ap.add_argument("--valuation", default=None, help="valuation rows (JSONL/Parquet) [default: the example's]")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--rerank", type=int, default=100)
+    ap.add_argument("--queries", type=int, default=queries)
+    ap.add_argument("--json", action="store_true", help="JSON only (the output is JSON anyway)")
+    return ap
+
+
+def open_benchmark(args: argparse.Namespace, build_dir: str):
+    """(the model, the index directory, the opened Index, the valuation Samples) of a benchmark's options:
+    --index or an index of the example's training rows built into `build_dir`; --valuation or the example's
+    valuation rows."""
+    from forvalue.indexer.data import load_valuation_set
+    from forvalue.indexer.model import load_model
+
+    torch.set_grad_enabled(False)
+    lm = load_model(args.model)
+    train, queries = example_samples()
+    index_dir, idx = open_or_build_index(lm, args.index, train, build_dir)
+    if args.valuation is not None:
+        queries = load_valuation_set(args.valuation)
+    return lm, index_dir, idx, queries
 
 
 def start_server(index_dir: str, model: str | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
