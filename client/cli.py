@@ -382,7 +382,8 @@ def first_stage_options(fn):
                           "(chosen at build time)."),
         click.option("--nlist", type=click.IntRange(0), default=FirstStageConfig.nlist, show_default=True,
                      help="IVF lists; 0 = about the square root of the corpus size."),
-        click.option("--approx-threshold", type=click.IntRange(1), default=FirstStageConfig.approx_threshold, show_default=True,
+        click.option("--approx-threshold", type=click.IntRange(1), default=FirstStageConfig.approx_threshold,
+                     show_default=True,
                      help="--index-kind auto: corpus size from which the first stage is approximate (ivf-sq8)."),
         click.option("--index-kind", type=click.Choice(FIRST_STAGE_KINDS), default=FirstStageConfig.kind,
                      show_default=True,
@@ -603,9 +604,9 @@ def router_options(fn):
 @click.option("--k-cap", type=click.IntRange(1), default=ServerConfig.k_cap, show_default=True, help="Largest k a request may ask for.")
 @click.option("--max-sample-chars", type=click.IntRange(1), default=ServerConfig.max_sample_chars, show_default=True,
               help="Most characters in a valuation sample's prompt, and in its response (longer: INVALID_ARGUMENT).")
-@click.option("--max-queue", type=click.IntRange(1), default=None,
+@click.option("--max-queue", type=click.IntRange(1), default=ServerConfig.max_queue, show_default=True,
               help="Requests waiting for or in the model beyond which new ones get RESOURCE_EXHAUSTED at once "
-                   "(health checks still answer) [default: no limit].")
+                   "(retryable; health checks still answer).")
 @click.option("--grace", type=click.FloatRange(0), default=ServerConfig.grace_seconds, show_default=True,
               help="Seconds in-flight calls may take to finish after SIGTERM.")
 @click.option("--batch-wait-ms", type=click.FloatRange(0, 60_000), default=ServerConfig.batch_wait_ms, show_default=True,

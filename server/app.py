@@ -268,11 +268,15 @@ def build_grpc_server(config, address: str, register: Callable[[grpc.aio.Server]
     """
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes),
-               ("grpc.so_reuseport", 0)]
+               ("grpc.so_reuseport", 0),
+               ("grpc.server.max_pending_requests", 100_000),
+               ("grpc.server.max_pending_requests_hard_limit", 100_000)]
     credentials = server_credentials(config)  # first: a bad TLS file fails before anything is built
     interceptors = [TokenAuthInterceptor(config.token)] if config.token is not None else []
     # no maximum_concurrent_rpcs: it would refuse health checks too under load; the batcher's queue bound
-    # (config.max_queue) refuses model work only
+    # (config.max_queue) refuses model work only, RESOURCE_EXHAUSTED. grpc's own limits on calls waiting for the
+    # server to take them (about 1,000) are raised: past them grpc cancels calls before any handler sees them
+    # (CANCELLED, no request id, no metric), which a client reads as its own doing and never retries
     server = grpc.aio.server(options=options, interceptors=interceptors)
     register(server)
     health_servicer = HealthServicer()

@@ -29,7 +29,8 @@ class ServerConfig:
         max_explain_pairs: largest explain_pairs a TopK request may ask for.
         max_message_bytes: largest request or response message.
         max_queue: TopK and ScoreAll requests waiting for or in the model beyond which a new one is answered
-            RESOURCE_EXHAUSTED at once (health checks and Info always answer). None = no limit.
+            RESOURCE_EXHAUSTED at once (health checks and Info always answer; a client retries later). None =
+            no limit (then only deadlines bound the wait).
         batch_wait_ms: how long the oldest waiting TopK request may wait for others to share its forward
             pass (0 = no wait: a batch takes only what is already waiting).
         batch_tokens: estimated tokens (prompt + response, about 4 characters each) beyond which no more
@@ -66,7 +67,7 @@ class ServerConfig:
     default_explain_pairs: int = 10
     max_explain_pairs: int = 100
     max_message_bytes: int = 64 * 1024 * 1024
-    max_queue: int | None = None
+    max_queue: int | None = 1024
     batch_wait_ms: float = 5.0
     batch_tokens: int = 16_384
     max_batch_requests: int = 64
