@@ -7,7 +7,7 @@ scored exactly (from the stored per-token hidden states, targets and log-partiti
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,14 @@ def _pairs(samples: Sequence[Sample | tuple[str, str]]) -> list[tuple[str, str]]
         else:  # (prompt, response) or (prompt, response, image) for a VLM index
             out.append((str(s[0]), str(s[1])) + ((s[2],) if len(s) > 2 and s[2] is not None else ()))
     return out
+
+
+Check = Callable[[], None]  # raises to stop a piece of work between its steps (a deadline, a cancelled call)
+
+
+def _check(check: Check | None) -> None:
+    if check is not None:
+        check()
 
 
 class Index:
@@ -87,6 +95,16 @@ class Index:
     @classmethod
     def open(cls, root: str, lm: LoadedModel, version: str | None = None, verify: bool = True) -> Index:
         return cls(IndexRoot(root).load(version, verify=verify), lm)
+
+    def shape(self) -> dict[str, float]:
+        """What sizes an answer of this index version, read from its manifest: rows, the mean bytes of a
+        stored row (metadata) and the mean scored tokens of a row (the service's request cost checks)."""
+        files = self.manifest.get("files", {})
+        n = max(self.n, 1)
+        row_bytes = sum(int(f["bytes"]) for p, f in files.items() if p.endswith("metadata.jsonl")) / n
+        y_bytes = sum(int(f["bytes"]) - 128 for p, f in files.items() if p.endswith("/y.npy"))
+        itemsize = int(self.manifest["arrays"]["y"]["dtype"][-1]) if "y" in self.manifest.get("arrays", {}) else 4
+        return {"rows": self.n, "row_bytes": row_bytes, "row_tokens": max(y_bytes, 0) / itemsize / n}
 
     @property
     def accepts_images(self) -> bool:
@@ -143,7 +161,7 @@ class Index:
 
     def search(self, samples: Sequence[Sample | tuple[str, str]], k: int = DEFAULT_K, direction: str = "most",
                rerank: int = DEFAULT_RERANK, features: Features | None = None, prune: bool = True, explain: int = 0,
-               where: Where | None = None, calibrate: bool = True) -> SearchResult:
+               where: Where | None = None, calibrate: bool = True, check: Check | None = None) -> SearchResult:
         """Top-k most (or least) valuable training samples for the group `samples` (scored by the mean of G).
 
         Args:
@@ -156,6 +174,8 @@ class Index:
             where: answer from the training rows whose metadata match only (filters.py); the answer is the
                 top-k of that set, as if the index held nothing else. Deleted rows are never returned.
             calibrate: fill each hit's `percentile` and `cosine` (see `Hit`).
+            check: called between the steps of the work (first stage, exact re-ranking, explanations); it
+                raises to stop the work (the service: the call's deadline passed or it was cancelled).
         """
         check_direction(direction)
         if k < 1:
@@ -179,6 +199,7 @@ class Index:
         q = self.query_sketches(features, probs).mean(0, keepdim=True)
         qs = q.numpy().astype(np.float32)
         cand = self._first_stage(qs, C, direction, scope, bool(where))
+        _check(check)
         rows, scores, scored = self.rerank(features, cand, k, direction, prune, probs)
         meta = self.version.rows(rows)
         pct = self.percentiles(qs[0], scores) if calibrate else [None] * len(meta)
@@ -186,6 +207,7 @@ class Index:
         hits = [Hit(id=str(md["id"]), score=float(s), rank=r + 1, row=int(row), metadata=md, percentile=p, cosine=c)
                 for r, (s, row, md, p, c) in enumerate(zip(scores.tolist(), rows.tolist(), meta, pct, cos))]
         if explain:
+            _check(check)
             found = self.explain(features, rows, explain, probs)
             hits = [dataclasses.replace(h, explanation=e) for h, e in zip(hits, found)]
         return SearchResult(hits, self.version.name, direction, int(cand.size), scored)
@@ -275,18 +297,21 @@ class Index:
             out.append(None if qn <= 0 or g <= 0 else max(-1.0, min(1.0, s / (qn * g))))
         return out
 
-    def score_rows(self, features: Features, rows: np.ndarray, block: int = 512) -> torch.Tensor:
-        """Exact For-Value of training rows `rows` for each query row → (nq, len(rows)), streaming over the store."""
+    def score_rows(self, features: Features, rows: np.ndarray, block: int = 512, check: Check | None = None
+                   ) -> torch.Tensor:
+        """Exact For-Value of training rows `rows` for each query row → (nq, len(rows)), streaming over the store
+        (`check` is called before each block of rows)."""
         rows = np.asarray(rows, dtype=np.int64)
         out = torch.empty(features.n, rows.size)
         for a in range(0, rows.size, block):
+            _check(check)
             part = rows[a : a + block]
             out[:, a : a + part.size] = exact_scores(features, self.candidate_features(part), self._cpu_head)
         return out
 
     def group_by(self, samples: Sequence[Sample | tuple[str, str]], field: str, k: int = 3, direction: str = "most",
                  where: Where | None = None, features: Features | None = None, max_groups: int = 0,
-                 max_rows: int = 0) -> GroupedResult:
+                 max_rows: int = 0, check: Check | None = None) -> GroupedResult:
         """Total and mean value of each value of metadata `field` (e.g. which dataset drove this output), with
         the top-k rows inside each group. Exact: every row in scope (`where`, not deleted) is scored exactly,
         one pass over their re-rank data, so narrow large indexes with `where`.
@@ -311,7 +336,7 @@ class Index:
         if max_rows and rows.size > max_rows:
             raise ConfigError(f"group_by scores every training sample in scope exactly: {rows.size} are in scope, "
                               f"more than the limit {max_rows}; narrow the query with where")
-        values = self.score_rows(features, rows).mean(0).double().numpy() if rows.size else np.zeros(0)
+        values = self.score_rows(features, rows, check=check).mean(0).double().numpy() if rows.size else np.zeros(0)
         c = codes[rows]
         most = direction == "most"
         groups = []
@@ -386,23 +411,25 @@ class Index:
         return [(q, cut_texts(r, max_text_chars)) for q, r in found]
 
     def answers(self, features: Features, k: int, directions: Sequence[str], rerank: int = DEFAULT_RERANK,
-                group: bool = True, explain: int = 0, where: Where | None = None, group_by: str = "", max_rows: int = 0
-                ) -> list[tuple[int, SearchResult | GroupedResult]]:
+                group: bool = True, explain: int = 0, where: Where | None = None, group_by: str = "",
+                max_rows: int = 0, check: Check | None = None) -> list[tuple[int, SearchResult | GroupedResult]]:
         """The answers to one query from its samples' features (one forward pass, done): per direction, one for
         the group (query index GROUP) or one per sample; `group_by` makes each a `GroupedResult` (k rows per
-        group, at most `max_rows` rows in scope)."""
+        group, at most `max_rows` rows in scope). `check` is called before each answer and within it."""
 
         def one(f: Features, d: str) -> SearchResult | GroupedResult:
+            _check(check)
             if group_by:
-                return self.group_by([], group_by, k, d, where=where, features=f, max_rows=max_rows)
-            return self.search([], k, d, rerank, features=f, explain=explain, where=where)
+                return self.group_by([], group_by, k, d, where=where, features=f, max_rows=max_rows, check=check)
+            return self.search([], k, d, rerank, features=f, explain=explain, where=where, check=check)
 
         if group:
             return [(GROUP, one(features, d)) for d in directions]
         return [(i, one(features.select([i]), d)) for i in range(features.n) for d in directions]
 
     def scores(self, samples: Sequence[Sample | tuple[str, str]], where: Where | None = None,
-               batch: int = DEFAULT_SCORE_BATCH, features: Features | None = None) -> Scores:
+               batch: int = DEFAULT_SCORE_BATCH, features: Features | None = None, check: Check | None = None
+               ) -> Scores:
         """The exact value of every training row in scope (matching `where`, not deleted) to the group
         `samples` (the mean over its members), `batch` samples per forward pass (or their `features`)."""
         if batch < 1:
@@ -417,7 +444,7 @@ class Index:
         n = 0
         for f in parts:
             if rows.size:
-                total += self.score_rows(f, rows).double().sum(0).numpy()
+                total += self.score_rows(f, rows, check=check).double().sum(0).numpy()
             n += f.n
         ids = self.ids()
         return Scores([ids[r] for r in rows.tolist()], rows.tolist(), total / max(n, 1), self.version.name)

@@ -39,7 +39,7 @@ from forvalue.indexer.index import Index
 from forvalue.indexer.results import GroupedResult, SearchResult
 
 from .config import ServerConfig
-from .convert import TopKQuery
+from .convert import TopKQuery, estimate_tokens
 
 if TYPE_CHECKING:
     from forvalue.indexer.features import Features
@@ -49,34 +49,23 @@ log = logging.getLogger("forvalue.server")
 
 # group-by scores every training row in scope exactly; above this many rows a request must narrow with where
 MAX_GROUP_ROWS = 200_000
-CHARS_PER_TOKEN = 4  # English text under a BPE tokenizer; only sizes batches, never the forward pass
-IMAGE_TOKENS = 256  # a typical image's placeholder tokens in a VLM prompt; likewise only sizes batches
 # A call cancelled with less than this left counts as expired: the client gives up at its own deadline,
 # which comes a little before the server's (transit, rounding of the grpc-timeout header).
 DEADLINE_SLACK = 0.1
 
 
-def estimate_tokens(samples: list[tuple]) -> int:
-    """A cheap estimate of the tokens of (prompt, response[, image]) samples: ⌈characters / 4⌉ + 1 (EOS) per
-    sample, plus IMAGE_TOKENS per image.
-
-    An estimate on purpose (no tokenizer call on the event loop): it only bounds how much work one shared
-    pass takes on; the pass itself splits its model calls by exact token counts (ForwardConfig.batch_tokens).
-    """
-    return sum(-(-(len(s[0]) + len(s[1])) // CHARS_PER_TOKEN) + 1
-               + (IMAGE_TOKENS if len(s) > 2 and s[2] is not None else 0) for s in samples)
-
-
-def answers(index: Index, query: TopKQuery, features: Features
+def answers(index: Index, query: TopKQuery, features: Features, check: Callable[[], None] | None = None
             ) -> list[tuple[int, SearchResult | GroupedResult]]:
-    """The answers to a TopK query from its samples' features (`features`: of `query.samples`, in order)."""
+    """The answers to a TopK query from its samples' features (`features`: of `query.samples`, in order);
+    `check` is called between the steps of the work."""
     return index.answers(features, query.k, query.directions, query.rerank, query.group, query.explain_pairs,
-                         query.where, query.group_by, MAX_GROUP_ROWS)
+                         query.where, query.group_by, MAX_GROUP_ROWS, check)
 
 
-def top_k(index: Index, query: TopKQuery) -> list[tuple[int, SearchResult]]:
+def top_k(index: Index, query: TopKQuery, check: Callable[[], None] | None = None
+          ) -> list[tuple[int, SearchResult]]:
     """The unbatched reference: one forward pass for the query's samples alone, then its searches."""
-    return answers(index, query, index.encode(query.samples))
+    return answers(index, query, index.encode(query.samples), check)
 
 
 @dataclass
@@ -113,13 +102,19 @@ class BatchStats:
             return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
 
 
+class StoppedError(Exception):
+    """A job's work stopped because its call was cancelled (an Exception, not asyncio.CancelledError, so it
+    stays inside the job in the model's thread)."""
+
+
 @dataclass(eq=False)  # identity: a job is removed from the queue by `is`, never by value
 class Job:
     """One request waiting for the model: a TopK query (batched) or an un-batched call on the served version.
 
     Attributes:
         query: the TopK query, or None for a call.
-        call: fn(served) for an un-batched call (ScoreAll), or None for a TopK query.
+        call: fn(served, check) for an un-batched call (ScoreAll), or None for a TopK query; `check` is the
+            job's `check`, to call between steps of the work.
         deadline: time.monotonic() after which the answer is useless; None = no deadline.
         future: resolved on the event loop with (version, result).
         arrived: loop time of submission (the batch wait counts from the oldest job's arrival).
@@ -128,12 +123,22 @@ class Job:
     """
 
     query: TopKQuery | None
-    call: Callable[[Index], Any] | None
+    call: Callable[[Index, Callable[[], None]], Any] | None
     deadline: float | None
     future: asyncio.Future
     arrived: float
     tokens: int = 0
     cancelled: bool = False
+
+    def check(self) -> None:
+        """In the model's thread, between steps of this job's work: stop it once its deadline has passed or
+        its call was cancelled (raises DeadlineExceededError; StoppedError for a cancelled call, whose answer
+        nobody reads)."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise DeadlineExceededError("the call's deadline passed while it was being answered; the work was "
+                                        "stopped (ask for less, or allow more time)")
+        if self.cancelled:
+            raise StoppedError("the call was cancelled while it was being answered")
 
 
 class Batcher:
@@ -176,8 +181,10 @@ class Batcher:
         """
         return await self._submit(query, None, deadline, estimate_tokens(query.samples))
 
-    async def call(self, fn: Callable[[Index], Any], deadline: float | None = None) -> tuple[str, Any]:
-        """(version, fn(served)) run alone in the model's executor, after the jobs queued before it.
+    async def call(self, fn: Callable[[Index, Callable[[], None]], Any], deadline: float | None = None
+                   ) -> tuple[str, Any]:
+        """(version, fn(served, check)) run alone in the model's executor, after the jobs queued before it
+        (`check` raises once the deadline passed or the call was cancelled: call it between steps).
 
         Raises:
             as `top_k`.
@@ -309,7 +316,8 @@ class Batcher:
             return out
         if live[0].call is not None:
             assert len(live) == 1, "an un-batched call shares its turn with nothing"
-            return out + [self._guard(live[0], lambda: (served.version.name, live[0].call(served)))]
+            job = live[0]
+            return out + [self._guard(job, lambda: (served.version.name, job.call(served, job.check)))]
         self.stats.saw_batch(len(live))
         self._forward_pass(len(live))
         try:
@@ -325,7 +333,7 @@ class Batcher:
             n = len(job.query.samples)
             part = features if len(live) == 1 else features.select(list(range(a, a + n)))
             a += n
-            out.append(self._guard(job, lambda: (served.version.name, answers(served, job.query, part))))
+            out.append(self._guard(job, lambda: (served.version.name, answers(served, job.query, part, job.check))))
         return out
 
     def _alone(self, served: Index, job: Job) -> tuple[Job, Any, BaseException | None]:
@@ -333,7 +341,7 @@ class Batcher:
         if dropped is not None:
             return job, None, dropped
         self._forward_pass(1)
-        return self._guard(job, lambda: (served.version.name, top_k(served, job.query)))
+        return self._guard(job, lambda: (served.version.name, top_k(served, job.query, job.check)))
 
     def _forward_pass(self, n: int) -> None:
         """Count a forward pass of `n` TopK requests (model's thread)."""

@@ -27,7 +27,12 @@ class ServerConfig:
         default_explain_pairs: top token pairs per hit of an explained TopK answer when a request says
             explain_pairs = 0.
         max_explain_pairs: largest explain_pairs a TopK request may ask for.
-        max_message_bytes: largest request or response message.
+        max_message_bytes: largest request or response message. A TopK reply estimated above it is refused
+            RESOURCE_EXHAUSTED before any work; one that turns out above it, after.
+        max_request_tokens: estimated tokens (about 4 characters each) of one request's valuation samples.
+        max_answer_hits: hits one TopK request may ask for: answers (1, or one per sample when not grouped,
+            times the directions) × k.
+        max_explained_hits: hits with a token-level explanation one TopK request may ask for.
         max_queue: TopK and ScoreAll requests waiting for or in the model beyond which a new one is answered
             RESOURCE_EXHAUSTED at once (health checks and Info always answer; a client retries later). None =
             no limit (then only deadlines bound the wait).
@@ -67,6 +72,9 @@ class ServerConfig:
     default_explain_pairs: int = 10
     max_explain_pairs: int = 100
     max_message_bytes: int = 64 * 1024 * 1024
+    max_request_tokens: int = 262_144
+    max_answer_hits: int = 20_000
+    max_explained_hits: int = 1_000
     max_queue: int | None = 1024
     batch_wait_ms: float = 5.0
     batch_tokens: int = 16_384
@@ -82,7 +90,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         for name in ("k_cap", "default_rerank", "max_rerank", "max_samples", "max_sample_chars", "default_chunk",
-                     "max_chunk", "max_message_bytes"):
+                     "max_chunk", "max_message_bytes", "max_request_tokens", "max_answer_hits",
+                     "max_explained_hits"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue is not None and self.max_queue < 1:

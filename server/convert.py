@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from google.protobuf import json_format
 
 from forvalue.indexer.data import Sample
-from forvalue.indexer.errors import ConfigError, InvalidRequestError
+from forvalue.indexer.errors import ConfigError, InvalidRequestError, ResourceExhaustedError
 from forvalue.indexer.filters import Where, check_field
 from forvalue.indexer.results import (
     Explanation, Group, GroupedResult, Hit, PairContribution, SearchResult, TokenContribution, check_direction,
@@ -143,6 +143,69 @@ def _image(s: pb.ValuationSample, name: str):
     data = bytes(s.image)
     decode_image(data, s.image_mime_type, lambda message: InvalidRequestError(name, message))
     return ImageRef(data=data, mime_type=s.image_mime_type, source=name)
+
+
+# token estimates (no tokenizer on the event loop): they size batches and price requests, never the forward pass
+CHARS_PER_TOKEN = 4  # English text under a BPE tokenizer
+IMAGE_TOKENS = 256  # a typical image's placeholder tokens in a VLM prompt
+
+
+def estimate_tokens(samples: list[tuple]) -> int:
+    """A cheap estimate of the tokens of (prompt, response[, image]) samples: ⌈characters / 4⌉ + 1 (EOS) per
+    sample, plus IMAGE_TOKENS per image.
+
+    An estimate on purpose (no tokenizer call on the event loop): it only bounds how much work one shared
+    pass takes on; the pass itself splits its model calls by exact token counts (ForwardConfig.batch_tokens).
+    """
+    return sum(-(-(len(s[0]) + len(s[1])) // CHARS_PER_TOKEN) + 1
+               + (IMAGE_TOKENS if len(s) > 2 and s[2] is not None else 0) for s in samples)
+
+
+def check_topk_cost(query: TopKQuery, config: ServerConfig, shape: dict) -> None:
+    """Refuse, before any work, a TopK query that costs more than the server's limits allow.
+
+    Args:
+        shape: the served index's `Index.shape()`: rows, mean bytes of a stored row, mean tokens of a row.
+
+    Raises:
+        InvalidRequestError: the samples' estimated tokens above max_request_tokens; answers × k above
+            max_answer_hits; explained hits above max_explained_hits (each message names the limit).
+        ResourceExhaustedError: the reply is estimated above max_message_bytes.
+    """
+    tokens = estimate_tokens(query.samples)
+    if tokens > config.max_request_tokens:
+        raise InvalidRequestError("samples", f"about {tokens} tokens in all, above the server's limit of "
+                                             f"{config.max_request_tokens} a request (max_request_tokens); send "
+                                             "fewer or shorter samples, or split them over several requests")
+    answers = (1 if query.group else len(query.samples)) * len(query.directions)
+    asked = answers * query.k
+    if asked > config.max_answer_hits:
+        raise InvalidRequestError("k", f"{answers} answer(s) × k {query.k} = {asked} hits, above the server's limit "
+                                       f"of {config.max_answer_hits} a request (max_answer_hits); lower k, group "
+                                       "the samples (group = true) or ask for one direction")
+    hits = answers * min(query.k, max(int(shape["rows"]), 1))
+    if query.explain_pairs and hits > config.max_explained_hits:
+        raise InvalidRequestError("explain", f"{hits} explained hits, above the server's limit of "
+                                             f"{config.max_explained_hits} a request (max_explained_hits); lower k, "
+                                             "group the samples or explain in several requests")
+    size = reply_bytes(query, shape, hits, tokens)
+    if not query.group_by and size > config.max_message_bytes:
+        raise ResourceExhaustedError(f"the reply would be about {size / 2**20:.0f} MiB, above the message limit "
+                                     f"of {config.max_message_bytes / 2**20:.0f} MiB (max_message_bytes); ask for "
+                                     "fewer hits (k), cut the texts (max_text_chars) or explain fewer pairs")
+
+
+def reply_bytes(query: TopKQuery, shape: dict, hits: int, tokens: int) -> int:
+    """An upper-side estimate of a TopK reply's size: per hit its stored row (cut to max_text_chars) and, when
+    explained, its tokens (query and training, ~24 bytes each) and top pairs (~64 bytes each)."""
+    row = float(shape["row_bytes"])
+    if query.max_text_chars:
+        row = min(row, 8.0 * query.max_text_chars + 256)  # two texts of ≤ max_text_chars (≤ 4 bytes a character)
+    per_hit = row + 64
+    if query.explain_pairs:
+        query_tokens = tokens if query.group else tokens / max(len(query.samples), 1)
+        per_hit += 24 * (query_tokens + float(shape["row_tokens"])) + 64 * query.explain_pairs
+    return int(hits * per_hit)
 
 
 def topk_query(request: pb.TopKRequest, config: ServerConfig, accepts_images: bool = False) -> TopKQuery:

@@ -22,7 +22,7 @@ import grpc
 
 from forvalue.indexer.deletion import delete_samples
 from forvalue.indexer.errors import (
-    IndexCorruptError, IndexMismatchError, InvalidRequestError, ModelError, NotReadyError,
+    IndexCorruptError, IndexMismatchError, InvalidRequestError, ModelError, NotReadyError, ResourceExhaustedError,
 )
 from forvalue.indexer.filters import Where
 from forvalue.indexer.index import Index
@@ -36,9 +36,10 @@ from .protocol import ADMIN_SERVICE_NAME, SERVICE_NAME, pb, pb_grpc
 from .status import rpc
 
 
-def score_all(index: Index, samples: list[tuple[str, str]], where: Where | None = None) -> Scores:
-    """The exact value of every training row in scope (matching `where`, not deleted) to the group `samples`."""
-    return index.scores(samples, where)
+def score_all(index: Index, check, samples: list[tuple[str, str]], where: Where | None = None) -> Scores:
+    """The exact value of every training row in scope (matching `where`, not deleted) to the group `samples`
+    (`check`: called between blocks of rows; it stops the work once the call's deadline passed)."""
+    return index.scores(samples, where, check=check)
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -109,8 +110,16 @@ class InfluenceServicer(pb_grpc.InfluenceServicer):
         index = self._ready()
         images = getattr(index, "accepts_images", False)  # a VLM index takes images
         query = convert.topk_query(request, self._config, accepts_images=images)
+        convert.check_topk_cost(query, self._config, index.shape())
         version, answers = await self.batcher.top_k(query, deadline_of(context))
-        return convert.topk_response(answers, version, query.max_text_chars)
+        response = convert.topk_response(answers, version, query.max_text_chars)
+        size = response.ByteSize()
+        if size > self._config.max_message_bytes:  # grpc would fail to send it; say so, and count it so
+            raise ResourceExhaustedError(f"the reply is {size / 2**20:.0f} MiB, above the message limit of "
+                                         f"{self._config.max_message_bytes / 2**20:.0f} MiB (max_message_bytes); "
+                                         "ask for fewer hits (k), cut the texts (max_text_chars) or explain fewer "
+                                         "pairs")
+        return response
 
     @rpc(pb.ScoreAllRequest)
     async def ScoreAll(self, request: pb.ScoreAllRequest, context: grpc.aio.ServicerContext):

@@ -55,7 +55,7 @@ def assert_healthy(channel: grpc.Channel, local_index) -> None:
 
 def start(index_dir: str, load, **config) -> ServerThread:
     """A ready in-process server (k_cap 20) on its own loop; `load` returns the index to serve."""
-    srv = ServerThread(ServerConfig(index_dir=index_dir, k_cap=20, **config), load=load)
+    srv = ServerThread(ServerConfig(index_dir=index_dir, **{"k_cap": 20, **config}), load=load)
     srv.wait_ready(30)
     return srv
 

@@ -16,7 +16,8 @@ import pytest
 
 from forvalue.indexer.errors import ConfigError, DeadlineExceededError, ResourceExhaustedError
 from forvalue.server import convert
-from forvalue.server.batching import Batcher, estimate_tokens, top_k
+from forvalue.server.batching import Batcher, top_k
+from forvalue.server.convert import estimate_tokens
 from forvalue.server.config import ServerConfig
 from forvalue.server.protocol import pb, pb_grpc
 from forvalue.server.status import status_of
