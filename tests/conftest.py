@@ -130,3 +130,12 @@ def influence_server(served_index, served_model_dir):
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(influence_server):
+    """The real client of the session's server."""
+    from forvalue.client.client import InfluenceClient
+
+    with InfluenceClient(influence_server.address, timeout=60) as c:
+        yield c

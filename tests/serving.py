@@ -103,6 +103,25 @@ def block_model(srv: ServerThread) -> threading.Event:
     return gate
 
 
+def queued(srv: ServerThread, n: int):
+    """A predicate for `wait_for`: at least n calls wait in the server's model queue."""
+    return lambda: srv.server._executor._work_queue.qsize() >= n
+
+
+def pb_samples(*pairs):
+    """(prompt, response) pairs as the protocol's ValuationSample messages."""
+    from forvalue.server.protocol import pb
+
+    return [pb.ValuationSample(prompt=p, response=r) for p, r in pairs]
+
+
+def server_config(served_index, **kw):
+    """A ServerConfig of the session's served index (the `served_index` fixture) with `kw` changed."""
+    from forvalue.server.config import ServerConfig
+
+    return ServerConfig(index_dir=served_index[0], **kw)
+
+
 def stderr_lines(stream, q) -> None:
     """Put every line of a subprocess's stream into queue `q`, then None (run it in a thread)."""
     for line in stream:

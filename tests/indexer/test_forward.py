@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from forvalue.indexer.errors import ConfigError
-from forvalue.indexer.features import ForwardConfig, Head, plan_batches
+from forvalue.indexer.features import ForwardConfig, Head
 from forvalue.indexer.forward import encode, extract_features
 
 
@@ -66,35 +65,12 @@ def test_fp32_batching_close(model32, tokenizer, texts):
     torch.testing.assert_close(got.h, ref.h, atol=1e-4, rtol=1e-4)
 
 
-def test_plan_batches_respects_budget():
-    lengths = [5, 17, 3, 9, 17, 2, 30, 8]
-    batches = plan_batches(lengths, batch_tokens=40, max_batch=3)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    for b in batches:
-        assert len(b) <= 3
-        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 40
-
-
 def test_truncation_keeps_response(tokenizer):
     cfg = ForwardConfig(max_length=8)
     enc = encode(tokenizer, "a long prompt here ->", " ok", cfg)
     assert len(enc.ids) == 8 and enc.truncated
     assert enc.ids[-1] == tokenizer.eos_token_id
     assert len(enc.ids) - 1 - enc.score_from == len(" ok") + 1
-
-
-def test_select_roundtrip(model64, tokenizer, texts):
-    f = extract_features(model64, tokenizer, texts, ForwardConfig(dtype=torch.float64))
-    g = f.select([3, 0, 2])
-    s, e = int(f.offsets[3]), int(f.offsets[4])
-    assert torch.equal(g.h[: e - s], f.h[s:e])
-    assert g.n == 3 and int(g.offsets[-1]) == int(f.lengths[[3, 0, 2]].sum())
-
-
-@pytest.mark.parametrize("bad", [dict(tokens="prompt"), dict(batch_tokens=0), dict(padding_side="up")])
-def test_config_validation(bad):
-    with pytest.raises(ConfigError):
-        ForwardConfig(**bad)
 
 
 def test_concurrent_passes_on_one_model_are_safe(model64, tokenizer, texts):
