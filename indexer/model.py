@@ -59,6 +59,8 @@ _TMP_PREFIX = ".tmp-"
 _STALE_TMP_SECONDS = 24 * 3600
 _KEY_SAMPLE_BYTES = 1 << 20
 
+TOKENIZER_ENV = "FORVALUE_TOKENIZER"  # random:ARCH models' tokenizer directory instead of the default model's
+
 # --dtype names → torch dtypes; "auto" is bfloat16 on a GPU that has it, else float32 (resolve_dtype)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -276,7 +278,8 @@ def _prefer_sdpa(model: PreTrainedModel) -> None:
 
 
 def _random_model(spec: str, device: torch.device, dtype: torch.dtype, cache_dir) -> LoadedModel:
-    """`random:ARCH`: a randomly initialised model of a real architecture with the default tokenizer."""
+    """`random:ARCH`: a randomly initialised model of a real architecture with the default model's tokenizer, or
+    the tokenizer directory in FORVALUE_TOKENIZER (a machine without the default model: timings only)."""
     from transformers import AutoTokenizer
 
     from .archs import random_model
@@ -284,8 +287,8 @@ def _random_model(spec: str, device: torch.device, dtype: torch.dtype, cache_dir
     arch = spec.removeprefix(RANDOM_PREFIX)
     model = random_model(arch, device, dtype)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    tokenizer = AutoTokenizer.from_pretrained(cached_gguf_checkpoint(default_model_path(), root),
-                                              local_files_only=True)
+    source = os.environ.get(TOKENIZER_ENV) or cached_gguf_checkpoint(default_model_path(), root)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     _pad_with_eos(tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec, fingerprint=model_fingerprint(model),
                        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))

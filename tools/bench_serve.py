@@ -37,17 +37,46 @@ def p50(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def batched_forward_qps(model, ids: list, batch: int, device, repeats: int = 2) -> float:
+    """Queries per second of bare forward passes over the queries `ids` ((1, T) each), `batch` at a time,
+    right-padded with an attention mask: the compute limit of this machine for these queries."""
+    pad = 0
+    seqs = [t[0] for t in ids]
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for a in range(0, len(seqs), batch):
+            part = seqs[a : a + batch]
+            n = max(len(s) for s in part)
+            x = torch.full((len(part), n), pad, dtype=torch.long, device=device)
+            mask = torch.zeros((len(part), n), dtype=torch.long, device=device)
+            for i, s in enumerate(part):
+                x[i, : len(s)] = s
+                mask[i, : len(s)] = 1
+            model(input_ids=x, attention_mask=mask, use_cache=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return len(seqs) / best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="HF directory or .gguf [default: SmolLM2-135M-Instruct]")
     ap.add_argument("--index", default=None, help="an index built with --model [default: built here, example data]")
     ap.add_argument("--tokens", default="response", choices=["response", "all"])
+    ap.add_argument("--rows", type=int, default=0, help="index only the first ROWS example training rows (0 = all)")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests", type=int, default=48, help="sequential TopK calls (and bare passes)")
     ap.add_argument("--per-client", type=int, default=6, help="TopK calls per concurrent client")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--rerank", type=int, default=100, help="first-stage candidates re-ranked exactly")
     ap.add_argument("--serve-arg", action="append", default=[], help="extra `forvalue serve` option (repeatable)")
+    ap.add_argument("--device", default="cpu", help="torch device of the model: the bare passes, the index build "
+                                                   "and the server")
+    ap.add_argument("--dtype", default="auto", help="precision of the forward pass (as --dtype of the commands)")
     ap.add_argument("--json", action="store_true", help="JSON only (the output is JSON anyway)")
     args = ap.parse_args()
 
@@ -59,8 +88,11 @@ def main() -> None:
     from forvalue.indexer.model import load_model
 
     torch.set_grad_enabled(False)
-    lm = load_model(args.model)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    device = next(lm.model.parameters()).device
     train, queries = example_rows()
+    if args.rows:
+        train = train[: args.rows]
     tmp = tempfile.TemporaryDirectory()
     index_dir = args.index
     build_s = None
@@ -69,10 +101,11 @@ def main() -> None:
         t0 = time.perf_counter()
         build_index(index_dir, train, lm, BuildConfig(tokens=args.tokens))
         build_s = time.perf_counter() - t0
-    proc, address = start_server(index_dir, args.model, args.serve_arg)
+    proc, address = start_server(index_dir, args.model,
+                                 ["--device", args.device, "--dtype", args.dtype, *args.serve_arg])
     try:
         fwd = ForwardConfig(tokens=args.tokens)
-        ids = [torch.tensor([encode(lm.tokenizer, p, r, fwd).ids]) for p, r in queries]
+        ids = [torch.tensor([encode(lm.tokenizer, p, r, fwd).ids], device=device) for p, r in queries]
         qs = [queries[i % len(queries)] for i in range(args.requests)]
         with InfluenceClient(address, timeout=600) as c:
             c.search([qs[0]], k=args.k)  # warm-up (first call pays lazy loads)
@@ -115,12 +148,13 @@ def main() -> None:
             t.join()
         wall = time.perf_counter() - t0
         conc_qps = done[0] / wall
+        limit_qps = batched_forward_qps(lm.model, ids, args.clients, device)
     finally:
         proc.terminate()
         proc.wait(60)
         tmp.cleanup()
     out = {
-        "device": "cpu", "model": lm.name, "tokens": args.tokens, "threads": torch.get_num_threads(),
+        "device": str(device), "dtype": lm.dtype_name, "model": lm.name, "tokens": args.tokens, "threads": torch.get_num_threads(),
         "index_rows": len(train) if args.index is None else None, "index_build_seconds":
             None if build_s is None else round(build_s, 1), "k": args.k,
         "bare_forward_p50_ms": round(p50(bare) * 1000, 1), "topk_p50_ms": round(p50(topk) * 1000, 1),
@@ -128,6 +162,9 @@ def main() -> None:
         "latency_ratio": round(p50(topk) / p50(bare), 3),
         "sequential_qps": round(seq_qps, 2), "concurrent_qps": round(conc_qps, 2), "clients": args.clients,
         "throughput_ratio": round(conc_qps / seq_qps, 2),
+        # the machine's limit: bare forward passes over the same queries in batches of `clients` (what a server
+        # that batches perfectly and does nothing else could serve)
+        "forward_limit_qps": round(limit_qps, 2), "throughput_vs_forward_limit": round(conc_qps / limit_qps, 3),
         "requests": len(topk) + args.clients * args.per_client, "failed": len(failed),
         "failures": failed[:5],
         "targets": {"latency_ratio_max": 1.5, "throughput_ratio_min": 3.0, "failed": 0},
