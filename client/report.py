@@ -294,6 +294,6 @@ def rank_report(ids: Sequence[str], scores, order, ranks, chosen, summary: dict,
 
 def write_html(path: str | os.PathLike[str], text: str) -> None:
     """Write a report atomically (a temporary file beside it, then renamed in); parent folders are created."""
-    from forvalue.indexer.data import write_atomically
+    from forvalue.indexer.files import write_atomic
 
-    write_atomically(path, lambda fh: fh.write(text.encode("utf-8")))
+    write_atomic(path, lambda fh: fh.write(text.encode("utf-8")), make_parents=True)

@@ -49,6 +49,7 @@ import numpy as np
 
 from .config import APPROXIMATE_KINDS as APPROXIMATE, INDEX_KINDS as KINDS
 from .errors import ConfigError, IndexCorruptError
+from .files import write_atomic
 from .results import DIRECTIONS
 
 GPU_K_CAP = 2048  # faiss GPU k-selection limit (GPU_MAX_SELECTION_K)
@@ -226,7 +227,7 @@ def _check_ids(ids: Any, n: int) -> np.ndarray:
 # Exact chunked scan (pure numpy): the GPU k > cap fallback.
 
 
-def _chunked_topk(
+def chunked_topk(
     queries: np.ndarray, chunks: Iterable[tuple[int, np.ndarray]], k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k largest <q, x_i> per query over row chunks (start, X[start:start + r]), largest first.
@@ -613,7 +614,7 @@ class SketchIndex:
             if approx and self.vectors is None:
                 raise ValueError(f"k = {k} (x refine {self.refine}) is above the GPU limit of {self._k_cap} for an "
                                  "approximate index; attach the stored vectors (attach_vectors) for an exact scan")
-            scores, ids = _chunked_topk(q, self._chunks(), k)  # exact: at least as good as the codes
+            scores, ids = chunked_topk(q, self._chunks(), k)  # exact: at least as good as the codes
             approx = False
         elif approx and self._direction_nprobe.get(direction, self._nprobe) != self._nprobe:
             scores, ids = self._ivf_search(q, wanted, self._direction_nprobe[direction])
@@ -717,21 +718,15 @@ class SketchIndex:
             return faiss.index_gpu_to_cpu(self._index)  # a full host copy, for the time of the write
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the index with faiss.write_index (through a temporary file, then an atomic rename).
+        """Write the index with faiss.write_index, streamed into `files.write_atomic` (fsync'd, atomic rename).
 
         The rename also keeps an index that is memory-mapped from `path` valid: it keeps the old file.
         """
         faiss = _import_faiss()
         if self.shards != 1:
             raise ValueError("a sharded index cannot be saved; save the index before sharding it")
-        path = os.fspath(path)
-        tmp = f"{path}.tmp{os.getpid()}"
-        try:
-            faiss.write_index(self._cpu_index(), tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        index = self._cpu_index()
+        write_atomic(path, lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write)))
 
     @classmethod
     def load(cls, path: str | os.PathLike, use_gpu: bool | None = None, mmap: bool = False) -> SketchIndex:

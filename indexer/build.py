@@ -29,13 +29,12 @@ from .features import Features, ForwardConfig, Head, token_rows
 from .filters import FieldIndex
 from .forward import iter_features, refuse_images
 from .model import LoadedModel
-from .sketch import Sketcher, fit_sketcher, sketch_from_residuals, vocab_pass
+from .sketch import MAP_FILES, Sketcher, fit_sketcher, sketch_from_residuals, vocab_pass
 from .store import Build, IndexRoot, Version
 
 log = logging.getLogger("forvalue.indexer.build")
 
 RERANK_NUMPY = {"float32": np.float32, "float16": np.float16}  # config.RERANK_DTYPES
-MAP_FILES = ("projection.npy", "vocab_bucket.npy", "vocab_sign.npy")
 
 
 def corpus_fingerprint(samples: Sequence[Sample]) -> str:
@@ -98,15 +97,8 @@ def fit_maps(lm: LoadedModel, head: Head, samples: Sequence[Sample], config: Bui
 
 
 def _save_maps(build: Build, sk: Sketcher) -> None:
-    build.put_array("projection.npy", sk.projection.float().numpy())
-    build.put_array("vocab_bucket.npy", sk.bucket.numpy().astype(np.int64))
-    build.put_array("vocab_sign.npy", sk.sign.float().numpy())
-
-
-def load_maps(arrays: dict[str, np.ndarray], buckets: int) -> Sketcher:
-    return Sketcher(torch.from_numpy(np.array(arrays["projection.npy"])),
-                    torch.from_numpy(np.array(arrays["vocab_bucket.npy"])).long(),
-                    torch.from_numpy(np.array(arrays["vocab_sign.npy"])), buckets)
+    for name, arr in sk.arrays().items():
+        build.put_array(name, arr)
 
 
 class _ToHost:
@@ -197,7 +189,7 @@ def encode_shard(lm: LoadedModel, head: Head, sk: Sketcher, samples: Sequence[Sa
     return arrays, tokens, new_offsets.numpy().astype(np.int64), [stored_row(s) for s in samples]
 
 
-class _BackgroundWriter:
+class BackgroundWriter:
     """Writes shards on one background thread while the next shard is computed (at most one in flight).
 
     A failed write is raised by the next `submit` or by `close`; the shard then simply is not done, and a
@@ -257,6 +249,9 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
             afterwards is written here, so the version is never published with a hole.
     """
     idx_root = IndexRoot(root)
+    # what this update starts from: publishing is refused if CURRENT moved meanwhile (another build or add
+    # published: its rows must not be hidden by this one), see IndexRoot.publish
+    started_from = base.name if base is not None else idx_root.current()
     params = _params(lm, config)
     if not lm.accepts_images:  # before any work: the fit sample may hold no image sample
         refuse_images([s.as_input() for s in samples], lm.name)
@@ -284,14 +279,16 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
                           "base": base.name if base is not None else None}, sort_keys=True)
     build = idx_root.open_build(hashlib.sha256(key_src.encode()).hexdigest()[:24])
     try:
-        return _build(idx_root, build, samples, lm, config, params, corpus, progress, base, base_ids, write_shards)
+        return _build(idx_root, build, samples, lm, config, params, corpus, progress, base, base_ids, write_shards,
+                      started_from)
     except BaseException:
         build.close()  # unpublished: its finished shards stay for a rerun, its lock goes
         raise
 
 
 def _build(idx_root: IndexRoot, build: Build, samples: Sequence[Sample], lm: LoadedModel, config: BuildConfig,
-           params: dict, corpus: str, progress: bool, base: Version | None, base_ids: list[str], write_shards) -> str:
+           params: dict, corpus: str, progress: bool, base: Version | None, base_ids: list[str], write_shards,
+           started_from: str | None) -> str:
     """The body of `build_index` once the build is open: maps, shards, first stage, publication."""
     device = next(lm.model.parameters()).device
     head = Head.from_model(lm.model).to(device)
@@ -321,7 +318,7 @@ def _build(idx_root: IndexRoot, build: Build, samples: Sequence[Sample], lm: Loa
             rows = hidden_rows(base_ids + [s.id for s in samples], takedowns)
             build.put_json(DELETED_FILE, deleted_json(takedowns, rows))
             manifest["deleted"] = {"ids": len(takedowns), "rows": int(rows.size)}
-        return idx_root.publish(build, manifest)
+        return idx_root.publish(build, manifest, expect_current=started_from)
 
 
 def _open_maps(build: Build, base: Version | None, lm: LoadedModel, head: Head, samples: Sequence[Sample],
@@ -334,13 +331,13 @@ def _open_maps(build: Build, base: Version | None, lm: LoadedModel, head: Head, 
     """
     have_maps = all(build.has_file(n) for n in MAP_FILES)
     if base is not None:
-        sk = load_maps({n: base.global_array(n) for n in MAP_FILES}, config.sketch.buckets)
+        sk = Sketcher.from_arrays({n: base.global_array(n) for n in MAP_FILES}, config.sketch.buckets)
         if not have_maps:
             build.link_shards_from(base, 0)
             _save_maps(build, sk)
         return sk, {}, len(base.manifest["shards"])
     if have_maps:
-        return load_maps({n: build.read_array(n) for n in MAP_FILES}, config.sketch.buckets), {}, 0
+        return Sketcher.from_arrays({n: build.read_array(n) for n in MAP_FILES}, config.sketch.buckets), {}, 0
     sk, fitted = fit_maps(lm, head, samples, config, progress)
     _save_maps(build, sk)
     return sk, fitted, 0
@@ -367,7 +364,7 @@ def _write_shards(build: Build, lm: LoadedModel, head: Head, sk: Sketcher, sampl
         todo = sum(min(config.shard_size, len(samples) - j * config.shard_size)
                    for j in range(n_new) if first + j not in done)
         bar = tqdm(total=todo, desc="index", unit="sample", dynamic_ncols=True)
-    writer = _BackgroundWriter(build)  # shard j is written while shard j + 1 is computed
+    writer = BackgroundWriter(build)  # shard j is written while shard j + 1 is computed
     try:
         for j in range(n_new):
             if first + j in done:

@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields as dc_fields, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from forvalue.indexer.errors import DataError
+from forvalue.indexer.files import write_atomic
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -290,53 +290,11 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any] |
             fh.write((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
             n += 1
 
-    write_atomically(Path(path), write)
+    write_atomic(path, write, make_parents=True)
     return n
 
 
-def write_atomically(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write `path` through `write(binary file)` into a temporary file beside it, fsync'd and renamed in.
-
-    A reader (or a crash) sees the old file or the new one, never part of one; a failure leaves the old
-    file as it was. Missing parent folders are created; the file gets the permissions a plain open()
-    would give (0666 less the umask).
-    """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(p.parent)
-
-
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform, hence best effort.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _with_split(samples: list[Sample], split: str) -> list[Sample]:

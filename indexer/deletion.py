@@ -195,5 +195,5 @@ def delete_samples(root: str | os.PathLike, ids: Sequence[str], missing: str = "
             manifest.update(base_version=base.name, operation="delete", forvalue_version=__version__,
                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                             deleted={"ids": len(takedowns), "rows": int(rows.size)})
-            name = idx_root.publish(build, manifest)
+            name = idx_root.publish(build, manifest, expect_current=base.name)
     return DeleteResult(name, base.name, new, already, unknown, int(rows.size))

@@ -50,6 +50,11 @@ class IndexCorruptError(ForValueError, ValueError):
     """An index file fails its checksum or cannot be read; the message names the file."""
 
 
+class IndexChangedError(ForValueError, RuntimeError):
+    """An update (build, add, takedown) would publish over a CURRENT that moved while it ran: refused, so that
+    what the other update published is never hidden (run it again from the new CURRENT)."""
+
+
 class RecallTooLowError(ForValueError, ValueError):
     """An approximate first stage measured a recall against flat search below the required minimum."""
 

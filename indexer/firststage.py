@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .ann import SketchIndex, _chunked_topk
+from .ann import SketchIndex, chunked_topk
 from .config import APPROXIMATE_KINDS as APPROXIMATE, FirstStageConfig
 from .errors import ConfigError, IndexCorruptError, RecallTooLowError
 from .results import DIRECTIONS
@@ -95,7 +95,7 @@ def flat_truth(vectors: Any, query_rows: np.ndarray, k: int, chunk_rows: int = 1
     q = np.ascontiguousarray(vectors[query_rows], dtype=np.float32)
     k1 = min(k + 1, vectors.shape[0])
     q2 = np.concatenate([q, -q])  # "least" = the largest <−q, x>: one pass answers both
-    _, ids = _chunked_topk(q2, _chunks(vectors, chunk_rows), k1)
+    _, ids = chunked_topk(q2, _chunks(vectors, chunk_rows), k1)
     m = q.shape[0]
     return {"most": drop_self(ids[:m], query_rows, k), "least": drop_self(ids[m:], query_rows, k)}
 

@@ -1,17 +1,11 @@
-"""Model → per-token features: the unembedding input h_k, the target y_k and log Σ exp(logits_k).
-
-One forward pass over a set of (prompt, response) samples, batched by a token budget over
-length-sorted samples, gives for every scored position k
-
-    h_k   the input of the output embedding (lm_head), i.e. the final hidden state after the last norm,
-    y_k   the token that position k predicts,
-    lse_k log Σ_v exp(logit_kv), so that π_k = exp(W h_k + b − lse_k) can be recomputed in fp32 for any
-          slice of the vocabulary without ever holding a |V|-wide row per token.
+"""The text pass: (prompt, response) samples → per-token features (features.py: h_k, y_k, lse_k at every
+scored position k), batched by a token budget over length-sorted samples, and the batch sizes a device affords.
 
 The input of lm_head is captured by swapping the output-embedding module for a pass-through for the
 duration of the pass, so it is exactly what the head sees, whatever the architecture does before it.
 Positions are given explicitly (cumsum of the attention mask), so results do not depend on the padding
-side or on which samples share a batch.
+side or on which samples share a batch. `iter_features` runs the pass the model's preprocessor chooses: a
+vision-language model's `VisionProcessor` brings its own (vision.py); a tokenizer gets the text pass here.
 """
 
 from __future__ import annotations

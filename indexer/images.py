@@ -9,7 +9,6 @@ is imported when an image is actually opened. The vision-language models themsel
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import os
 import re
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError
+from .files import sha256_file
 
 # Formats accepted, as PIL names them, with their MIME types.
 IMAGE_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif",
@@ -187,11 +187,7 @@ def resolve_image_path(value: Any, source: str) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)[0]
 
 
 def file_sha256(path: str) -> str:

@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .build import MAP_FILES, load_maps
 from .config import CALIBRATION_ROWS
 from .data import Sample
 from .deletion import deleted_of
@@ -28,6 +27,7 @@ from .results import (
     SearchResult, check_direction, cut_texts, index_info,
 )
 from .score import exact_scores, self_scores
+from .sketch import MAP_FILES, Sketcher
 from .store import IndexRoot, Version
 
 
@@ -71,7 +71,7 @@ class Index:
         self.head = Head.from_model(lm.model).to(device)
         self._cpu_head = self.head.to("cpu")
         maps = {n: version.global_array(n) for n in MAP_FILES}
-        self.sketcher = load_maps(maps, m["sketch"]["buckets"])
+        self.sketcher = Sketcher.from_arrays(maps, m["sketch"]["buckets"])
         self.n = int(m["n_samples"])
         self.deleted = deleted_of(version)  # rows never returned (index delete)
         self.fields = FieldIndex(version.rows, self.n)  # metadata value codes, read per field on first use

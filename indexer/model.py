@@ -186,29 +186,7 @@ def load_model(
     dtype = resolve_dtype(dtype, target)
     if path is not None and os.fspath(path).startswith(RANDOM_PREFIX):
         return _random_model(os.fspath(path), target, dtype or torch.float32, cache_dir)
-    if path is None:
-        source, name = default_model_path(), DEFAULT_MODEL_NAME
-    else:
-        name = os.fspath(path)
-        source = Path(name).expanduser()
-    if not source.exists():
-        raise ModelError(
-            f"model path {name!r} does not exist; pass a local Hugging Face model directory or a .gguf file "
-            "(models are never downloaded)"
-        )
-    shown = name
-    if source.is_dir():
-        model_dir = source
-    elif source.is_file() and source.suffix.lower() == ".gguf":
-        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        model_dir = cached_gguf_checkpoint(source, root)
-        shown = f"{name} (converted copy {model_dir}; delete it to convert again)"
-    else:
-        raise ModelError(
-            f"model path {name!r} is neither a Hugging Face model directory nor a .gguf file; "
-            "pass a local Hugging Face model directory or a .gguf file"
-        )
-
+    name, model_dir, shown = _model_source(path, cache_dir)
     processor = None
     family = None
     if model_dir.is_dir() and (model_dir / "config.json").is_file():
@@ -235,6 +213,34 @@ def load_model(
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=name, fingerprint=fingerprint,
         tokenizer_fingerprint=tok_fingerprint, processor=processor,
+    )
+
+
+def _model_source(path: str | os.PathLike[str] | None, cache_dir) -> tuple[str, Path, str]:
+    """(the model's name, its checkpoint directory (a .gguf file converted first), how messages name it).
+
+    Raises:
+        ModelError: the path is missing or neither a model directory nor a .gguf file.
+    """
+    if path is None:
+        source, name = default_model_path(), DEFAULT_MODEL_NAME
+    else:
+        name = os.fspath(path)
+        source = Path(name).expanduser()
+    if not source.exists():
+        raise ModelError(
+            f"model path {name!r} does not exist; pass a local Hugging Face model directory or a .gguf file "
+            "(models are never downloaded)"
+        )
+    if source.is_dir():
+        return name, source, name
+    if source.is_file() and source.suffix.lower() == ".gguf":
+        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        model_dir = cached_gguf_checkpoint(source, root)
+        return name, model_dir, f"{name} (converted copy {model_dir}; delete it to convert again)"
+    raise ModelError(
+        f"model path {name!r} is neither a Hugging Face model directory nor a .gguf file; "
+        "pass a local Hugging Face model directory or a .gguf file"
     )
 
 

@@ -31,7 +31,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from .build import MAP_FILES, build_index, encode_shard, load_maps
+from .build import build_index, encode_shard
+from .sketch import MAP_FILES, Sketcher
 from .config import BuildConfig
 from .data import Sample
 from .errors import ConfigError
@@ -104,7 +105,7 @@ class ShardEncoder:
         self.head = Head.from_model(self.lm.model).to(next(self.lm.model.parameters()).device)
         self.writer = ShardWriter(build_dir)
         arrays = {n: np.load(self.writer.path / n, allow_pickle=False) for n in MAP_FILES}
-        self.sketcher = load_maps(arrays, self.config.sketch.buckets)
+        self.sketcher = Sketcher.from_arrays(arrays, self.config.sketch.buckets)
         self.norms = norms
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:

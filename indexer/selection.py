@@ -17,7 +17,7 @@ from typing import IO
 
 import numpy as np
 
-from .data import write_atomically
+from .files import write_atomic
 from .errors import ConfigError
 
 SCORE_SUFFIXES = (".jsonl", ".parquet")
@@ -139,5 +139,5 @@ def write_scores(path: str | os.PathLike[str], ids: Sequence[str], rows: Sequenc
                               **{name: pa.array(col) for name, col in columns.items()}})
             pq.write_table(table, fh)
 
-    write_atomically(Path(path), write)
+    write_atomic(path, write, make_parents=True)
     return m

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forvalue.indexer.data import write_atomically, write_jsonl
+from forvalue.indexer.data import write_jsonl
+from forvalue.indexer.files import write_atomic
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 119, 180), "yellow": (230, 200, 20),
@@ -153,6 +154,6 @@ def write_shapes_example(path: str | os.PathLike[str], **kw: Any) -> int:
         def save(fh, img=img) -> None:
             img.save(fh, format="PNG")
 
-        write_atomically(folder / name, save)
+        write_atomic(folder / name, save, make_parents=True)
         rows.append({**row, "image": f"{folder.name}/{name}"})
     return write_jsonl(p, rows)

@@ -22,12 +22,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .config import SketchConfig
 from .features import Features, Head
+
+
+MAP_FILES = ("projection.npy", "vocab_bucket.npy", "vocab_sign.npy")  # the maps' arrays in an index
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,19 @@ class Sketcher:
         """The same maps on `device` (projection and signs also in `dtype` when given)."""
         return Sketcher(self.projection.to(device, dtype), self.bucket.to(device), self.sign.to(device, dtype),
                         self.buckets)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The maps as the arrays an index stores (MAP_FILES): projection, vocabulary buckets and signs."""
+        return {"projection.npy": self.projection.float().numpy(),
+                "vocab_bucket.npy": self.bucket.numpy().astype(np.int64),
+                "vocab_sign.npy": self.sign.float().numpy()}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], buckets: int) -> Sketcher:
+        """The maps from the arrays `arrays()` gave (read back from an index)."""
+        return cls(torch.from_numpy(np.array(arrays["projection.npy"])),
+                   torch.from_numpy(np.array(arrays["vocab_bucket.npy"])).long(),
+                   torch.from_numpy(np.array(arrays["vocab_sign.npy"])), buckets)
 
     def sketch(self, feats: Features, head: Head, chunk: int = 16384, probs: torch.Tensor | None = None
                ) -> torch.Tensor:

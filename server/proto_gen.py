@@ -27,6 +27,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from forvalue.indexer.files import TMP_PREFIX, write_atomic
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROTO_ROOT = PACKAGE_DIR.parent / "proto"
 GENERATED_DIR = PACKAGE_DIR / "generated"
@@ -122,14 +124,12 @@ def generate(out_dir: Path = GENERATED_DIR, proto_root: Path = PROTO_ROOT) -> No
                 raise ImportError(f"{src.name}: generated code still imports forvalue.v1; update proto_gen")
         files["__init__.py"] = _INIT
         for name, text in files.items():
-            (tmp / name).write_text(text)
-        (tmp / STAMP_FILE).write_text(json.dumps(stamp, indent=1) + "\n")
-        for name in files:
-            os.replace(tmp / name, out_dir / name)
+            write_atomic(out_dir / name, lambda f, text=text: f.write(text.encode()))
         for old in out_dir.iterdir():  # modules of .proto files that are gone
-            if old.name not in files and old.name not in _KEEP:
+            if old.name not in files and old.name not in _KEEP and not old.name.startswith(TMP_PREFIX):
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
-        os.replace(tmp / STAMP_FILE, out_dir / STAMP_FILE)  # last: readers trust a matching stamp
+        # last: readers trust a matching stamp
+        write_atomic(out_dir / STAMP_FILE, lambda f: f.write((json.dumps(stamp, indent=1) + "\n").encode()))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     importlib.invalidate_caches()  # the import system caches directory listings

@@ -11,6 +11,7 @@ answered INVALID_ARGUMENT here instead of grpc.aio's UNKNOWN. Then:
 | DeadlineExceededError (expired before the model)   | DEADLINE_EXCEEDED   |
 | IndexMismatchError, IndexCorruptError, ModelError  | FAILED_PRECONDITION |
 | UnknownIdsError (admin Delete of ids in no row)    | NOT_FOUND           |
+| IndexChangedError (CURRENT moved during an update) | ABORTED (retry)     |
 | any other ForValueError (a bad request)            | INVALID_ARGUMENT    |
 | anything else                                      | INTERNAL, logged with its traceback |
 
@@ -30,9 +31,10 @@ import logging
 import grpc
 from google.protobuf.message import DecodeError
 
-from forvalue.indexer.errors import (DeadlineExceededError, ForValueError, IndexCorruptError, IndexMismatchError,
-                                     InvalidRequestError, ModelError, NotReadyError, ResourceExhaustedError,
-                                     UnknownIdsError)
+from forvalue.indexer.errors import (
+    DeadlineExceededError, ForValueError, IndexChangedError, IndexCorruptError, IndexMismatchError, InvalidRequestError,
+    ModelError, NotReadyError, ResourceExhaustedError, UnknownIdsError,
+)
 
 from .metrics import Call
 
@@ -47,6 +49,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (IndexCorruptError, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelError, grpc.StatusCode.FAILED_PRECONDITION),
     (UnknownIdsError, grpc.StatusCode.NOT_FOUND),
+    (IndexChangedError, grpc.StatusCode.ABORTED),
     (ForValueError, grpc.StatusCode.INVALID_ARGUMENT),
 )
 

@@ -68,11 +68,11 @@ def bare_forward(lm, samples, config) -> float:
 
 def index_pass(lm, head, sk, samples, config, out_dir) -> float:
     from forvalue.indexer.ann import SketchIndex
-    from forvalue.indexer.build import _BackgroundWriter
+    from forvalue.indexer.build import BackgroundWriter
 
     root = IndexRoot(out_dir)
     build = root.open_build("bench" + str(time.monotonic_ns()))
-    writer = _BackgroundWriter(build)
+    writer = BackgroundWriter(build)
     _sync(lm.device)
     t0 = time.perf_counter()
     index = None

@@ -76,13 +76,13 @@ def latencies(index, queries: np.ndarray, k: int) -> dict:
 
 def flat_scan_latency(x: np.ndarray, queries: np.ndarray, k: int) -> dict:
     """Latency of the exact chunked scan (the flat path for an index too large for one faiss flat)."""
-    from forvalue.indexer.ann import _chunked_topk
+    from forvalue.indexer.ann import chunked_topk
 
     rows = max(1, (64 << 20) // (4 * x.shape[1]))
     times = []
     for q in queries:
         t0 = time.perf_counter()
-        _chunked_topk(q[None, :], ((a, np.asarray(x[a : a + rows])) for a in range(0, x.shape[0], rows)), k)
+        chunked_topk(q[None, :], ((a, np.asarray(x[a : a + rows])) for a in range(0, x.shape[0], rows)), k)
         times.append((time.perf_counter() - t0) * 1000)
     times.sort()
     one = {"p50_ms": round(statistics.median(times), 3), "p95_ms": round(times[-1], 3)}

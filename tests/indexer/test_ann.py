@@ -406,3 +406,21 @@ def test_gpu_matches_cpu(tmp_path, direction):
     again = SketchIndex.from_bytes(cpu.to_bytes(), use_gpu=True)
     assert again.device.startswith("cuda")
     assert_same_topk(*again.search(q, 10, direction), *cpu.search(q, 10, direction), tol_for(dim))
+
+
+@pytest.mark.parametrize("k, rows", [(1, 7), (5, 3), (10, 50), (300, 64)])
+def test_chunked_topk_equals_a_full_sort(k, rows):
+    """ann.chunked_topk (the exact scan over row chunks the first stage and tools use) against argsort."""
+    from forvalue.indexer.ann import chunked_topk
+
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((200, 8)).astype(np.float32)
+    x[17] = x[3]  # a tie: the lower id goes first
+    q = rng.standard_normal((3, 8)).astype(np.float32)
+    scores, ids = chunked_topk(q, ((a, x[a : a + rows]) for a in range(0, len(x), rows)), k)
+    full = q @ x.T
+    kk = min(k, len(x))
+    for i in range(3):
+        want = np.lexsort((np.arange(len(x)), -full[i]))[:kk]
+        np.testing.assert_array_equal(ids[i][:kk], want)
+        np.testing.assert_allclose(scores[i][:kk], full[i][want], rtol=1e-6)

@@ -98,3 +98,30 @@ def test_storage_summary(built60):
     # the sketch is dim · 4 bytes per sample plus the .npy headers, stored once
     assert 4 * m["sketch"]["dim"] <= st["first_stage_bytes_per_sample"] < 4 * m["sketch"]["dim"] + 128
     assert st["rerank_bytes_per_sample"] > 0 and st["total_bytes"] == sum(f["bytes"] for f in m["files"].values())
+
+
+def test_background_writer_writes_in_order_and_raises_a_failed_write(tmp_path, monkeypatch):
+    """build.BackgroundWriter (one shard in flight on its own thread) against writing the shards directly."""
+    import numpy as np
+
+    from forvalue.indexer.build import BackgroundWriter
+
+    root = IndexRoot(tmp_path / "idx")
+    build = root.open_build("k1")
+    writer = BackgroundWriter(build)
+    for i in range(3):
+        writer.submit(i, {"x": np.full((2, 1), i, dtype=np.float32)}, [{"id": f"r{i}a"}, {"id": f"r{i}b"}], None,
+                      None)
+    writer.close()
+    assert build.done_shards() == [0, 1, 2]
+    assert build.read_shard_array(2, "x").tolist() == [[2.0], [2.0]]
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(build, "write_shard", broken)
+    writer = BackgroundWriter(build)
+    writer.submit(3, {"x": np.zeros((1, 1), dtype=np.float32)}, [{"id": "r3"}], None, None)
+    with pytest.raises(OSError, match="disk full"):
+        writer.close()
+    build.close()

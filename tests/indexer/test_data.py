@@ -408,25 +408,3 @@ def test_write_jsonl_roundtrip_and_atomic(tmp_path):
         write_jsonl(path, rows())
     assert len(read_samples(path)) == 2  # the old file is untouched
     assert os.listdir(path.parent) == ["d.jsonl"]  # no temporary left behind
-
-
-def test_write_atomically_gives_umask_permissions_and_keeps_old_file_on_failure(tmp_path):
-    import os
-    import stat
-
-    from forvalue.indexer.data import write_atomically
-
-    p = tmp_path / "out.bin"
-    write_atomically(p, lambda fh: fh.write(b"old"))
-    umask = os.umask(0)
-    os.umask(umask)
-    assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask
-
-    def failing(fh):
-        fh.write(b"partial")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError):
-        write_atomically(p, failing)
-    assert p.read_bytes() == b"old"
-    assert [f.name for f in tmp_path.iterdir()] == ["out.bin"]

@@ -131,10 +131,11 @@ def test_a_rerun_resumes_from_finished_shards(cluster, single, tmp_path, served_
 
 def _encode_first(build, todo, lm, norms):
     """(shard index, arrays, rows, token_arrays=..., offsets=...) of the first shard of `todo`, in-process."""
-    from forvalue.indexer.build import MAP_FILES, encode_shard, load_maps
+    from forvalue.indexer.build import encode_shard
+    from forvalue.indexer.sketch import MAP_FILES, Sketcher
     from forvalue.indexer.features import Head
 
-    sk = load_maps({n: build.read_array(n) for n in MAP_FILES}, CONFIG.sketch.buckets)
+    sk = Sketcher.from_arrays({n: build.read_array(n) for n in MAP_FILES}, CONFIG.sketch.buckets)
     i, chunk = todo[0]
     arrays, tokens, offsets, rows = encode_shard(lm, Head.from_model(lm.model), sk, chunk, CONFIG, norms=norms)
     return i, arrays, rows, tokens, offsets

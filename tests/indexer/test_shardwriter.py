@@ -50,7 +50,8 @@ def test_shard_writer_needs_an_open_build(tmp_path):
 
 def test_build_index_write_shards_hook_and_its_fallback(tmp_path, served_lm):
     """The hook gets the missing shards once the maps are saved; what it leaves undone the driver writes."""
-    from forvalue.indexer.build import MAP_FILES, build_index, encode_shard, load_maps
+    from forvalue.indexer.build import build_index, encode_shard
+    from forvalue.indexer.sketch import MAP_FILES, Sketcher
     from forvalue.indexer.config import BuildConfig, SketchConfig
     from forvalue.indexer.features import Head
 
@@ -63,7 +64,7 @@ def test_build_index_write_shards_hook_and_its_fallback(tmp_path, served_lm):
     def hook(build, todo, norms):
         assert all(build.has_file(n) for n in MAP_FILES)
         seen.extend(i for i, _ in todo)
-        sk = load_maps({n: build.read_array(n) for n in MAP_FILES}, cfg.sketch.buckets)
+        sk = Sketcher.from_arrays({n: build.read_array(n) for n in MAP_FILES}, cfg.sketch.buckets)
         i, chunk = todo[0]  # write one shard as a worker would, leave the others
         arrays, tokens, offsets, rows = encode_shard(served_lm, Head.from_model(served_lm.model), sk, chunk, cfg,
                                                      norms=norms)

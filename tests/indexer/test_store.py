@@ -17,7 +17,9 @@ import pytest
 
 from forvalue.indexer import store
 from forvalue.indexer.errors import ConfigError, DataError, IndexCorruptError, IndexMismatchError
-from forvalue.indexer.store import FORMAT_VERSION, IndexRoot, check_safe_name
+from forvalue.indexer.files import check_safe_name
+from forvalue.indexer.store import IndexRoot
+from forvalue.indexer.store_format import FORMAT_VERSION, manifest_bytes
 
 HERE = Path(__file__).resolve().parent
 SKETCH_DIM = 8
@@ -396,13 +398,13 @@ def test_manifest_errors_say_what_is_wrong(two_versions):
     path.write_bytes(b"\x00not json")
     with pytest.raises(IndexCorruptError, match="not valid JSON"):
         root.load("v000002")
-    path.write_bytes(store._manifest_bytes({**body, "format_version": FORMAT_VERSION + 1}))
+    path.write_bytes(manifest_bytes({**body, "format_version": FORMAT_VERSION + 1}))
     with pytest.raises(IndexCorruptError, match="format_version 2 is not supported"):
         root.load("v000002")
     path.unlink()
     with pytest.raises(IndexCorruptError, match="manifest.json: missing"):
         root.load("v000002")
-    path.write_bytes(store._manifest_bytes(body))  # rebuilt with a valid self-checksum: loads again
+    path.write_bytes(manifest_bytes(body))  # rebuilt with a valid self-checksum: loads again
     root.load("v000002").close()
 
 
@@ -564,16 +566,16 @@ def test_concurrent_publishers_get_distinct_versions(tmp_path):
 
 def test_gc_keeps_newest_and_current(tmp_path):
     root = IndexRoot(tmp_path)
-    for k in range(3):
+    for k in range(4):
         build_version(root, f"b{k}", [shard_data(k, 2)])
-    root.set_current("v000001")
+    root.set_current("v000003")  # a roll-back: v000004 is newer than CURRENT
     held = root.load("v000002")
     sketch = held.array("sketch").copy()
-    assert root.gc(keep=1) == ["v000002"]
-    assert root.versions() == ["v000001", "v000003"] and root.current() == "v000001"
+    assert root.gc(keep=1) == ["v000001", "v000002"]  # never CURRENT, never one newer than it
+    assert root.versions() == ["v000003", "v000004"] and root.current() == "v000003"
     np.testing.assert_array_equal(held.array("sketch"), sketch)  # an open reader keeps working
     held.close()
-    assert root.next_version_name() == "v000004"
+    assert root.next_version_name() == "v000005"
 
 
 # ------------------------------------------------------------------------------------------- index add

@@ -75,22 +75,16 @@ def _add_config(manifest: dict):
 
 
 def _child(req: dict, lm) -> dict:
-    from forvalue.indexer import store
+    from forvalue.indexer import files, store
     from forvalue.indexer.build import build_index
 
     from serving import corpus
 
     if req["fault"]:
-        os.environ[store.FAULT_ENV] = req["fault"]
+        os.environ[files.FAULT_ENV] = req["fault"]
     trace: list[str] = []
     if req["trace"]:
-        real = store._fault
-
-        def recording(point: str) -> None:
-            trace.append(point)
-            real(point)
-
-        store._fault = recording
+        files.fault_observer = trace.append
     reply: dict = {"trace": trace}
     root = store.IndexRoot(req["root"])
     if req["op"] == "gc":

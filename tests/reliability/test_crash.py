@@ -15,7 +15,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from forvalue.indexer.store import FAULT_POINTS, IndexRoot
+from forvalue.indexer.files import FAULT_POINTS
+from forvalue.indexer.store import IndexRoot
 from forvalue.server.config import ServerConfig
 from forvalue.server.protocol import pb, pb_grpc
 
@@ -75,6 +76,13 @@ def assert_same_build(got, ref, what: str) -> None:
     # the forward passes of a resumed build batch the samples differently from a clean one: ulp-level
     # differences, not bitwise
     np.testing.assert_allclose(got[1], ref[1], rtol=1e-5, atol=1e-6, err_msg=f"{what}: sketch arrays differ")
+
+
+def from_base(job: str, root: Path) -> None:
+    """An add onto v000001 publishes only while v000001 is CURRENT (publishing is a compare-and-swap of CURRENT,
+    so an add never hides what another update published): roll CURRENT back to it first, as an operator would."""
+    if JOBS[job].get("base") and IndexRoot(root).current() != JOBS[job]["base"]:
+        IndexRoot(root).set_current(JOBS[job]["base"])
 
 
 def leftovers(root: Path) -> list[str]:
@@ -151,6 +159,7 @@ def test_kill_9_at_20_points_then_rerun_equals_clean(tmp_path, served_index, ser
                 fresh = job == "build" and i % 3 == 0  # a new directory: nothing published there yet
                 target = tmp_path / f"fresh-{i}" if fresh else root
                 since = set(IndexRoot(target).versions())
+                from_base(job, target)
                 r = builder.run(**JOBS[job], root=target, fault=f"{point}:{n}")
                 assert r["rc"] == -9, f"kill {i} ({job} at {point}:{n}) did not happen: {r}"
                 faults += 1
@@ -158,11 +167,13 @@ def test_kill_9_at_20_points_then_rerun_equals_clean(tmp_path, served_index, ser
                 calls += check_server(srv, root)
                 if i % 2 and any((target / "builds").iterdir()):
                     # the resumed build killed in turn, during its CURRENT switch
+                    from_base(job, target)
                     r = builder.run(**JOBS[job], root=target, fault="current-tmp:1")
                     assert r["rc"] == -9, r
                     faults += 1
                     check_after_kill(target, since, served=not fresh)
                     calls += check_server(srv, root)
+                from_base(job, target)
                 r = builder.run(**JOBS[job], root=target)
                 assert r["rc"] == 0, r["error"]
                 assert not leftovers(target), f"kill {i} ({point}:{n}): {leftovers(target)}"

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from forvalue.client.client import InfluenceClient, ServerError
-from forvalue.indexer.errors import (ConfigError, DataError, DeadlineExceededError, IndexCorruptError,
+from forvalue.indexer.errors import (ConfigError, DataError, DeadlineExceededError, IndexChangedError, IndexCorruptError,
                                      IndexMismatchError, InvalidRequestError, ModelError, NotReadyError,
                                      ResourceExhaustedError, ShardsUnavailableError, UnknownIdsError)
 from forvalue.server.status import status_of
@@ -30,6 +30,7 @@ CODES = [
     (IndexCorruptError("bad checksum"), "FAILED_PRECONDITION"),
     (ModelError("text-only"), "FAILED_PRECONDITION"),
     (UnknownIdsError("no row"), "NOT_FOUND"),
+    (IndexChangedError("CURRENT moved"), "ABORTED"),
     (DataError("bad row"), "INVALID_ARGUMENT"),
     (ConfigError("bad k"), "INVALID_ARGUMENT"),
     (InvalidRequestError("k", "must be >= 1"), "INVALID_ARGUMENT"),

@@ -14,9 +14,9 @@ STEPS = {"env": "cuda", "gpu_tests": "pytest", "index_05b": "ratio", "index_15b"
 
 
 def test_dry_run_runs_every_step(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_SECONDS": "400"}
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_SECONDS": "560"}
     r = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
-                       env=env, timeout=600, cwd=ROOT)
+                       env=env, timeout=620, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert json.loads(r.stdout.strip().splitlines()[-1]) == summary
