@@ -666,8 +666,10 @@ def _is_loopback(host: str) -> bool:
 @click.option("--tls-key", "tls_key", default=None, metavar="PATH",
               help="PEM private key (unencrypted) of --tls-cert.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
-              help="Serve Prometheus metrics over HTTP (/metrics) on --host at this port; 0 picks a free one "
-                   "(printed) [default: no metrics endpoint].")
+              help="Serve Prometheus metrics over HTTP (/metrics) on --metrics-host at this port; 0 picks a free "
+                   "one (printed); with a token, scrapes must send it [default: no metrics endpoint].")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Address the metrics endpoint listens on (0.0.0.0: every interface; use with --token-file).")
 @click.option("--max-explain-pairs", type=click.IntRange(1), default=100, show_default=True,
               help="Most top token pairs per hit an explained TopK request may ask for (explain_pairs).")
 @click.option("--enable-admin", is_flag=True,
@@ -680,7 +682,7 @@ def _is_loopback(host: str) -> bool:
 @router_options
 def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars, max_queue, grace, batch_wait_ms,
               batch_tokens, max_batch_requests, watch_seconds, no_reflection, token_file, tls_cert, tls_key,
-              metrics_port, max_explain_pairs, enable_admin, insecure_admin):
+              metrics_port, metrics_host, max_explain_pairs, enable_admin, insecure_admin):
     """Serve an index over gRPC (forvalue.v1.Influence, grpc.health.v1, reflection) until SIGTERM."""
     from forvalue.server.app import serve
     from forvalue.server.config import ServerConfig
@@ -690,7 +692,7 @@ def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars
                           grace_seconds=grace, batch_wait_ms=batch_wait_ms, batch_tokens=batch_tokens,
                           max_batch_requests=max_batch_requests, watch_seconds=watch_seconds,
                           token=read_token(token_file), tls_cert=tls_cert, tls_key=tls_key, metrics_port=metrics_port,
-                          admin=enable_admin, max_explain_pairs=max_explain_pairs,
+                          metrics_host=metrics_host, admin=enable_admin, max_explain_pairs=max_explain_pairs,
                           default_explain_pairs=min(10, max_explain_pairs))
     if enable_admin and config.token is None and not (insecure_admin and _is_loopback(host)):
         _fail("--enable-admin needs --token-file (or FORVALUE_TOKEN): without a token anyone who reaches the port "
