@@ -593,6 +593,18 @@ def router_options(fn):
     return wrapper
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an IP literal, IPv6 with or without brackets) only reaches this machine."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @main.command("serve")
 @click.option("--index", "index_dir", default=None, help="Index directory; its CURRENT version is served.")
 @click.option("--model", "model_path", default=None,
@@ -626,19 +638,23 @@ def router_options(fn):
 @click.option("--tls-key", "tls_key", default=None, metavar="PATH",
               help="PEM private key (unencrypted) of --tls-cert.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
-              help="Serve Prometheus metrics over HTTP (/metrics) on --host at this port; 0 picks a free one "
-                   "(printed) [default: no metrics endpoint].")
+              help="Serve Prometheus metrics over HTTP (/metrics) on --metrics-host at this port; 0 picks a free "
+                   "one (printed); with a token, scrapes must send it [default: no metrics endpoint].")
+@click.option("--metrics-host", default=ServerConfig.metrics_host, show_default=True,
+              help="Address the metrics endpoint listens on (0.0.0.0: every interface; use with --token-file).")
 @click.option("--max-explain-pairs", type=click.IntRange(1), default=ServerConfig.max_explain_pairs, show_default=True,
               help="Most top token pairs per hit an explained TopK request may ask for (explain_pairs).")
 @click.option("--enable-admin", is_flag=True,
               help="Also serve forvalue.v1.InfluenceAdmin (Delete: takedowns publish a new version without the "
-                   "samples and serve it). Off by default; use with --token-file.")
+                   "samples and serve it). Off by default; needs --token-file (or --insecure-admin on loopback).")
+@click.option("--insecure-admin", is_flag=True,
+              help="Allow --enable-admin without a token, only when --host is a loopback address (local tests).")
 @dtype_option
 @handle_errors
 @router_options
 def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars, max_queue, grace, batch_wait_ms,
               batch_tokens, max_batch_requests, watch_seconds, no_reflection, token_file, tls_cert, tls_key,
-              metrics_port, max_explain_pairs, enable_admin):
+              metrics_port, metrics_host, max_explain_pairs, enable_admin, insecure_admin):
     """Serve an index over gRPC (forvalue.v1.Influence, grpc.health.v1, reflection) until SIGTERM."""
     from forvalue.server.app import serve
     from forvalue.server.config import ServerConfig
@@ -648,11 +664,15 @@ def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars
                           grace_seconds=grace, batch_wait_ms=batch_wait_ms, batch_tokens=batch_tokens,
                           max_batch_requests=max_batch_requests, watch_seconds=watch_seconds,
                           token=read_token(token_file), tls_cert=tls_cert, tls_key=tls_key, metrics_port=metrics_port,
-                          admin=enable_admin, max_explain_pairs=max_explain_pairs,
+                          metrics_host=metrics_host, admin=enable_admin, max_explain_pairs=max_explain_pairs,
                           default_explain_pairs=min(ServerConfig.default_explain_pairs, max_explain_pairs))
+    if enable_admin and config.token is None and not (insecure_admin and _is_loopback(host)):
+        _fail("--enable-admin needs --token-file (or FORVALUE_TOKEN): without a token anyone who reaches the port "
+              "can take samples down" + ("; --insecure-admin is only allowed with a loopback --host"
+                                         if insecure_admin else ""))
     if enable_admin and config.token is None:
-        click.echo("forvalue: warning: --enable-admin without --token-file: anyone who reaches the port can take "
-                   "samples down", err=True)
+        click.echo("forvalue: warning: --enable-admin without --token-file (--insecure-admin): anyone on this "
+                   "machine can take samples down", err=True)
     if config.token is not None and config.tls_cert is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo("forvalue: warning: the bearer token crosses the network in plaintext; add --tls-cert and "
                    "--tls-key", err=True)

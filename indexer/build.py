@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -415,11 +416,54 @@ def storage_summary(manifest: dict) -> dict:
     return {**per, "maps_bytes": roles["maps"], "total_bytes": sum(roles.values())}
 
 
+# What `index add` must share with the index it extends; the model by what it is (fingerprints, shape), never by
+# the path or name it was given (`--model tiny` and `--model /abs/path/tiny` are the same model).
+_COMPATIBLE_KEYS = ("model", "tokens", "max_length", "sketch", "rerank_dtype", "rerank_top")
+_MODEL_NAME_KEYS = frozenset({"name"})
+# what an operator passes to get the value the index has
+_WHAT_TO_PASS = {
+    "model": "pass the model the index was built with (--model {built})",
+    "forward_dtype": "pass the dtype the index was built with (--dtype)",
+}
+
+
+def _differences(path: str, old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    """(dotted field, old value, new value) of every leaf where `old` and `new` differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            if path == "model" and key in _MODEL_NAME_KEYS:
+                continue
+            out += _differences(f"{path}.{key}", old.get(key), new.get(key))
+        return out
+    return [] if old == new else [(path, old, new)]
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text[:16] + "..." if isinstance(value, str) and len(value) > 24 else text
+
+
 def _check_compatible(manifest: dict, params: dict) -> None:
+    """Refuse to add to `manifest`'s index samples encoded with `params`, naming the first field that differs.
+
+    Raises:
+        IndexMismatchError: "cannot add to this index: its model.fingerprint is ..., the new samples' is ...;
+            pass the model the index was built with (--model NAME)".
+    """
     defaults = {"rerank_top": 0}  # indexes built before the key existed
-    for key in ("model", "tokens", "max_length", "sketch", "rerank_dtype", "rerank_top"):
-        if manifest.get(key, defaults.get(key)) != params.get(key):
-            raise IndexMismatchError(
-                f"cannot add to this index: its {key} is {manifest.get(key)!r}, the new samples would use "
-                f"{params.get(key)!r}; use the same model and options, or build a new index"
-            )
+    diffs = []
+    for key in _COMPATIBLE_KEYS:
+        diffs += _differences(key, manifest.get(key, defaults.get(key)), params.get(key))
+    if not diffs:
+        return
+    field, old, new = diffs[0]
+    top = field.split(".", 1)[0]
+    built = manifest.get("model", {}).get("name", "?")
+    advice = _WHAT_TO_PASS.get(top, "build a new index with the options you want (index add keeps the "
+                                    "index's tokens, max_length and sketch options)").format(built=built)
+    more = f" (and {len(diffs) - 1} more field(s))" if len(diffs) > 1 else ""
+    raise IndexMismatchError(
+        f"cannot add to this index: its {field} is {_short(old)}, the new samples' would be {_short(new)}{more}; "
+        f"{advice}"
+    )

@@ -51,13 +51,14 @@ DEFAULT_GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "FORVALUE_CACHE"
 
 # Bump when the conversion changes what it writes: old cache entries are then ignored, not reused.
-_CACHE_FORMAT = 1
+# Format 2: keyed by the sha256 of the whole GGUF file (format 1 sampled its first and last MiB).
+_CACHE_FORMAT = 2
 _CACHE_MARKER = "forvalue_conversion.json"
 _TMP_PREFIX = ".tmp-"
 # Temporary conversion dirs of a live process are never touched; ones whose owner cannot be checked (another
 # host sharing the cache) are removed only once they are this old.
 _STALE_TMP_SECONDS = 24 * 3600
-_KEY_SAMPLE_BYTES = 1 << 20
+_HASH_CHUNK_BYTES = 1 << 20
 
 TOKENIZER_ENV = "FORVALUE_TOKENIZER"  # random:ARCH models' tokenizer directory instead of the default model's
 
@@ -344,20 +345,23 @@ def _load_checkpoint_dir(model_dir: Path, shown: str) -> tuple[PreTrainedModel, 
 # GGUF conversion cache
 
 
-def gguf_cache_key(gguf_path: Path) -> str:
-    """16 hex digits identifying a GGUF file's content: sha256 of its size, first and last MiB.
-
-    Reading 2 MiB instead of the whole file keeps this instant; GGUF headers hold the metadata and tensor
-    offsets, and the tail holds the last tensors, so two different models collide only by design.
-    """
-    size = gguf_path.stat().st_size
-    digest = hashlib.sha256(f"forvalue-gguf-v{_CACHE_FORMAT}:{size}:".encode())
+def gguf_sha256(gguf_path: Path) -> str:
+    """sha256 hex of the whole GGUF file, read in 1 MiB chunks (about 0.1 s per 100 MB; docs/results.md)."""
+    digest = hashlib.sha256()
     with gguf_path.open("rb") as fh:
-        digest.update(fh.read(_KEY_SAMPLE_BYTES))
-        if size > _KEY_SAMPLE_BYTES:
-            fh.seek(max(size - _KEY_SAMPLE_BYTES, _KEY_SAMPLE_BYTES))
-            digest.update(fh.read(_KEY_SAMPLE_BYTES))
-    return digest.hexdigest()[:16]
+        for chunk in iter(lambda: fh.read(_HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def gguf_cache_key(gguf_path: Path, sha256: str | None = None) -> str:
+    """16 hex digits naming the cache entry of a GGUF file: from the sha256 of its whole content.
+
+    Every byte counts: two files that differ anywhere (also only in the middle, same size) get different
+    entries. The entry's marker keeps the full sha256, checked on every load (`cached_gguf_checkpoint`).
+    """
+    sha256 = sha256 or gguf_sha256(gguf_path)
+    return hashlib.sha256(f"forvalue-gguf-v{_CACHE_FORMAT}:{sha256}".encode()).hexdigest()[:16]
 
 
 def cached_gguf_checkpoint(gguf_path: Path, cache_root: Path) -> Path:
@@ -370,13 +374,15 @@ def cached_gguf_checkpoint(gguf_path: Path, cache_root: Path) -> Path:
         ModelError: the file cannot be converted, or the cache entry is damaged.
     """
     models_dir = cache_root / "models"
-    final = models_dir / gguf_cache_key(gguf_path)
+    sha256 = gguf_sha256(gguf_path)
+    final = models_dir / gguf_cache_key(gguf_path, sha256)
     if final.is_dir():
         if not (final / _CACHE_MARKER).is_file():
             raise ModelError(
                 f"cache entry {str(final)!r} for {str(gguf_path)!r} is incomplete (no {_CACHE_MARKER}); "
                 "delete that directory to convert the GGUF file again"
             )
+        _check_cache_entry(final, gguf_path, sha256)
         return final
 
     try:
@@ -389,13 +395,14 @@ def cached_gguf_checkpoint(gguf_path: Path, cache_root: Path) -> Path:
     tmp = models_dir / f"{_TMP_PREFIX}{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
     started = time.perf_counter()
     try:
-        _convert_gguf(gguf_path, tmp)
+        _convert_gguf(gguf_path, tmp, sha256)
         try:
             os.rename(tmp, final)
         except OSError:
             # Another process renamed its complete copy in first: use that one, drop ours.
             if not (final / _CACHE_MARKER).is_file():
                 raise
+            _check_cache_entry(final, gguf_path, sha256)
     except ModelError:
         raise
     except Exception as exc:
@@ -405,6 +412,29 @@ def cached_gguf_checkpoint(gguf_path: Path, cache_root: Path) -> Path:
     logger.info("converted %s to %s in %.1f s (cached for later loads)", gguf_path, final,
                 time.perf_counter() - started)
     return final
+
+
+def _check_cache_entry(entry: Path, gguf_path: Path, sha256: str) -> None:
+    """Refuse a cache entry whose marker does not record `sha256` as the hash of the file it was converted from.
+
+    Raises:
+        ModelError: naming the entry and saying to delete it (an entry of another file, or an unreadable one).
+    """
+    marker = entry / _CACHE_MARKER
+    try:
+        recorded = json.loads(marker.read_text()).get("source_sha256")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelError(
+            f"cache entry {str(entry)!r} for {str(gguf_path)!r} has an unreadable {_CACHE_MARKER} ({exc}); "
+            "delete that directory to convert the GGUF file again"
+        ) from exc
+    if recorded != sha256:
+        shown = recorded[:16] + "..." if isinstance(recorded, str) else "none"
+        raise ModelError(
+            f"cache entry {str(entry)!r} was converted from another file than {str(gguf_path)!r} "
+            f"(source_sha256 {shown}, the file's is {sha256[:16]}...); "
+            "delete that directory to convert the GGUF file again"
+        )
 
 
 def _read_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -422,7 +452,7 @@ def _read_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     return model, tokenizer
 
 
-def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+def _convert_gguf(gguf_path: Path, out_dir: Path, sha256: str) -> None:
     """Write `gguf_path` as a regular float32 safetensors checkpoint plus tokenizer into `out_dir`.
 
     The GGUF-loaded model cannot be saved itself (its quantizer refuses to serialise), so a plain model is
@@ -452,6 +482,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         "format": _CACHE_FORMAT,
         "source": str(gguf_path.resolve()),
         "source_size": gguf_path.stat().st_size,
+        "source_sha256": sha256,
         "transformers_version": _transformers_version(),
     }
     # Written last: its presence in a renamed-in directory confirms the conversion finished.

@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from forvalue.indexer.errors import ConfigError, ForValueError
 
 from .config import ServerConfig
-from .metrics import Metrics
+from .metrics import Metrics, MetricsHTTPServer
 from .protocol import SERVICE_NAME
 from .security import TokenAuthInterceptor, server_credentials
 from .servicer import InfluenceServicer, add_to_server
@@ -108,17 +108,17 @@ class InfluenceServer:
     `start()` starts listening and loads the model and index in the background; `wait_until_ready()`
     waits for that (raising what the load raised); `stop(grace)` drains and stops. Once loaded, CURRENT is
     watched every `config.watch_seconds` (hot swap); `reload()` checks it now. With `config.metrics_port`,
-    `start()` also serves Prometheus metrics over HTTP on `metrics_host`, port `metrics_port`.
+    `start()` also serves Prometheus metrics over HTTP on `config.metrics_host`, port `metrics_port`
+    (`metrics.MetricsHTTPServer`: the gRPC token if set, bounded connections, idle timeout).
     """
 
     def __init__(self, server: grpc.aio.Server, port: int, config: ServerConfig, servicer: InfluenceServicer,
-                 health_servicer: health.aio.HealthServicer, executor: ThreadPoolExecutor, load: Callable,
-                 metrics_host: str = "127.0.0.1"):
+                 health_servicer: health.aio.HealthServicer, executor: ThreadPoolExecutor, load: Callable):
         self.server = server
         self.port = port
-        self.metrics_host = metrics_host
+        self.metrics_host = config.metrics_host
         self.metrics_port: int | None = None  # the bound port of the metrics endpoint once started
-        self._metrics_http = None  # (WSGIServer, thread) of prometheus_client
+        self._metrics_http: MetricsHTTPServer | None = None
         self.config = config
         self.servicer = servicer
         servicer.on_published = self.reload  # an admin Delete serves its new version before it answers
@@ -145,15 +145,16 @@ class InfluenceServer:
         self._loading = asyncio.ensure_future(self._load_index())
 
     def _start_metrics(self) -> None:
-        from prometheus_client import start_http_server
-
+        c = self.config
         try:
-            self._metrics_http = start_http_server(self.config.metrics_port, addr=self.metrics_host,
-                                                   registry=self.servicer.metrics.registry)
+            self._metrics_http = MetricsHTTPServer(c.metrics_host, c.metrics_port, self.servicer.metrics.registry,
+                                                   token=c.token, max_connections=c.metrics_max_connections,
+                                                   idle_seconds=c.metrics_idle_seconds)
         except OSError as exc:
-            raise ConfigError(f"cannot serve metrics on {self.metrics_host}:{self.config.metrics_port}: {exc}; "
-                              "choose another --metrics-port") from exc
-        self.metrics_port = self._metrics_http[0].server_port
+            raise ConfigError(f"cannot serve metrics on {c.metrics_host}:{c.metrics_port}: {exc}; "
+                              "choose another --metrics-port or --metrics-host") from exc
+        self._metrics_http.start()
+        self.metrics_port = self._metrics_http.server_port
 
     async def _load_index(self) -> None:
         try:
@@ -246,11 +247,8 @@ class InfluenceServer:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._reload_executor.shutdown(wait=False, cancel_futures=True)
         if self._metrics_http is not None:
-            httpd, thread = self._metrics_http
-            self._metrics_http = None
-            await asyncio.to_thread(httpd.shutdown)  # waits for serve_forever's poll (up to 0.5 s)
-            httpd.server_close()
-            thread.join()
+            httpd, self._metrics_http = self._metrics_http, None
+            await asyncio.to_thread(httpd.stop)  # waits for serve_forever's poll (up to 0.5 s)
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
@@ -313,8 +311,7 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0", load: Call
     servicer = InfluenceServicer(config, executor, Metrics())
     server, health_servicer, port = build_grpc_server(config, address, lambda s: add_to_server(servicer, s))
     return InfluenceServer(server, port, config, servicer, health_servicer, executor,
-                           load or (lambda: open_index(config)), metrics_host=address.rsplit(":", 1)[0].strip("[]")
-                           ), port
+                           load or (lambda: open_index(config))), port
 
 
 def serve(config: ServerConfig, address: str, announce: Callable[[str], None] = print) -> None:
@@ -349,7 +346,8 @@ async def _serve(config: ServerConfig, address: str, announce: Callable[[str], N
     host = address.rsplit(":", 1)[0]
     announce(f"listening on {host}:{port}; loading the model and index")
     if server.metrics_port is not None:
-        announce(f"metrics on http://{host}:{server.metrics_port}/metrics")
+        shown = f"[{config.metrics_host}]" if ":" in config.metrics_host else config.metrics_host
+        announce(f"metrics on http://{shown}:{server.metrics_port}/metrics")
     ready = asyncio.ensure_future(server.wait_until_ready())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)

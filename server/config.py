@@ -49,8 +49,13 @@ class ServerConfig:
             None = no authentication. Kept out of repr so it stays out of logs.
         tls_cert: PEM certificate (chain) of the server; with tls_key, TLS is on. None = plaintext.
         tls_key: PEM private key (unencrypted) of tls_cert.
-        metrics_port: port of the Prometheus HTTP endpoint (/metrics), on the gRPC listening host; 0 picks a
-            free port (`InfluenceServer.metrics_port`); None = no endpoint.
+        metrics_port: port of the Prometheus HTTP endpoint (/metrics); 0 picks a free port
+            (`InfluenceServer.metrics_port`); None = no endpoint. With `token` set, a scrape must send it
+            (`Authorization: Bearer <token>`), else 401.
+        metrics_host: address the metrics endpoint listens on; loopback by default, whatever the gRPC host.
+        metrics_max_connections: metrics connections handled at once (one worker thread each); more are
+            closed at once.
+        metrics_idle_seconds: a metrics connection idle this long is closed.
         admin: serve the InfluenceAdmin service (Delete: takedowns publish a new version, then served);
             off by default (its calls then get UNIMPLEMENTED). Guard it with a token.
 
@@ -86,6 +91,9 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_max_connections: int = 8
+    metrics_idle_seconds: float = 10.0
     admin: bool = False
 
     def __post_init__(self) -> None:
@@ -112,6 +120,10 @@ class ServerConfig:
                               f"max_explain_pairs ({self.max_explain_pairs})")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be between 0 and 65535 (None: no endpoint), got {self.metrics_port}")
+        if self.metrics_max_connections < 1:
+            raise ConfigError(f"metrics_max_connections must be >= 1, got {self.metrics_max_connections}")
+        if not 0 < self.metrics_idle_seconds < float("inf"):
+            raise ConfigError(f"metrics_idle_seconds must be > 0, got {self.metrics_idle_seconds}")
         if self.grace_seconds < 0:
             raise ConfigError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
         if self.token is not None and (not self.token or any(not "!" <= c <= "~" for c in self.token)):

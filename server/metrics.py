@@ -16,19 +16,29 @@ Every Influence call gets a request id (the client's `x-request-id` metadata, el
 sent back as trailing metadata `x-request-id` and logged once per call as one JSON line on the
 "forvalue.server.access" logger: {"request_id", "method", "code", "seconds", "n_samples", "index_version"}.
 Calls refused by the token check (UNAUTHENTICATED) never reach the servicer and are not counted.
+
+`MetricsHTTPServer` serves the registry at /metrics over HTTP/1.0 (one request per connection): bound to a
+given host (`forvalue serve --metrics-host`, loopback by default), with the server's bearer token required
+when it has one (401 otherwise), at most `max_connections` connections handled at once by a fixed pool of
+threads (connections beyond that are closed at once, unanswered) and each closed when idle for
+`idle_seconds` (a client that connects and sends nothing holds a worker only that long).
 """
 
 from __future__ import annotations
 
+import hmac
+import http.server
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
 if TYPE_CHECKING:
@@ -131,3 +141,119 @@ class Call:
             access_log.info(json.dumps({"request_id": self.request_id, "method": self.method, "code": code.name,
                                         "seconds": round(seconds, 6), "n_samples": self.n_samples,
                                         "index_version": version}))
+
+
+class _MetricsHandler(http.server.BaseHTTPRequestHandler):
+    """GET /metrics (or /): the registry in the Prometheus text format; 401 without the token when one is set."""
+
+    server: MetricsHTTPServer
+    protocol_version = "HTTP/1.0"  # one request per connection: no keep-alive holding a worker
+
+    def setup(self) -> None:
+        self.timeout = self.server.idle_seconds  # every read and write of this connection
+        super().setup()
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+            self._reply(404, b"not found; the metrics are at /metrics\n", "text/plain; charset=utf-8")
+            return
+        if not self.server.authorized(self.headers.get("Authorization")):
+            self._reply(401, b"missing or invalid bearer token; send the server's token (Authorization: Bearer)\n",
+                        "text/plain; charset=utf-8", {"WWW-Authenticate": 'Bearer realm="forvalue metrics"'})
+            return
+        self._reply(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
+
+    def _reply(self, code: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args) -> None:  # noqa: A002 (http.server's name)
+        pass  # scrapes are not access-logged; refusals are counted (MetricsHTTPServer.refused)
+
+
+class MetricsHTTPServer(http.server.HTTPServer):
+    """The /metrics endpoint with bounded threads and connections, an idle timeout and an optional token.
+
+    Args:
+        host, port: where to listen (port 0 picks a free one: `server_port`).
+        registry: what to serve.
+        token: the bearer token a scrape must send (`Authorization: Bearer <token>`); None = none needed.
+        max_connections: connections handled at once (= worker threads); more are closed at once.
+        idle_seconds: a connection that sends or reads nothing for this long is closed.
+    """
+
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, token: str | None = None,
+                 max_connections: int = 8, idle_seconds: float = 10.0):
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        self.registry = registry
+        self.idle_seconds = idle_seconds
+        self.refused = 0  # connections closed unanswered because max_connections were busy
+        self._expected = None if token is None else token.encode()
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._pool = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="forvalue-metrics")
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        super().__init__((host, port), _MetricsHandler)
+
+    def server_bind(self) -> None:
+        # as HTTPServer's, without its reverse DNS lookup of the host (socket.getfqdn can hang without a resolver)
+        import socketserver
+
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+    def authorized(self, header: str | None) -> bool:
+        """Whether an Authorization header carries the token (always, when no token is set); constant time."""
+        if self._expected is None:
+            return True
+        scheme, _, token = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._expected)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        with self._open_lock:
+            self._open.add(request)
+        self._pool.submit(self._handle, request, client_address)
+
+    def _handle(self, request, client_address) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # a client hanging up mid-reply: nothing to answer
+            pass
+        finally:
+            with self._open_lock:
+                self._open.discard(request)
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def start(self) -> None:
+        """Serve on a daemon thread until `stop()`."""
+        self._thread = threading.Thread(target=self.serve_forever, name="forvalue-metrics-accept", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop accepting, close the open connections (unblocking their workers) and the socket."""
+        self.shutdown()  # waits for serve_forever's poll (up to 0.5 s)
+        with self._open_lock:
+            for request in list(self._open):
+                try:
+                    request.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.server_close()
+        if self._thread is not None:
+            self._thread.join()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import ssl
+import time
 
 import grpc
 
@@ -17,7 +18,8 @@ from forvalue.indexer.errors import ConfigError
 
 from .config import ServerConfig
 
-__all__ = ["TokenAuthInterceptor", "UNAUTHENTICATED_MESSAGE", "read_token_file", "server_credentials"]
+__all__ = ["TokenAuthInterceptor", "UNAUTHENTICATED_MESSAGE", "check_certificate_dates", "read_token_file",
+           "server_credentials"]
 
 UNAUTHENTICATED_MESSAGE = "missing or invalid bearer token; pass the server's token (--token-file / FORVALUE_TOKEN)"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -102,6 +104,34 @@ def _read_pem(path: str, what: str) -> bytes:
     return data
 
 
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
+def check_certificate_dates(path: str, now: float | None = None) -> None:
+    """Refuse a certificate (the first of a PEM chain: the server's own) outside its validity dates.
+
+    Read with the standard library's certificate decoder (`ssl._ssl._test_decode_cert`, the one behind
+    `ssl.SSLSocket.getpeercert`; there is no public file-level API and `cryptography` is not a dependency).
+
+    Raises:
+        ConfigError: expired, or not valid yet, naming the file and the dates.
+    """
+    try:
+        decoded = ssl._ssl._test_decode_cert(path)
+        not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
+        not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
+    except (ssl.SSLError, ValueError, KeyError, OSError) as exc:
+        raise ConfigError(f"tls_cert {path}: cannot read its validity dates ({exc})") from exc
+    now = time.time() if now is None else now
+    if now > not_after:
+        raise ConfigError(f"tls_cert {path}: expired on {_utc(not_after)} (now {_utc(now)}); give a renewed "
+                          "certificate (--tls-cert) and its key (--tls-key)")
+    if now < not_before:
+        raise ConfigError(f"tls_cert {path}: not valid before {_utc(not_before)} (now {_utc(now)}); check this "
+                          "machine's clock or give a certificate valid now")
+
+
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     """The TLS credentials of `config.tls_cert` and `config.tls_key` (None when TLS is off).
 
@@ -109,8 +139,9 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     instead of failing every handshake.
 
     Raises:
-        ConfigError: a file cannot be read, is not PEM, the certificate does not parse, or the key does not
-            parse (an encrypted key counts) or does not belong to the certificate; the message names the file.
+        ConfigError: a file cannot be read, is not PEM, the certificate does not parse, is expired or not valid
+            yet, or the key does not parse (an encrypted key counts) or does not belong to the certificate; the
+            message names the file.
     """
     if config.tls_cert is None or config.tls_key is None:
         return None
@@ -121,6 +152,7 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
         context.load_verify_locations(cadata=cert.decode("ascii", "replace"))
     except (ssl.SSLError, ValueError) as exc:
         raise ConfigError(f"tls_cert {config.tls_cert}: not a valid PEM certificate ({exc})") from exc
+    check_certificate_dates(config.tls_cert)
     try:
         # a password callback, so an encrypted key fails here instead of prompting on the terminal
         context.load_cert_chain(config.tls_cert, config.tls_key, password=lambda: b"")

@@ -218,7 +218,7 @@ def test_serve_options_reach_the_server_config(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(app, "serve", lambda config, address, announce=None: seen.update(config=config, address=address))
     r = CliRunner().invoke(main, ["serve", "--index", str(tmp_path), "--port", "0", "--max-explain-pairs", "4",
-                                  "--enable-admin"])
+                                  "--enable-admin", "--insecure-admin"])
     assert r.exit_code == 0, r.output
     cfg = seen["config"]
     assert (cfg.max_explain_pairs, cfg.default_explain_pairs, cfg.admin) == (4, 4, True)

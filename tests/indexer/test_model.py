@@ -443,8 +443,8 @@ def test_concurrent_conversion_uses_the_winner(tiny_gguf, tmp_path, monkeypatch)
     final = cache / "models" / gguf_cache_key(path)
     real_convert = model_mod._convert_gguf
 
-    def convert_and_lose_race(gguf_path, out_dir):
-        real_convert(gguf_path, out_dir)
+    def convert_and_lose_race(gguf_path, out_dir, sha256):
+        real_convert(gguf_path, out_dir, sha256)
         shutil.copytree(out_dir, final)
 
     monkeypatch.setattr(model_mod, "_convert_gguf", convert_and_lose_race)
