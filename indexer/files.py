@@ -62,6 +62,15 @@ def check_safe_name(name: str, what: str) -> str:
     return name
 
 
+def excerpt(raw: bytes, limit: int = 24) -> str:
+    """A short, sanitised excerpt of file bytes for an error message: printable ASCII letters, digits and
+    ._- only, at most `limit` of them, else just the byte count (a message never echoes a file's content)."""
+    text = raw[:limit].decode("ascii", errors="replace").strip()
+    if text and all(c.isalnum() or c in "._-" for c in text) and len(raw) <= limit:
+        return repr(text)
+    return f"{len(raw)} byte(s) that are not a version name"
+
+
 def sha256_file(path: str | os.PathLike) -> tuple[str, int]:
     """sha256 (hex) and size in bytes of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()

@@ -58,7 +58,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError, IndexChangedError, IndexCorruptError, IndexMismatchError
-from .files import SAFE_NAME, check_safe_name, fault, fsync_dir, remove, sha256_file, write_atomic, write_new_file
+from .files import (
+    SAFE_NAME, check_safe_name, excerpt, fault, fsync_dir, remove, sha256_file, write_atomic, write_new_file,
+)
 from .store_format import (
     BUILDS_DIR, CURRENT_FILE, DONE_FILE, FORMAT_VERSION, LOCK_FILE, MANIFEST_FILE, SHARDS_DIR, TRASH_PREFIX,
     VERSIONS_DIR, VERSION_NAME, manifest_bytes, parse_manifest, parse_shard_name, shard_schema, version_name,
@@ -96,14 +98,20 @@ class IndexRoot:
             IndexCorruptError: CURRENT does not hold a version name (e.g. "../evil") or names a version
                 that does not exist.
         """
+        path = self.path / CURRENT_FILE
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise IndexCorruptError(f"{CURRENT_FILE}: is a symbolic link or not a plain file (refused, not followed); "
+                                    "an index holds only plain files: point it at a published version with "
+                                    "set_current")
         try:
-            raw = (self.path / CURRENT_FILE).read_bytes()
+            with open(path, "rb") as f:
+                raw = f.read(64)  # a version name is a few bytes: never read (or echo) more of a strange file
         except FileNotFoundError:
             return None
         try:
             name = version_name(raw.decode("ascii").strip())
         except (UnicodeDecodeError, ConfigError) as exc:
-            raise IndexCorruptError(f"{CURRENT_FILE}: holds {raw[:80]!r}, not a version name like v000001; "
+            raise IndexCorruptError(f"{CURRENT_FILE}: holds {excerpt(raw)}, not a version name like v000001; "
                                     "point it at a published version with set_current") from exc
         if not (self.version_dir(name) / MANIFEST_FILE).is_file():
             raise IndexCorruptError(f"{CURRENT_FILE}: names {name}, which does not exist under {VERSIONS_DIR}/ "
@@ -116,6 +124,10 @@ class IndexRoot:
         if not vdir.is_dir():
             return []
         names = [p.name for p in vdir.iterdir() if VERSION_NAME.fullmatch(p.name) and p.is_dir()]
+        for name in names:
+            if (vdir / name).is_symlink():  # a version is a directory of the index, never a link out of it
+                raise IndexCorruptError(f"{VERSIONS_DIR}/{name}: is a symbolic link (refused, not followed); an "
+                                        "index holds only plain files and directories: remove it")
         return sorted(names, key=lambda s: int(s[1:]))
 
     def version_dir(self, name: str) -> Path:

@@ -134,3 +134,48 @@ def test_no_module_can_unpickle():
     assert not found, found
     loads = sum(len(re.findall(r"\bnp\.load\(", p.read_text(encoding="utf-8"))) for p in files)
     assert loads >= 3  # the store's reads were seen, and each passes allow_pickle=False
+
+
+SECRET = "hunter2-this-must-never-be-printed"
+
+
+@pytest.fixture
+def index_copy(tmp_path, served_index):
+    import shutil
+
+    root = tmp_path / "idx"
+    shutil.copytree(served_index[0], root)
+    secret = tmp_path / "secret.txt"
+    secret.write_text(SECRET + "\n")
+    return root, secret
+
+
+def test_a_symlinked_current_is_refused_without_echoing_its_target(index_copy, served_model_dir):
+    root, secret = index_copy
+    (root / "CURRENT").unlink()
+    (root / "CURRENT").symlink_to(secret)
+    runner = CliRunner()
+    for args in (["index", "info", str(root)], ["index", "gc", str(root), "--keep", "1"],
+                 ["query", "--index", str(root), "--model", served_model_dir, "--response", " x"]):
+        r = runner.invoke(main, args)
+        assert r.exit_code == 2, (args, r.output)
+        assert SECRET not in r.output and "symbolic link" in r.output, (args, r.output)
+    assert secret.read_text() == SECRET + "\n"  # nothing written through the link either
+
+
+def test_a_current_holding_other_bytes_is_not_echoed(index_copy):
+    root, _ = index_copy
+    (root / "CURRENT").write_text(SECRET + "\n" + "x" * 500)
+    r = CliRunner().invoke(main, ["index", "info", str(root)])
+    assert r.exit_code == 2 and SECRET not in r.output and "not a version name" in r.output, r.output
+
+
+def test_a_version_linked_out_of_the_index_is_refused(index_copy):
+    import shutil
+
+    root, secret = index_copy
+    outside = secret.parent / "elsewhere"
+    shutil.copytree(root / "versions" / "v000001", outside)
+    (root / "versions" / "v000002").symlink_to(outside)
+    r = CliRunner().invoke(main, ["index", "info", str(root)])
+    assert r.exit_code == 2 and "symbolic link" in r.output and str(outside) not in r.output, r.output
