@@ -239,7 +239,8 @@ def open_source(server, index_dir, model_path, device, token_file, tls, tls_ca):
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
 def main(verbose: bool) -> None:
     """forvalue: which training samples drove this output? (For-Value, forward-only data valuation)"""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     # transformers' per-load "Loading weights" bars are noise here; forvalue shows its own progress
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -369,7 +370,8 @@ def first_stage_options(fn):
         return fn(*args, **kwargs)
 
     opts = [
-        click.option("--min-recall", type=click.FloatRange(0, 1), default=FirstStageConfig.min_recall, show_default=True,
+        click.option("--min-recall", type=click.FloatRange(0, 1), default=FirstStageConfig.min_recall,
+                     show_default=True,
                      help="Approximate first stage: the recall@10 against flat search (most and least, measured at "
                           "build time on held-out training sketches) below which the build is refused."),
         click.option("--refine", type=click.IntRange(1), default=FirstStageConfig.refine, show_default=True,
@@ -613,7 +615,8 @@ def _is_loopback(host: str) -> bool:
 @click.option("--port", type=click.IntRange(0, 65535), default=50051, show_default=True,
               help="Port to listen on; 0 picks a free one (printed).")
 @click.option("--device", default=ServerConfig.device, show_default=True, help="torch device for the forward pass.")
-@click.option("--k-cap", type=click.IntRange(1), default=ServerConfig.k_cap, show_default=True, help="Largest k a request may ask for.")
+@click.option("--k-cap", type=click.IntRange(1), default=ServerConfig.k_cap, show_default=True,
+              help="Largest k a request may ask for.")
 @click.option("--max-sample-chars", type=click.IntRange(1), default=ServerConfig.max_sample_chars, show_default=True,
               help="Most characters in a valuation sample's prompt, and in its response (longer: INVALID_ARGUMENT).")
 @click.option("--max-queue", type=click.IntRange(1), default=ServerConfig.max_queue, show_default=True,
@@ -621,11 +624,13 @@ def _is_loopback(host: str) -> bool:
                    "(retryable; health checks still answer).")
 @click.option("--grace", type=click.FloatRange(0), default=ServerConfig.grace_seconds, show_default=True,
               help="Seconds in-flight calls may take to finish after SIGTERM.")
-@click.option("--batch-wait-ms", type=click.FloatRange(0, 60_000), default=ServerConfig.batch_wait_ms, show_default=True,
+@click.option("--batch-wait-ms", type=click.FloatRange(0, 60_000), default=ServerConfig.batch_wait_ms,
+              show_default=True,
               help="How long a TopK request may wait for others to share its forward pass (0: no wait).")
 @click.option("--batch-tokens", type=click.IntRange(1), default=ServerConfig.batch_tokens, show_default=True,
               help="Estimated tokens (about 4 characters each) beyond which no more requests join a batch.")
-@click.option("--max-batch-requests", type=click.IntRange(1), default=ServerConfig.max_batch_requests, show_default=True,
+@click.option("--max-batch-requests", type=click.IntRange(1), default=ServerConfig.max_batch_requests,
+              show_default=True,
               help="Most TopK requests sharing one forward pass (1: no batching).")
 @click.option("--watch-seconds", type=click.FloatRange(0), default=ServerConfig.watch_seconds, show_default=True,
               help="How often to check the index's CURRENT and serve a new version without a restart (0: never).")
@@ -746,6 +751,9 @@ def query_cmd(server, index_dir, model_path, device, prompt, response, valuation
         else:
             results = {direction: source.search(samples, k=k, direction=direction, rerank=rerank, explain=pairs,
                                                 where=where)}
+    answered = grouped if group_by is not None else results[direction]
+    if answered.cut_samples:
+        click.echo(render.cut_warning(answered.cut_samples), err=True)
     if group_by is not None:
         click.echo(render.dumps(render.groups_json(grouped, name, len(samples))) if as_json
                    else render.groups_text(grouped, name))
@@ -841,6 +849,8 @@ def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, out_p
             subset = _corpus_rows(corpus, [ids[i] for i in chosen], data_path)
         else:  # the index's own stored rows
             subset = [sample_of_row(row) for row in source.version.rows([scores.rows[i] for i in chosen])]
+    if scores.cut_samples:
+        click.echo(render.cut_warning(scores.cut_samples), err=True)
     summary = _write_ranking(out_path, selected_out, ids, scores.values, chosen, order, ranks, percentiles, subset)
     summary = {"source": name, "version": scores.version, "n_valuation": len(samples), "n_scored": len(ids),
                "direction": "lowest" if lowest else "highest", **summary}

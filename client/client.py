@@ -93,7 +93,8 @@ class InfluenceClient:
                  where: WhereLike = None) -> GroupedResult:
         """Total and mean value per value of metadata `field`, with each group's top-k rows, as `Index.group_by`."""
         check_direction(direction)
-        request = pb.TopKRequest(samples=convert.samples_to_pb(samples), k=k, direction=convert.direction_to_pb(direction),
+        request = pb.TopKRequest(samples=convert.samples_to_pb(samples), k=k,
+                                 direction=convert.direction_to_pb(direction),
                                  group=True, group_by=field, where=convert.where_to_pb(as_where(where)))
         response = self._call(self._stub.TopK, request)
         return convert.grouped_result(response.answers[0], response.index_version, field)
@@ -159,9 +160,10 @@ class InfluenceClient:
             raise ConfigError(f"batch must be >= 1, got {batch}")
         if not samples:
             raise ConfigError("scores needs at least one valuation sample")
-        first, total = None, None
+        first, total, cut = None, None, []
         for a in range(0, len(samples), batch):
             part = self._score_all(samples[a : a + batch], 0, where)
+            cut += [a + j for j in part.cut_samples]
             if first is None:
                 first, total = part, part.values * len(samples[a : a + batch])
                 continue
@@ -169,7 +171,7 @@ class InfluenceClient:
                 raise ServerError(self.address, None, f"the index changed between calls ({first.version} → "
                                                       f"{part.version}); run again")
             total = total + part.values * len(samples[a : a + batch])
-        return Scores(first.ids, first.rows, total / len(samples), first.version)
+        return Scores(first.ids, first.rows, total / len(samples), first.version, tuple(cut))
 
     def _score_all(self, samples, chunk_size: int, where: WhereLike) -> Scores:
         request = pb.ScoreAllRequest(samples=convert.samples_to_pb(samples), chunk_size=chunk_size,
@@ -177,6 +179,7 @@ class InfluenceClient:
         ids: list[str] = []
         rows: list[int] = []
         scores: list[float] = []
+        cut: list[int] = []
         versions = set()
         try:
             for chunk in self._stub.ScoreAll(request, timeout=self.timeout, metadata=self._metadata):
@@ -185,13 +188,14 @@ class InfluenceClient:
                                                           f"follow row {len(ids)}")
                 ids.extend(chunk.ids)
                 rows.extend(chunk.rows)
+                cut.extend(chunk.cut_samples)
                 scores.extend(chunk.scores)
                 versions.add(chunk.index_version)
         except grpc.RpcError as exc:
             raise ServerError(self.address, exc.code(), exc.details() or "") from None
         if len(versions) > 1:
             raise ServerError(self.address, None, f"ScoreAll mixed index versions {sorted(versions)}")
-        return Scores(ids, rows, np.asarray(scores, dtype=np.float64), next(iter(versions), ""))
+        return Scores(ids, rows, np.asarray(scores, dtype=np.float64), next(iter(versions), ""), tuple(cut))
 
     def info(self) -> dict:
         """The serving index: index_version, model_name, model_fingerprint, tokens, n_samples, sketch_dim,

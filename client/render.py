@@ -255,3 +255,11 @@ def rank_summary_text(s: dict) -> str:
     if s.get("html"):
         lines.append(f"forvalue: wrote the report to {s['html']}")
     return "\n".join(lines)
+
+
+def cut_warning(cut_samples) -> str:
+    """One stderr line: which valuation samples were longer than the model's max_length (and were cut to it)."""
+    shown = ", ".join(str(i) for i in list(cut_samples)[:10]) + (" ..." if len(cut_samples) > 10 else "")
+    return (f"forvalue: warning: valuation sample(s) {shown} (0-based) were longer than the index's max_length "
+            "and were cut to it: the answer values only the first max_length tokens; shorten them, or build the "
+            "index with a larger --max-length")

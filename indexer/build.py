@@ -88,7 +88,8 @@ def fit_maps(lm: LoadedModel, head: Head, samples: Sequence[Sample], config: Bui
     pairs = [samples[i].as_input() for i in order]
     cache: dict[int, Features] = {}
     parts = []
-    fwd = dataclasses.replace(ForwardConfig.of_build(config), on_device=True)  # the fit's vocabulary pass runs there too
+    # the fit's vocabulary pass runs on the model's device too
+    fwd = dataclasses.replace(ForwardConfig.of_build(config), on_device=True)
     for idx, f in iter_features(lm.model, lm.preprocessor, pairs, fwd, head, progress, "fit"):
         parts.append(f)
         host = f.to("cpu")

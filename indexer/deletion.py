@@ -33,11 +33,10 @@ from . import __version__
 from .errors import ConfigError, DataError, IndexCorruptError, UnknownIdsError
 from .filters import FieldIndex
 from .store import IndexRoot, Version
+from .store_format import STORE_KEYS
 
 DELETED_FILE = "deleted.json"
 TAKEDOWN_LOCK = ".takedown.lock"
-# manifest keys the store writes itself at publish time (never copied from a base version)
-_STORE_KEYS = ("format_version", "build_key", "n_rows", "shards", "arrays", "files", "manifest_sha256")
 
 
 @dataclass(frozen=True)
@@ -191,7 +190,7 @@ def delete_samples(root: str | os.PathLike, ids: Sequence[str], missing: str = "
                 if "/" not in name and name != DELETED_FILE:
                     build.link_global_from(base, name)
             build.put_json(DELETED_FILE, deleted_json(takedowns, rows))
-            manifest = {k: v for k, v in base.manifest.items() if k not in _STORE_KEYS}
+            manifest = {k: v for k, v in base.manifest.items() if k not in STORE_KEYS}
             manifest.update(base_version=base.name, operation="delete", forvalue_version=__version__,
                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                             deleted={"ids": len(takedowns), "rows": int(rows.size)})

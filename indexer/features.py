@@ -192,14 +192,24 @@ class Features:
         y: (T,) int64 target token ids.
         lse: (T,) log-partition of the logits at each scored position.
         offsets: (n + 1,) int64 row offsets.
-        truncated: number of samples shortened to max_length.
+        cut: per sample, whether it was shortened to max_length (empty: not recorded, none cut).
     """
 
     h: torch.Tensor
     y: torch.Tensor
     lse: torch.Tensor
     offsets: torch.Tensor
-    truncated: int = 0
+    cut: tuple[bool, ...] = ()
+
+    @property
+    def truncated(self) -> int:
+        """How many samples were shortened to max_length."""
+        return sum(self.cut)
+
+    @property
+    def cut_samples(self) -> list[int]:
+        """The samples (0..n-1) shortened to max_length: their scores value what the model saw, not the rest."""
+        return [j for j, c in enumerate(self.cut) if c]
 
     @property
     def n(self) -> int:
@@ -216,12 +226,13 @@ class Features:
 
     def to(self, device: torch.device | str) -> Features:
         """The same features with h, y and lse on `device` (offsets stay on the host)."""
-        return Features(self.h.to(device), self.y.to(device), self.lse.to(device), self.offsets, self.truncated)
+        return Features(self.h.to(device), self.y.to(device), self.lse.to(device), self.offsets, self.cut)
 
     def select(self, idx: Sequence[int] | torch.Tensor) -> Features:
         """The features of samples `idx`, in that order."""
         rows, offsets = self.token_index(idx)
-        return Features(self.h[rows], self.y[rows], self.lse[rows], offsets)
+        cut = tuple(self.cut[int(j)] for j in torch.as_tensor(idx, dtype=torch.long).tolist()) if self.cut else ()
+        return Features(self.h[rows], self.y[rows], self.lse[rows], offsets, cut)
 
     def token_index(self, idx: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(token rows of samples `idx`, in that order; their offsets): what `select` gathers."""
@@ -236,7 +247,7 @@ class Features:
         offsets[1:] = torch.cumsum(lens, 0)
         return Features(
             torch.cat([p.h for p in parts]), torch.cat([p.y for p in parts]), torch.cat([p.lse for p in parts]),
-            offsets, sum(p.truncated for p in parts),
+            offsets, tuple(c for p in parts for c in (p.cut or (False,) * p.n)),
         )
 
 
@@ -325,7 +336,7 @@ def pad_batch(seqs: Sequence[Sequence[int]], padding_side: str) -> tuple[torch.T
 
 
 def scored_features(hidden: torch.Tensor, seqs: Sequence[Sequence[int]], positions: Sequence[torch.Tensor],
-                    starts: Sequence[int], head: Head, config: ForwardConfig, with_lse: bool, truncated: int
+                    starts: Sequence[int], head: Head, config: ForwardConfig, with_lse: bool, cut: Sequence[bool]
                     ) -> Features:
     """The features of the scored positions of a padded pass, in batch order.
 
@@ -344,5 +355,5 @@ def scored_features(hidden: torch.Tensor, seqs: Sequence[Sequence[int]], positio
     offsets = torch.zeros(len(seqs) + 1, dtype=torch.long)
     offsets[1:] = torch.cumsum(torch.tensor([p.numel() for p in positions]), 0)
     if config.on_device:
-        return Features(h, y, lse, offsets, truncated)
-    return Features(h.cpu(), y.cpu(), lse.cpu(), offsets, truncated)
+        return Features(h, y, lse, offsets, tuple(cut))
+    return Features(h.cpu(), y.cpu(), lse.cpu(), offsets, tuple(cut))

@@ -134,7 +134,7 @@ def forward_batch(model: nn.Module, head: Head, batch: Sequence[Encoded], config
     assert probe.captured is not None
     positions = [torch.arange(e.score_from, len(e.ids) - 1) for e in batch]
     return scored_features(probe.captured, seqs, positions, starts, head, config, with_lse,
-                           sum(e.truncated for e in batch))
+                           [e.truncated for e in batch])
 
 
 def iter_features(

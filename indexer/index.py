@@ -191,7 +191,7 @@ class Index:
         scope = self.scope(where)
         size = self.n if scope is None else int(scope.size)
         if size == 0:
-            return SearchResult([], self.version.name, direction, 0, 0)
+            return SearchResult([], self.version.name, direction, 0, 0, tuple(features.cut_samples))
         k = min(k, size)
         C = min(max(rerank, k), size)
         # the query tokens' distributions, computed once for the sketch, the bounds and the exact scores
@@ -210,7 +210,7 @@ class Index:
             _check(check)
             found = self.explain(features, rows, explain, probs)
             hits = [dataclasses.replace(h, explanation=e) for h, e in zip(hits, found)]
-        return SearchResult(hits, self.version.name, direction, int(cand.size), scored)
+        return SearchResult(hits, self.version.name, direction, int(cand.size), scored, tuple(features.cut_samples))
 
     def scope(self, where: Where | None = None) -> np.ndarray | None:
         """Sorted rows (int64) an answer may hold: matching `where` and not deleted; None = all n rows."""
@@ -352,7 +352,7 @@ class Index:
         groups.sort(key=lambda g: (-g.total if most else g.total, g.key is None, g.key or ""))
         if max_groups:
             groups = groups[:max_groups]
-        return GroupedResult(field, groups, self.version.name, direction, int(rows.size))
+        return GroupedResult(field, groups, self.version.name, direction, int(rows.size), tuple(features.cut_samples))
 
     def explain(self, query: Features | Sequence[Sample | tuple[str, str]], rows: Sequence[int], pairs: int = 10,
                 probs: torch.Tensor | None = None) -> list[Explanation]:
@@ -425,7 +425,9 @@ class Index:
 
         if group:
             return [(GROUP, one(features, d)) for d in directions]
-        return [(i, one(features.select([i]), d)) for i in range(features.n) for d in directions]
+        # one answer per sample: its cut_samples name the sample's index in the request, not 0
+        return [(i, dataclasses.replace(r, cut_samples=(i,) if r.cut_samples else ()))
+                for i in range(features.n) for d in directions for r in [one(features.select([i]), d)]]
 
     def scores(self, samples: Sequence[Sample | tuple[str, str]], where: Where | None = None,
                batch: int = DEFAULT_SCORE_BATCH, features: Features | None = None, check: Check | None = None
@@ -441,13 +443,15 @@ class Index:
         total = np.zeros(rows.size, dtype=np.float64)
         parts = [features] if features is not None else (
             self.encode(samples[a : a + batch]) for a in range(0, len(samples), batch))
-        n = 0
+        n, cut = 0, []
         for f in parts:
             if rows.size:
                 total += self.score_rows(f, rows, check=check).double().sum(0).numpy()
+            cut += [n + j for j in f.cut_samples]
             n += f.n
         ids = self.ids()
-        return Scores([ids[r] for r in rows.tolist()], rows.tolist(), total / max(n, 1), self.version.name)
+        return Scores([ids[r] for r in rows.tolist()], rows.tolist(), total / max(n, 1), self.version.name,
+                      tuple(cut))
 
     def score_all(self, samples: Sequence[Sample | tuple[str, str]], chunk_size: int = 0,
                   return_version: bool = False, where: Where | None = None

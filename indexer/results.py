@@ -103,6 +103,8 @@ class SearchResult:
         hits: best first. version: the index version that answered. direction: "most" or "least".
         candidates: first-stage candidates considered. exact_scored: how many of them were scored exactly
             (the others were ruled out by certified bounds, see rerank.py); None when not reported.
+        cut_samples: the valuation samples of this answer (their indices in the request) that were longer
+            than the model's max_length and were shortened: the answer values what the model saw of them.
     """
 
     hits: list[Hit]
@@ -110,6 +112,7 @@ class SearchResult:
     direction: str
     candidates: int
     exact_scored: int | None = None
+    cut_samples: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ class GroupedResult:
     version: str
     direction: str
     scored: int
+    cut_samples: tuple[int, ...] = ()  # as SearchResult.cut_samples
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,7 @@ class Scores:
     rows: list[int]
     values: Any  # numpy float64 array (n,)
     version: str
+    cut_samples: tuple[int, ...] = ()  # as SearchResult.cut_samples
 
 
 def check_direction(direction: str, both: bool = False) -> str:

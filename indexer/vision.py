@@ -374,7 +374,7 @@ def forward_batch(model: nn.Module, head: Head, processor: VisionProcessor, batc
     assert probe.captured is not None
     positions = [torch.tensor(e.positions, dtype=torch.long) for e in batch]
     return scored_features(probe.captured, seqs, positions, starts, head, config, with_lse,
-                           sum(e.truncated for e in batch))
+                           [e.truncated for e in batch])
 
 
 @functools.lru_cache(maxsize=32)

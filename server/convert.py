@@ -305,9 +305,10 @@ def answer_to_pb(query_index: int, result: SearchResult | GroupedResult, max_tex
                          candidates=result.scored,
                          groups=[pb.Group(key=g.key or "", missing=g.key is None, count=g.count, total=g.total,
                                           mean=g.mean, hits=[hit_to_pb(h, max_text_chars) for h in g.hits])
-                                 for g in result.groups])
+                                 for g in result.groups], cut_samples=result.cut_samples)
     return pb.Answer(query_index=query_index, direction=_TO_PB[result.direction], candidates=result.candidates,
-                     exact_scored=result.exact_scored or 0, hits=[hit_to_pb(h, max_text_chars) for h in result.hits])
+                     exact_scored=result.exact_scored or 0, hits=[hit_to_pb(h, max_text_chars) for h in result.hits],
+                     cut_samples=result.cut_samples)
 
 
 def topk_response(answers: Sequence[tuple[int, SearchResult | GroupedResult]], version: str, max_text_chars: int = 0
@@ -319,14 +320,16 @@ def topk_response(answers: Sequence[tuple[int, SearchResult | GroupedResult]], v
 
 
 def score_chunks(ids: Sequence[str], scores: Sequence[float], chunk_size: int, version: str,
-                 rows: Sequence[int] | None = None) -> Iterator[pb.ScoreAllChunk]:
+                 rows: Sequence[int] | None = None, cut_samples: Sequence[int] = ()) -> Iterator[pb.ScoreAllChunk]:
     """ScoreAll's stream: consecutive chunks of (ids, scores, rows), each with its offset (entries before
-    it) and the version; rows default to 0..n-1."""
+    it) and the version; rows default to 0..n-1; the first chunk also names the valuation samples that were
+    shortened to the model's max_length."""
     assert len(ids) == len(scores)
     rows = list(range(len(ids))) if rows is None else list(rows)
     for a in range(0, len(ids), chunk_size):
         yield pb.ScoreAllChunk(offset=a, ids=ids[a : a + chunk_size], scores=scores[a : a + chunk_size],
-                               rows=rows[a : a + chunk_size], index_version=version)
+                               rows=rows[a : a + chunk_size], index_version=version,
+                               cut_samples=cut_samples if a == 0 else ())
 
 
 def delete_response(result) -> pb.DeleteResponse:
@@ -439,14 +442,15 @@ def search_result(answer: pb.Answer, version: str) -> SearchResult:
     """The in-process SearchResult of one answer."""
     return SearchResult(hits=[hit_from_pb(h) for h in answer.hits], version=version,
                         direction=_FROM_PB[answer.direction], candidates=answer.candidates,
-                        exact_scored=answer.exact_scored or None)
+                        exact_scored=answer.exact_scored or None, cut_samples=tuple(answer.cut_samples))
 
 
 def grouped_result(answer: pb.Answer, version: str, field: str) -> GroupedResult:
     """The in-process GroupedResult of one group-by answer."""
     groups = [Group(None if g.missing else g.key, g.count, g.total, g.mean, [hit_from_pb(h) for h in g.hits])
               for g in answer.groups]
-    return GroupedResult(field, groups, version, _FROM_PB[answer.direction], answer.exact_scored)
+    return GroupedResult(field, groups, version, _FROM_PB[answer.direction], answer.exact_scored,
+                         tuple(answer.cut_samples))
 
 
 def info_dict(msg: pb.InfoResponse) -> dict:

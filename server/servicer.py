@@ -128,7 +128,8 @@ class InfluenceServicer(pb_grpc.InfluenceServicer):
         query = convert.score_all_query(request, self._config, accepts_images=images)
         version, scores = await self.batcher.call(
             functools.partial(score_all, samples=query.samples, where=query.where), deadline_of(context))
-        for chunk in convert.score_chunks(scores.ids, scores.values.tolist(), query.chunk_size, version, scores.rows):
+        for chunk in convert.score_chunks(scores.ids, scores.values.tolist(), query.chunk_size, version, scores.rows,
+                                          scores.cut_samples):
             yield chunk
 
     @rpc(pb.DeleteRequest)
