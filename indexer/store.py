@@ -62,14 +62,14 @@ from .files import (
     SAFE_NAME, check_safe_name, excerpt, fault, fsync_dir, remove, sha256_file, write_atomic, write_new_file,
 )
 from .store_format import (
-    BUILDS_DIR, CURRENT_FILE, DONE_FILE, FORMAT_VERSION, LOCK_FILE, MANIFEST_FILE, SHARDS_DIR, TRASH_PREFIX,
-    VERSIONS_DIR, VERSION_NAME, manifest_bytes, parse_manifest, parse_shard_name, shard_schema, version_name,
-    walk_files,
+    BUILDS_DIR, CURRENT_FILE, DONE_FILE, FORMAT_VERSION, LOCK_FILE, MANIFEST_FILE, SHARDS_DIR, SIGNATURE_FILE,
+    TRASH_PREFIX, VERSIONS_DIR, VERSION_NAME, manifest_bytes, manifest_signature, parse_manifest, parse_shard_name,
+    shard_schema, signing_key_from_env, version_name, walk_files,
 )
 from .store_build import Build
 from .store_version import Version
 
-ANY = object()  # publish(expect_current=ANY): publish whatever CURRENT is
+ANY = object()  # publish(expect_current=ANY): whatever CURRENT is; IndexRoot(signing_key=ANY): from the environment
 __all__ = ["IndexRoot", "Build", "ShardWriter", "Version"]  # the store's roles: root (here), builds, versions
 
 
@@ -83,8 +83,11 @@ class IndexRoot:
         path: the index root directory (need not exist yet).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, signing_key: bytes | None | object = ANY):
+        """`signing_key`: published versions get a signature (HMAC of the manifest) and only versions signed
+        with it are read; ANY (default) = the key in FORVALUE_SIGNING_KEY_FILE, if set; None = no signing."""
         self.path = Path(path)
+        self.signing_key = signing_key_from_env() if signing_key is ANY else signing_key
 
     def __repr__(self) -> str:
         return f"IndexRoot({str(self.path)!r})"
@@ -250,6 +253,9 @@ class IndexRoot:
         )
         raw = manifest_bytes(body)
         write_atomic(build.path / MANIFEST_FILE, lambda f: f.write(raw))
+        if self.signing_key is not None:
+            sig = manifest_signature(self.signing_key, raw)
+            write_atomic(build.path / SIGNATURE_FILE, lambda f: f.write(sig))
         versions = self.path / VERSIONS_DIR
         versions.mkdir(exist_ok=True)
         fsync_dir(self.path)
@@ -383,7 +389,7 @@ def _hash_files(build: Build) -> dict[str, dict]:
     """
     files: dict[str, dict] = {}
     for rel, full in walk_files(build.path):
-        if rel == MANIFEST_FILE:
+        if rel in (MANIFEST_FILE, SIGNATURE_FILE):
             continue
         parts = rel.split("/")
         if parts[0] == SHARDS_DIR:

@@ -8,6 +8,7 @@ gc), store_build.py (builds) and store_version.py (published versions).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -34,6 +35,8 @@ VERSIONS_DIR = "versions"
 BUILDS_DIR = "builds"
 SHARDS_DIR = "shards"
 MANIFEST_FILE = "manifest.json"
+SIGNATURE_FILE = "manifest.sig"  # HMAC-SHA256 of manifest.json with the signing key, when one is configured
+SIGNING_KEY_ENV = "FORVALUE_SIGNING_KEY_FILE"
 DONE_FILE = "_DONE.json"
 METADATA_FILE = "metadata.jsonl"
 ROWINDEX_FILE = "rowindex.npy"
@@ -268,3 +271,47 @@ def group_positions(keys: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
 
 
 # ------------------------------------------------------------------------------------------------- root
+
+
+def manifest_signature(key: bytes, raw: bytes) -> bytes:
+    """The signature file's content for manifest bytes `raw`: hex HMAC-SHA256 with `key`, and a newline."""
+    return hmac.new(key, raw, hashlib.sha256).hexdigest().encode() + b"\n"
+
+
+def check_signature(key: bytes, raw: bytes, sig_path: Path, rel: str) -> None:
+    """Refuse a manifest that is not signed with `key` (no signature file, or another signature).
+
+    Raises:
+        IndexCorruptError: naming `rel`; the signature's content is never echoed.
+    """
+    try:
+        with open(sig_path, "rb") as f:
+            got = f.read(256)
+    except FileNotFoundError:
+        raise IndexCorruptError(f"{rel}: the version is not signed, and a signing key is configured "
+                                f"({SIGNING_KEY_ENV}); it was not published with the key: rebuild it with the key, "
+                                "or unset the key to read unsigned indexes") from None
+    if sig_path.is_symlink() or not hmac.compare_digest(got, manifest_signature(key, raw)):
+        raise IndexCorruptError(f"{rel}: the signature does not match the configured signing key ({SIGNING_KEY_ENV}):"
+                                " the manifest was changed or signed with another key; restore or rebuild this "
+                                "version")
+
+
+def signing_key_from_env() -> bytes | None:
+    """The signing key in the file named by FORVALUE_SIGNING_KEY_FILE (stripped), or None when unset.
+
+    Raises:
+        ConfigError: the file cannot be read or holds fewer than 16 bytes.
+    """
+    name = os.environ.get(SIGNING_KEY_ENV)
+    if not name:
+        return None
+    try:
+        key = Path(name).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"{SIGNING_KEY_ENV}: cannot read the signing key file {name!r} ({exc.strerror or exc}); "
+                          "point it at a readable file, or unset it") from None
+    if len(key) < 16:
+        raise ConfigError(f"{SIGNING_KEY_ENV}: the key in {name!r} is shorter than 16 bytes; make one with "
+                          "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+    return key

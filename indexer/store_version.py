@@ -14,8 +14,8 @@ import numpy as np
 from .errors import ConfigError, DataError, IndexCorruptError, IndexMismatchError
 from .files import sha256_file
 from .store_format import (
-    MANIFEST_FILE, METADATA_FILE, OFFSETS_FILE, ROWINDEX_FILE, SHARDS_DIR, VERSIONS_DIR, check_global_name,
-    group_positions, locate_rows, parse_manifest, shard_name, walk_files,
+    MANIFEST_FILE, METADATA_FILE, OFFSETS_FILE, ROWINDEX_FILE, SHARDS_DIR, SIGNATURE_FILE, VERSIONS_DIR,
+    check_global_name, check_signature, group_positions, locate_rows, parse_manifest, shard_name, walk_files,
 )
 
 if TYPE_CHECKING:
@@ -63,6 +63,8 @@ class Version:
         except FileNotFoundError:
             raise IndexCorruptError(f"{rel}: missing; restore or rebuild this version") from None
         version = cls(root, name, path, parse_manifest(raw, rel))
+        if getattr(root, "signing_key", None) is not None:
+            check_signature(root.signing_key, raw, path / SIGNATURE_FILE, rel)
         if verify:
             version.verify()
         return version
@@ -109,7 +111,7 @@ class Version:
                 raise IndexCorruptError(f"{where}: checksum differs from the manifest (sha256); the file is "
                                         "corrupt: restore or rebuild this version")
         for rel, _ in walk_files(self.path):
-            if rel != MANIFEST_FILE and rel not in files:
+            if rel not in (MANIFEST_FILE, SIGNATURE_FILE) and rel not in files:
                 raise IndexCorruptError(f"{self._rel(rel)}: not listed in the manifest; a published version "
                                         "never changes: remove the file or rebuild this version")
 
