@@ -10,7 +10,7 @@ import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -19,13 +19,11 @@ from .files import (
     HASH_BLOCK, TMP_PREFIX, fault, fsync_dir, json_bytes, remove, sha256_file, write_atomic, write_new_file,
 )
 from .store_format import (
-    DONE_FILE, MANIFEST_FILE, METADATA_FILE, OFFSETS_FILE, ROWINDEX_FILE, SHARDS_DIR, check_array, check_array_name,
-    check_global_name, check_shard, npy_writer, parse_shard_name, shard_index, shard_name,
+    DONE_FILE, MANIFEST_FILE, METADATA_FILE, OFFSETS_FILE, ROWINDEX_FILE, SHARDS_DIR, RootLike, check_array,
+    check_array_name, check_global_name, check_shard, npy_writer, parse_shard_name, shard_index, shard_name,
 )
 
-if TYPE_CHECKING:
-    from .store import IndexRoot
-    from .store_version import Version
+from .store_version import Version
 
 
 class Build:
@@ -40,7 +38,7 @@ class Build:
         path: DIR/builds/<key>.
     """
 
-    def __init__(self, root: IndexRoot, key: str, path: Path, lock_fd: int):
+    def __init__(self, root: RootLike, key: str, path: Path, lock_fd: int):
         self.root = root
         self.key = key
         self.path = path
@@ -48,7 +46,7 @@ class Build:
         self._done: dict[int, dict] = {}
 
     @classmethod
-    def _open(cls, root: IndexRoot, key: str, path: Path, verify: bool) -> Build:
+    def _open(cls, root: RootLike, key: str, path: Path, verify: bool) -> Build:
         for _ in range(10):
             path.mkdir(exist_ok=True)
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

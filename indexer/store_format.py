@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -272,6 +272,13 @@ def group_positions(keys: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
 
 # ------------------------------------------------------------------------------------------------- root
 
+
+
+class RootLike(Protocol):
+    """What a build or a version needs of its index root (store.IndexRoot): its folder and signing key."""
+
+    path: Path
+    signing_key: bytes | None
 
 def manifest_signature(key: bytes, raw: bytes) -> bytes:
     """The signature file's content for manifest bytes `raw`: hex HMAC-SHA256 with `key`, and a newline."""

@@ -7,19 +7,16 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .errors import ConfigError, DataError, IndexCorruptError, IndexMismatchError
 from .files import sha256_file
 from .store_format import (
-    MANIFEST_FILE, METADATA_FILE, OFFSETS_FILE, ROWINDEX_FILE, SHARDS_DIR, SIGNATURE_FILE, VERSIONS_DIR,
+    MANIFEST_FILE, METADATA_FILE, OFFSETS_FILE, ROWINDEX_FILE, SHARDS_DIR, SIGNATURE_FILE, VERSIONS_DIR, RootLike,
     check_global_name, check_signature, group_positions, locate_rows, parse_manifest, shard_name, walk_files,
 )
-
-if TYPE_CHECKING:
-    from .store import IndexRoot
 
 
 class Version:
@@ -40,7 +37,7 @@ class Version:
         arrays: name -> {"kind": "sample" | "token", "dtype", "shape": shape after the row/token axis}.
     """
 
-    def __init__(self, root: IndexRoot, name: str, path: Path, manifest: dict):
+    def __init__(self, root: RootLike, name: str, path: Path, manifest: dict):
         self.root = root
         self.name = name
         self.path = path
@@ -56,7 +53,7 @@ class Version:
         self._fds: dict[int, int] = {}
 
     @classmethod
-    def _open(cls, root: IndexRoot, name: str, path: Path, verify: bool) -> Version:
+    def _open(cls, root: RootLike, name: str, path: Path, verify: bool) -> Version:
         rel = f"{VERSIONS_DIR}/{name}/{MANIFEST_FILE}"
         try:
             raw = (path / MANIFEST_FILE).read_bytes()
