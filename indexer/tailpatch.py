@@ -80,7 +80,12 @@ def adam_first_step(params: dict[str, torch.Tensor], grads: Sequence[torch.Tenso
     """θ − lr · g / (|g| + ε) for every weight: the first step of a fresh Adam (bias-corrected m̂ = g, v̂ = g²)."""
     out = {}
     for (name, p), g in zip(params.items(), grads):
-        out[name] = p if g is None else p - lr * g / (g.abs() + ADAM_EPS)
+        if g is None:
+            out[name] = p
+            continue
+        step = g.abs().add_(ADAM_EPS)  # one buffer per weight, updated in place: 135M-weight models step often
+        torch.div(g, step, out=step)
+        out[name] = step.mul_(-lr).add_(p)
     return out
 
 

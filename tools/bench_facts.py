@@ -270,6 +270,8 @@ def main() -> None:
     best = max(study, key=lambda n: (study[n]["recall_at_m"], study[n]["mrr"]))
     report["study_best"] = best
     log(f"study best: {best} {study[best]}")
+    # the rankings are final here: keep them should the (slow) tail-patch be cut short
+    (out / f"report-s{args.seed}-rankings.json").write_text(json.dumps(report) + "\n")
 
     # 5. tail-patch from the final weights
     t0 = time.perf_counter()
