@@ -11,8 +11,8 @@ cached under --out by a hash of rows and settings). The other half's questions a
 (exact match of the greedy answer tokens), then every method ranks the training rows (the question/answer
 rows of the first half included, as negatives) for each question; gold = the statements of its fact.
 
-Methods: forvalue (through a real index built with the `--index-checkpoint` model, default base: the issue's
-measurements and the study below say the pretrained model sees the statements best), forvalue_final and
+Methods: forvalue (through a real index built with the `--index-checkpoint` model, default base: exact
+For-Value as the library ships it; `study` measures the alternatives, see docs/results.md), forvalue_final and
 forvalue_pretrained (exact For-Value with the final / base model), bm25 (bm25s, query = question + answer),
 emb (the Emb baseline of `forvalue eval --method emb`, base model), random (a floor). Metrics: MRR,
 recall@10 (any gold in the top 10), recall@m (share of the m gold rows in the top m); tail-patch
