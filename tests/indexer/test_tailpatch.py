@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from forvalue.indexer.tailpatch import answer_logprob, response_loss, tail_patch, tail_patch_reference
+from forvalue.indexer.tailpatch import (answer_logprob, response_loss, response_token_logprobs, tail_patch,
+                                       tail_patch_reference)
 from tests.factories import make_model, make_tokenizer
 
 TRAIN = [("Alvor was born in", " Velmora"), ("The sky above is", " blue and wide"),
@@ -50,7 +51,6 @@ def test_answer_logprob_and_loss_are_consistent(tiny):
     n_tokens = len(tok(TRAIN[2][1], add_special_tokens=False)["input_ids"]) + 1
     with torch.no_grad():
         loss = response_loss(model, tok, [TRAIN[2]])
-    from forvalue.indexer.tailpatch import response_token_logprobs
     with torch.no_grad():
         tlp, mask = response_token_logprobs(model, tok, [TRAIN[2]], add_eos=True)
     assert int(mask.sum()) == n_tokens
