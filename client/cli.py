@@ -919,10 +919,29 @@ def _write_ranking(out_path, selected_out, ids, scores, chosen, order, ranks, pe
                    "PNGs go to OUT's folder, in <stem>_images/. --noise then captions the wrong shape and colour.")
 @click.option("--image-size", type=click.IntRange(16, 1024), default=64, show_default=True,
               help="With --vlm: side of the square images in pixels.")
+@click.option("--facts", is_flag=True,
+              help="The fact-tracing set instead (indexer/facts.py): statements of fictional people's facts, "
+                   "distractors (negatives) and one question per fact (split test).")
+@click.option("--people", type=click.IntRange(1), default=30, show_default=True, help="With --facts.")
+@click.option("--fields", type=click.IntRange(1), default=4, show_default=True, help="With --facts.")
+@click.option("--templates", type=click.IntRange(1), default=4, show_default=True,
+              help="With --facts: paraphrased statements per fact.")
+@click.option("--distractors", type=click.IntRange(0), default=1, show_default=True, help="With --facts.")
 @handle_errors
-def example_cmd(out, classes, train_per_class, test_per_class, noise, seed, vlm, image_size):
+def example_cmd(out, classes, train_per_class, test_per_class, noise, seed, vlm, image_size, facts, people, fields,
+                templates, distractors):
     """Write forvalue's own small labelled example dataset (sentence transformations; with --vlm coloured
-    shapes with captions) as JSONL."""
+    shapes with captions; with --facts fact tracing) as JSONL."""
+    if facts:
+        from forvalue.indexer.facts import write_facts_example
+
+        try:
+            n = write_facts_example(out, n_people=people, n_fields=fields, n_templates=templates,
+                                    n_distractors=distractors, seed=seed)
+        except ValueError as exc:
+            _fail(f"--facts: {exc}")
+        click.echo(f"wrote {n} rows to {out}", err=True)
+        return
     if vlm:
         from forvalue.indexer.shapes import STYLES, write_shapes_example
 

@@ -207,3 +207,41 @@ def fidelity_at_k(S_exact: Any, S_approx: Any, k: int, C: int) -> float:
         reranked = cand[top_order(e_row[cand])[:k]]
         out.append(len(set(reranked.tolist()) & set(top_order(e_row)[:k].tolist())) / k)
     return float(np.mean(out))
+
+
+# --------------------------------------------------------------------------------------------------
+# Retrieval metrics of one ranking against a set of gold rows (fact tracing). Ties are broken by index,
+# lower index first (top_order), so every value is deterministic.
+
+
+def reciprocal_rank(scores: Any, gold: Any) -> float:
+    """1 / (1-based rank of the highest-ranked gold row) in the order of `scores` (n,); NaN with no gold."""
+    s, y = _check_pair(scores, gold)
+    if not y.any():
+        return math.nan
+    first = int(np.flatnonzero(y[top_order(s)])[0])
+    return 1.0 / (first + 1)
+
+
+def hit_at_k(scores: Any, gold: Any, k: int) -> float:
+    """Recall@k in the "any gold" sense: 1.0 when a gold row is among the k highest scores, else 0.0 (NaN
+    with no gold)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    s, y = _check_pair(scores, gold)
+    if not y.any():
+        return math.nan
+    return float(y[top_order(s)[:k]].any())
+
+
+def retrieval_summary(S: Any, gold: Any, k: int = 10) -> dict[str, float]:
+    """Mean MRR, recall@k (any gold in the top k) and recall@m (share of the m gold rows in the top m) over
+    the rows of S (n_queries, n) against the boolean gold matrix of the same shape; rows with no gold are left
+    out of the means (NaN if none has gold)."""
+    M, G = np.asarray(S, dtype=np.float64), np.asarray(gold)
+    if M.ndim != 2 or G.shape != M.shape:
+        raise ValueError(f"S and gold must be 2-D of the same shape, got {M.shape} and {G.shape}")
+    rr = [reciprocal_rank(M[i], G[i]) for i in range(M.shape[0])]
+    hit = [hit_at_k(M[i], G[i], k) for i in range(M.shape[0])]
+    rm = [recall_at_m(M[i], G[i]) for i in range(M.shape[0])]
+    return {"mrr": _mean_std(rr)[0], f"recall_at_{k}": _mean_std(hit)[0], "recall_at_m": _mean_std(rm)[0]}

@@ -110,6 +110,16 @@ def test_example_command_writes_rows(tmp_path):
     assert len(out.read_text().splitlines()) == 6
 
 
+def test_example_facts_writes_the_fact_tracing_set(tmp_path):
+    out = tmp_path / "facts.jsonl"
+    r = run("example", "--facts", "--out", str(out), "--people", "3", "--fields", "2", "--templates", "2")
+    assert r.exit_code == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 * 2 * (2 + 1 + 1) and {r["role"] for r in rows} == {"statement", "distractor", "question"}
+    r = run("example", "--facts", "--out", str(out), "--templates", "9")
+    assert r.exit_code == 2 and "n_templates" in r.stderr
+
+
 @pytest.mark.slow
 def test_eval_default_model_on_example(tmp_path):
     """The main job on the real default model: same-class training rows rank first."""

@@ -186,3 +186,39 @@ def test_candidate_recall_and_fidelity():
     assert candidate_recall_topk(exact, approx, 2, 5) == 1.0
     assert fidelity_at_k(exact, approx, 2, 5) == 1.0
     assert fidelity_at_k(exact, exact, 3, 3) == 1.0
+
+
+def test_reciprocal_rank_hand_computed():
+    from forvalue.indexer.metrics import reciprocal_rank
+
+    # order by score: idx 3 (0.9), 0 (0.8), 2 (0.5), 1 (0.1); gold {2, 1} → first gold at rank 3
+    assert reciprocal_rank([0.8, 0.1, 0.5, 0.9], [0, 1, 1, 0]) == pytest.approx(1 / 3)
+    assert reciprocal_rank([0.8, 0.1, 0.5, 0.9], [0, 0, 0, 1]) == 1.0
+    # a tie goes to the lower index: idx 0 and 1 tie, gold idx 1 ranks second
+    assert reciprocal_rank([1.0, 1.0, 0.0], [0, 1, 0]) == 0.5
+    assert math.isnan(reciprocal_rank([1.0, 2.0], [0, 0]))
+
+
+def test_hit_at_k_and_recall_at_m_hand_computed():
+    from forvalue.indexer.metrics import hit_at_k, recall_at_m
+
+    s = [0.8, 0.1, 0.5, 0.9, 0.3]
+    g = [0, 1, 1, 0, 0]  # ranks: 3, 0, 2, 4, 1 → gold at ranks 3 and 5
+    assert hit_at_k(s, g, 2) == 0.0
+    assert hit_at_k(s, g, 3) == 1.0
+    assert recall_at_m(s, g) == 0.0  # m = 2: top 2 are idx 3 and 0
+    assert recall_at_m(s, [1, 1, 1, 0, 0]) == pytest.approx(2 / 3)  # top 3: 3, 0, 2 → gold 0 and 2
+    with pytest.raises(ValueError, match="k must be"):
+        hit_at_k(s, g, 0)
+
+
+def test_retrieval_summary_means_over_rows_with_gold():
+    from forvalue.indexer.metrics import retrieval_summary
+
+    S = [[0.9, 0.1, 0.5], [0.1, 0.9, 0.5], [0.3, 0.2, 0.1]]
+    G = [[0, 0, 1], [0, 1, 1], [0, 0, 0]]
+    out = retrieval_summary(S, G, k=1)
+    # row 0: gold idx 2 at rank 2 → rr 1/2, hit@1 0, recall@m (m=1) 0; row 1: rr 1, hit 1, top 2 = {1, 2} → 1
+    assert out == {"mrr": pytest.approx(0.75), "recall_at_1": 0.5, "recall_at_m": 0.5}
+    with pytest.raises(ValueError, match="same shape"):
+        retrieval_summary(S, [[0, 1]], k=1)
