@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .forward import ForwardConfig, encode, pad_batch
+from .features import ForwardConfig, pad_batch
+from .forward import encode
 
 ADAM_EPS = 1e-8
 

@@ -36,11 +36,13 @@ import numpy as np
 import torch
 
 from forvalue.indexer import metrics
+from forvalue.indexer.config import ScoreConfig
 from forvalue.indexer.data import Sample, load_eval_sets
 from forvalue.indexer.evaluate import index_ranking, peak_rss_mb
-from forvalue.indexer.forward import Features, ForwardConfig, Head, encode, extract_features, pad_batch
+from forvalue.indexer.features import Features, ForwardConfig, Head, pad_batch
+from forvalue.indexer.forward import encode, extract_features
 from forvalue.indexer.model import load_model
-from forvalue.indexer.score import ScoreConfig, exact_scores, scores
+from forvalue.indexer.score import exact_scores, scores
 from forvalue.indexer.tailpatch import response_loss, tail_patch
 
 CHECKPOINTS = ("base", "intermediate", "final")
@@ -129,7 +131,8 @@ def bm25_scores(train: list[Sample], questions: list[Sample]) -> torch.Tensor:
 
 def index_scores(lm, train: list[Sample], questions: list[Sample], root: Path, rerank: int) -> tuple[torch.Tensor, dict]:
     """The ranking the index gives (first stage top-`rerank` re-ranked exactly, then the sketch order)."""
-    from forvalue.indexer.build import BuildConfig, build_index
+    from forvalue.indexer.build import build_index
+    from forvalue.indexer.config import BuildConfig
     from forvalue.indexer.index import Index
 
     t0 = time.perf_counter()
@@ -139,7 +142,7 @@ def index_scores(lm, train: list[Sample], questions: list[Sample], root: Path, r
     fv = index.encode(questions)
     q = index.query_sketches(fv)
     approx = index.sketch_scores(q).double()
-    through = index.score_all(fv).double()
+    through = index.score_matrix(fv).double()
     C = min(rerank, index.n)
     _, top_ids = index.ann.search(q.float().numpy(), C, "most")
     empty = torch.zeros(0, dtype=torch.long)
