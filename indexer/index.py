@@ -281,6 +281,8 @@ class Index:
     def query_norm(self, features: Features, probs: torch.Tensor | None = None) -> float:
         """‖Ḡ‖ of the query group, Ḡ = mean of its members' G: sqrt(mean_vv' S(v, v'))."""
         if features.n == 1:
+            if self.head.weight.device.type != "cpu":  # a pass over the whole vocabulary: on the model's device
+                return float(self_scores(features.to(self.head.weight.device), self.head)[0].clamp(min=0).sqrt())
             return float(self_scores(features, self._cpu_head)[0].clamp(min=0).sqrt())
         return float(exact_scores(features, features, self._cpu_head, pv=probs).mean().clamp(min=0).sqrt())
 
