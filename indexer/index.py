@@ -82,6 +82,7 @@ class Index:
         self.query_top = 32
         self._labels = None  # token id → text, cached (explain)
         self._ids: list[str] | None = None  # ids in row order, read on first use
+        self._shape: dict[str, float] | None = None  # sizes of an answer (shape()), read on first use
         self._calibration: np.ndarray | None = None  # sketches of the rows percentiles are taken among
         # flat: exact search over the (checksummed) sketch arrays, built on load; IVF: its stored file
         version.open_all()  # every file open now: serving goes on if gc deletes the version's directory
@@ -98,13 +99,17 @@ class Index:
 
     def shape(self) -> dict[str, float]:
         """What sizes an answer of this index version, read from its manifest: rows, the mean bytes of a
-        stored row (metadata) and the mean scored tokens of a row (the service's request cost checks)."""
+        stored row (metadata) and the mean scored tokens of a row (the service's request cost checks). Read
+        once per loaded version: every TopK asks for it, and the manifest lists every file of every shard."""
+        if self._shape is not None:
+            return self._shape
         files = self.manifest.get("files", {})
         n = max(self.n, 1)
         row_bytes = sum(int(f["bytes"]) for p, f in files.items() if p.endswith("metadata.jsonl")) / n
         y_bytes = sum(int(f["bytes"]) - 128 for p, f in files.items() if p.endswith("/y.npy"))
         itemsize = int(self.manifest["arrays"]["y"]["dtype"][-1]) if "y" in self.manifest.get("arrays", {}) else 4
-        return {"rows": self.n, "row_bytes": row_bytes, "row_tokens": max(y_bytes, 0) / itemsize / n}
+        self._shape = {"rows": self.n, "row_bytes": row_bytes, "row_tokens": max(y_bytes, 0) / itemsize / n}
+        return self._shape
 
     @property
     def accepts_images(self) -> bool:
