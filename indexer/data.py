@@ -249,23 +249,25 @@ def load_eval_sets(
 
 
 def load_valuation_set(path: str | os.PathLike[str], fields: FieldMap = FieldMap(),
-                       require: Sequence[str] = ()) -> list[Sample]:
+                       require: Sequence[str] = (), split: str | None = None) -> list[Sample]:
     """The valuation rows of `path`: the test part of a DataInf prefix, the split test rows of a file with
-    a split column, or every row of a file without one.
+    a split column, or every row of a file without one. `split` given: only the rows with that split value
+    (any file; the CLI's --split).
 
     Raises:
         DataError: a row is invalid or no valuation row is left.
     """
     p = Path(path)
     parts = _datainf_parts(p)
-    if parts is not None:
-        samples = _with_split(read_samples(dict(parts)["test"], fields, require=tuple(require)), "test")
+    want = split or "test"
+    if parts is not None and want in dict(parts):
+        samples = _with_split(read_samples(dict(parts)[want], fields, require=tuple(require)), want)
     else:
         samples = read_samples(p, fields, require=tuple(require))
-        if any(s.split is not None for s in samples):
-            samples = [s for s in samples if s.split == "test"]
+        if split is not None or any(s.split is not None for s in samples):
+            samples = [s for s in samples if s.split == want]
     if not samples:
-        raise DataError("no valuation rows (split test)", path=str(p))
+        raise DataError(f"no valuation rows (split {want})", path=str(p))
     return samples
 
 
@@ -462,7 +464,8 @@ def _parse_row(
         if name == "label" and datainf and column not in obj:
             column = DATAINF_LABEL
         if obj.get(column) is None and not (name == "split" and split is not None):
-            raise fail(f"missing required field {column!r}; add it to every row or map it with FieldMap")
+            raise fail(f"missing required field {column!r}; add it to every row, or name the column that holds it "
+                       f"with --{name}-field")
 
     prompt, response = _parse_texts(obj, fields, datainf, used, fail)
 
