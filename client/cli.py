@@ -155,8 +155,11 @@ def _dtype() -> str:
 
 def _load_model(model_path, device):
     """The model for a command, on `device` in the command's --dtype."""
+    from transformers.utils import logging as hf_logging
+
     from forvalue.indexer.model import load_model
 
+    hf_logging.disable_progress_bar()  # its per-load "Loading weights" bar: forvalue draws its own, on a terminal
     with _spinner(f"loading the model ({model_path or 'SmolLM2-135M-Instruct'}) on {device}"):
         return load_model(model_path, device=device, dtype=_dtype())
 
