@@ -1203,8 +1203,12 @@ def example_cmd(out, classes, train_per_class, test_per_class, noise, seed, vlm,
         try:
             n = write_facts_example(out, n_people=people, n_fields=fields, n_templates=templates,
                                     n_distractors=distractors, seed=seed)
-        except ValueError as exc:
-            _fail(f"--facts: {exc}")
+        except ValueError as exc:  # the library's parameter names → the flags
+            message = str(exc)
+            for param, flag in (("n_people", "--people"), ("n_fields", "--fields"), ("n_templates", "--templates"),
+                                ("n_distractors", "--distractors")):
+                message = message.replace(param, flag)
+            _fail(f"--facts: {message}")
         click.echo(f"wrote {n} rows to {out}", err=True)
         return
     if vlm:

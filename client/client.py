@@ -261,7 +261,7 @@ class InfluenceClient:
         except grpc.RpcError as exc:
             raise self._error(exc) from None
         if len(versions) > 1:
-            raise ServerError(self.address, None, f"ScoreAll mixed index versions {sorted(versions)}")
+            raise ServerError(self.address, None, f"ScoreAll mixed index versions {', '.join(sorted(versions))}")
         return Scores(ids, rows, np.asarray(scores, dtype=np.float64), next(iter(versions), ""), tuple(cut))
 
     def info(self) -> dict:
