@@ -29,7 +29,7 @@ from forvalue.indexer.results import DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BA
 from forvalue.server.config import ServerConfig
 
 EXIT_USAGE = 2
-DEFAULT_WAIT = 10.0  # seconds --wait (forvalue.client.client.DEFAULT_WAIT, not imported: it pulls in grpc)
+DEFAULT_WAIT = 10.0  # --wait: seconds a --server command waits for a server that is still starting
 EXIT_UNREACHABLE = 3  # the server did not answer (nothing listens, or still loading when --wait ran out)
 INDEX_ENV, MODEL_ENV, SERVER_ENV = "FORVALUE_INDEX", "FORVALUE_MODEL", "FORVALUE_SERVER"
 # what `pip install 'forvalue[engine]'` brings (pyproject.toml): a command that runs a model needs them
@@ -101,17 +101,13 @@ _PROGRESS_KEY = "forvalue.progress"
 
 
 def progress_option(fn):
-    """--no-progress. The command gets `no_progress` only if it names it; `_progress()` says whether to draw:
-    on a terminal (stderr), and never with --no-progress or --json."""
-    import inspect
-
-    takes = "no_progress" in inspect.signature(fn).parameters
+    """--no-progress (the command does not take it): `_progress()` then says whether to draw bars and spinners:
+    only on a terminal (stderr), and never with --no-progress or --json."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args, no_progress, **kwargs):
         from forvalue.client.progress import stderr_is_tty
 
-        no_progress = kwargs["no_progress"] if takes else kwargs.pop("no_progress")
         wanted = not no_progress and not kwargs.get("as_json", False) and stderr_is_tty()
         click.get_current_context().meta[_PROGRESS_KEY] = wanted
         return fn(*args, **kwargs)
@@ -900,11 +896,9 @@ def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars
               metrics_port, metrics_host, max_explain_pairs, enable_admin, insecure_admin):
     """Serve an index over gRPC (forvalue.v1.Influence, grpc.health.v1, reflection) until SIGTERM.
 
-    Logs to stderr what it serves once loaded (index, version, rows, model, address) and every index swap."""
+    Prints to stderr what it serves once loaded (index, version, rows, model, address) and every index swap."""
     from forvalue.server.app import serve
     from forvalue.server.config import ServerConfig
-
-    logging.getLogger("forvalue.server").setLevel(logging.INFO)  # start and swap lines even without -v
 
     config = ServerConfig(index_dir=index_dir, model_path=model_path, device=device, dtype=_dtype(), k_cap=k_cap,
                           max_sample_chars=max_sample_chars, max_queue=max_queue, reflection=not no_reflection,
@@ -1191,7 +1185,8 @@ Examples:
 @click.option("--templates", type=click.IntRange(1), default=4, show_default=True,
               help="With --facts: paraphrased statements per fact.")
 @click.option("--distractors", type=click.IntRange(0), default=1, show_default=True,
-              help="With --facts: distractor rows per fact (same person and value in an unrelated relation; negatives).")
+              help="With --facts: distractor rows per fact (the same person and value in an unrelated relation; "
+                   "negatives).")
 @handle_errors
 def example_cmd(out, classes, train_per_class, test_per_class, noise, seed, vlm, image_size, facts, people, fields,
                 templates, distractors):
