@@ -5,7 +5,10 @@
         ids, scores = c.score_all(valuation_pairs)                  # every training row's value
 
 Every failed call raises `ServerError` (a ForValueError) carrying the gRPC status code and the server's
-message, e.g. "server 127.0.0.1:50051: INVALID_ARGUMENT: k: must be between 1 and 1000, got 0".
+message, e.g. "server 127.0.0.1:50051: INVALID_ARGUMENT: k: must be between 1 and 1000, got 0"; a call that
+reached no server at all raises its subclass `ServerUnreachableError`, with a message for people instead of
+grpc's connection text. `wait_until_ready(seconds)` waits for a server that is still starting (what the CLI's
+`--wait` does before its first call).
 """
 
 from __future__ import annotations
