@@ -54,14 +54,16 @@ class ServerNotReadyError(ServerUnreachableError):
                                      f"{waited:g} s (health {status}); wait longer (--wait SECONDS) or see its log")
 
 
+# how grpc itself words a call that found no server (a server's own UNAVAILABLE, e.g. a router naming a down shard,
+# may quote these words but never starts with them)
+_NO_SERVER = ("failed to connect to all addresses", "dns resolution failed", "errors resolving", "empty address list")
+
+
 def _is_connection_failure(exc: grpc.RpcError) -> bool:
-    """Whether a failed call never reached a server (refused, unresolvable, no route), as opposed to a server
-    that answered UNAVAILABLE itself (still loading, draining)."""
-    if exc.code() != grpc.StatusCode.UNAVAILABLE:
-        return False
+    """Whether a failed call never reached a server (refused, unresolvable), as opposed to a server that answered
+    UNAVAILABLE itself (still loading, draining, a router whose shard is down)."""
     details = (exc.details() or "").lower()
-    return any(m in details for m in ("failed to connect", "connection refused", "dns resolution", "unreachable",
-                                      "connect failed", "connection reset", "no route"))
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and details.startswith(_NO_SERVER)
 
 
 def _credentials(tls: bool | str | None) -> grpc.ChannelCredentials | None:

@@ -200,14 +200,15 @@ def test_split_selects_the_valuation_rows(sources, local_index, labelled, where,
     assert r.exit_code == 2 and "--split selects rows of --valuation" in r.stderr
 
 
-def test_an_unreachable_server_is_one_human_line_exit_3():
-    for wait in ("0", "0.5"):
-        r = CliRunner().invoke(main, ["query", "--server", "127.0.0.1:1", "--response", RESPONSE, "--wait", wait])
-        assert r.exit_code == EXIT_UNREACHABLE, r.output
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and "cannot reach forvalue server at 127.0.0.1:1" in lines[0], r.stderr
-        assert "forvalue serve" in lines[0] and "UNAVAILABLE" not in lines[0] and "grpc" not in lines[0].lower()
-    assert "after 0.5 s" in r.stderr
+@pytest.mark.parametrize("address,wait", [("127.0.0.1:1", "0"), ("127.0.0.1:1", "0.5"),
+                                          ("nosuchhost.invalid:1", "0")])
+def test_an_unreachable_server_is_one_human_line_exit_3(address, wait):
+    r = CliRunner().invoke(main, ["query", "--server", address, "--response", RESPONSE, "--wait", wait])
+    assert r.exit_code == EXIT_UNREACHABLE, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"cannot reach forvalue server at {address}" in lines[0], r.stderr
+    assert "forvalue serve" in lines[0] and "UNAVAILABLE" not in lines[0] and "grpc" not in lines[0].lower()
+    assert ("after 0.5 s" in lines[0]) == (wait == "0.5")
 
 
 def test_a_starting_server_is_waited_for(served_index, local_index):
