@@ -399,7 +399,10 @@ def open_source(server, index_dir, model_path, device, token_file, tls, tls_ca):
         return
     from forvalue.indexer.index import Index
 
-    with Index.open(index_dir, _load_model(model_path, device)) as index:
+    lm = _load_model(model_path, device)
+    with _spinner(f"opening the index {index_dir}"):
+        index = Index.open(index_dir, lm)
+    with index:
         yield index, f"index {index_dir}"
 
 
