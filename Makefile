@@ -30,7 +30,7 @@ demo: setup
 	# the corrupted rows stand out (clean AUC)?
 	$(BIN)/forvalue eval $(OUT)/example.jsonl --tokens all
 	# the influence index over the training rows, then the same evaluation through it
-	$(BIN)/forvalue index build --data $(OUT)/example.jsonl --split train --out $(OUT)/index --tokens all
+	$(BIN)/forvalue index build --data $(OUT)/example.jsonl --split train --index $(OUT)/index --tokens all
 	$(BIN)/forvalue eval $(OUT)/example.jsonl --index $(OUT)/index --rerank 50
 
 test: setup

@@ -1,7 +1,12 @@
 """The `forvalue` command line: a thin click group over the library.
 
 Heavy imports (torch, transformers) happen inside the commands so `forvalue --help` is instant. Every
-forvalue error (bad data, bad model path, bad option) becomes one line on stderr and exit code 2.
+forvalue error (bad data, bad model path, bad option) becomes one line on stderr and exit code 2; a server that
+cannot be reached, exit code 3 (EXIT_UNREACHABLE).
+
+Conventions every command follows: the index directory is `--index/-i DIR` (FORVALUE_INDEX), the model
+`--model` (FORVALUE_MODEL), the server `--server HOST:PORT` (FORVALUE_SERVER); `-v` works before or after the
+command; `--help` ends with examples; progress goes to stderr, only on a terminal and never with --json.
 """
 
 from __future__ import annotations
@@ -24,14 +29,22 @@ from forvalue.indexer.results import DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BA
 from forvalue.server.config import ServerConfig
 
 EXIT_USAGE = 2
+DEFAULT_WAIT = 10.0  # --wait: seconds a --server command waits for a server that is still starting
+EXIT_UNREACHABLE = 3  # the server did not answer (nothing listens, or still loading when --wait ran out)
+INDEX_ENV, MODEL_ENV, SERVER_ENV = "FORVALUE_INDEX", "FORVALUE_MODEL", "FORVALUE_SERVER"
 # what `pip install 'forvalue[engine]'` brings (pyproject.toml): a command that runs a model needs them
 ENGINE_MODULES = frozenset({"torch", "transformers", "gguf", "accelerate", "tqdm", "faiss", "grpc_reflection",
                             "prometheus_client"})
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
     click.echo(f"forvalue: error: {message}", err=True)
-    sys.exit(EXIT_USAGE)
+    sys.exit(code)
+
+
+def _exit_code(exc: Exception) -> int:
+    client = sys.modules.get("forvalue.client.client")  # imported only by the --server commands (grpc)
+    return EXIT_UNREACHABLE if client is not None and isinstance(exc, client.ServerUnreachableError) else EXIT_USAGE
 
 
 def handle_errors(fn):
@@ -44,7 +57,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except ForValueError as exc:
-            _fail(str(exc))
+            _fail(str(exc), _exit_code(exc))
         except ModuleNotFoundError as exc:
             if exc.name and exc.name.split(".")[0] in ENGINE_MODULES:
                 _fail(f"this needs the model side of forvalue ({exc.name} is not installed): pip install "
@@ -71,10 +84,15 @@ def field_options(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         click.get_current_context().meta[_SCHEMA_KEY] = {n: kwargs.pop(n) for n in ("format", "template", "turns")}
-        try:
-            kwargs["fields"] = FieldMap(**{n: kwargs.pop(f"{n}_field") for n in names})
-        except ValueError as exc:
-            _fail(str(exc))
+        columns = {n: kwargs.pop(f"{n}_field") for n in names}
+        for n, column in columns.items():  # checked here to name the flags (FieldMap's own errors name itself)
+            if not column.strip():
+                _fail(f"--{n}-field must name a column, got {column!r}")
+        for column in sorted(set(columns.values())):
+            flags = [f"--{n}-field" for n, c in columns.items() if c == column]
+            if len(flags) > 1:
+                _fail(f"{' and '.join(flags)} name the same column {column!r}; give each its own")
+        kwargs["fields"] = FieldMap(**columns)
         return fn(*args, **kwargs)
 
     for f in reversed(dataclasses.fields(FieldMap)):
@@ -117,6 +135,37 @@ def _kept_schema(source) -> dict | None:
     return source.info()["manifest"].get("data")
 
 
+_PROGRESS_KEY = "forvalue.progress"
+
+
+def progress_option(fn):
+    """--no-progress (the command does not take it): `_progress()` then says whether to draw bars and spinners:
+    only on a terminal (stderr), and never with --no-progress or --json."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, no_progress, **kwargs):
+        from forvalue.client.progress import stderr_is_tty
+
+        wanted = not no_progress and not kwargs.get("as_json", False) and stderr_is_tty()
+        click.get_current_context().meta[_PROGRESS_KEY] = wanted
+        return fn(*args, **kwargs)
+
+    return click.option("--no-progress", is_flag=True,
+                        help="No progress bars or spinners on stderr (they are drawn only on a terminal, and never "
+                             "with --json).")(wrapper)
+
+
+def _progress() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx.meta.get(_PROGRESS_KEY, False)) if ctx is not None else False
+
+
+def _spinner(message: str):
+    from forvalue.client.progress import spinner
+
+    return spinner(message, _progress())
+
+
 _DTYPE_KEY = "forvalue.dtype"
 
 
@@ -140,9 +189,13 @@ def _dtype() -> str:
 
 def _load_model(model_path, device):
     """The model for a command, on `device` in the command's --dtype."""
+    from transformers.utils import logging as hf_logging
+
     from forvalue.indexer.model import load_model
 
-    return load_model(model_path, device=device, dtype=_dtype())
+    hf_logging.disable_progress_bar()  # its per-load "Loading weights" bar: forvalue draws its own, on a terminal
+    with _spinner(f"loading the model ({model_path or 'SmolLM2-135M-Instruct'}) on {device}"):
+        return load_model(model_path, device=device, dtype=_dtype())
 
 
 class BatchTokens(click.ParamType):
@@ -171,9 +224,8 @@ def model_options(fn):
                      help="Longest token sequence; longer samples lose prompt tokens from the left."),
         click.option("--tokens", type=click.Choice(TOKEN_SCOPES), default=BuildConfig.tokens, show_default=True,
                      help="Scored positions: the response (+EOS), or every position of prompt + response."),
-        click.option("--model", "model_path", default=None,
-                     help="Local Hugging Face model directory or .gguf file [default: SmolLM2-135M-Instruct]; "
-                          "random:ARCH (e.g. random:qwen2.5-0.5b) times a randomly initialised real architecture."),
+        model_option("Local Hugging Face model directory or .gguf file [default: SmolLM2-135M-Instruct]; "
+                     "random:ARCH (e.g. random:qwen2.5-0.5b) times a randomly initialised real architecture."),
     ]
     for opt in opts:
         fn = opt(fn)
@@ -185,6 +237,86 @@ def color_option(fn):
     return click.option("--color/--no-color", "color", default=None,
                         help="Colours and a compact table, or plain text [default: colours when the output is a "
                              "terminal and NO_COLOR is unset].")(fn)
+
+
+def model_option(help_text: str = "The model the index was built with (Hugging Face directory or .gguf) "
+                                  "[default: SmolLM2-135M-Instruct]."):
+    """--model PATH, defaulting to the FORVALUE_MODEL environment variable."""
+    return click.option("--model", "model_path", default=None, envvar=MODEL_ENV, show_envvar=True, metavar="PATH",
+                        help=help_text)
+
+
+def server_option(help_text: str):
+    """--server HOST:PORT, defaulting to the FORVALUE_SERVER environment variable."""
+    return click.option("--server", "server", default=None, envvar=SERVER_ENV, show_envvar=True, metavar="HOST:PORT",
+                        help=help_text)
+
+
+class _HiddenArgument(click.Argument):
+    """A positional argument kept for old command lines (deprecated): shown in no usage line or help."""
+
+    def get_usage_pieces(self, ctx):
+        return []
+
+
+def _from_env(name: str) -> bool:
+    from click.core import ParameterSource
+
+    return click.get_current_context().get_parameter_source(name) == ParameterSource.ENVIRONMENT
+
+
+def index_option(help_text: str, required: bool = True, env: bool = True, aliases: tuple[str, ...] = (),
+                 positional: bool = False):
+    """-i/--index DIR, the one spelling of the index directory in every command (FORVALUE_INDEX with `env`).
+
+    Old spellings keep working, hidden and with a deprecation warning: `aliases` (e.g. --out of `index build`)
+    and, with `positional`, a bare INDEX_DIR argument (`index info|gc`). The command gets `index_dir`; with
+    `required` a missing one is one line, exit 2.
+    """
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            given = kwargs["index_dir"]
+            explicit = given is not None and not _from_env("index_dir")
+            olds = [(a, kwargs.pop(f"index_alias_{a.strip('-')}")) for a in aliases]
+            if positional:
+                olds.append(("INDEX_DIR (positional)", kwargs.pop("index_positional")))
+            for spelling, value in olds:
+                if value is None:
+                    continue
+                click.echo(f"forvalue: warning: {spelling} is deprecated; write --index {value}", err=True)
+                if explicit and value != given:
+                    _fail(f"--index {given} and {spelling} {value} name different directories; give --index only")
+                given, explicit = value, True
+            if required and given is None:
+                _fail(f"give the index directory: --index DIR (or set {INDEX_ENV})")
+            kwargs["index_dir"] = given
+            return fn(*args, **kwargs)
+
+        for alias in aliases:
+            wrapper = click.option(alias, f"index_alias_{alias.strip('-')}", default=None, hidden=True)(wrapper)
+        wrapper = click.option("-i", "--index", "index_dir", default=None, metavar="DIR", help=help_text,
+                               envvar=INDEX_ENV if env else None, show_envvar=env)(wrapper)
+        if positional:
+            wrapper = click.argument("index_positional", required=False, cls=_HiddenArgument)(wrapper)
+        return wrapper
+
+    return decorate
+
+
+def _one_source(server: str | None, index_dir: str | None) -> tuple[str | None, str | None]:
+    """(server, index_dir) with exactly one set: an option given on the command line wins over the other's
+    environment variable (FORVALUE_SERVER, FORVALUE_INDEX)."""
+    if server is not None and index_dir is not None:
+        server_env, index_env = _from_env("server"), _from_env("index_dir")
+        if index_env and not server_env:
+            index_dir = None
+        elif server_env and not index_env:
+            server = None
+    if (server is None) == (index_dir is None):
+        _fail(f"give exactly one of --server ADDR or --index DIR (or one of {SERVER_ENV}, {INDEX_ENV})")
+    return server, index_dir
 
 
 TOKEN_ENV = "FORVALUE_TOKEN"
@@ -209,9 +341,22 @@ def read_token(token_file: str | None) -> str | None:
     return token.strip()
 
 
+_WAIT_KEY = "forvalue.wait"
+
+
 def client_options(fn):
-    """--token-file, --tls, --tls-ca: how to reach a server; hand them to `connect`."""
+    """--token-file, --tls, --tls-ca: how to reach a server; hand them to `connect`. --wait: how long `connect`
+    waits for a server that is still starting (the command does not take it)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        click.get_current_context().meta[_WAIT_KEY] = kwargs.pop("wait")
+        return fn(*args, **kwargs)
+
     opts = [
+        click.option("--wait", type=click.FloatRange(0), default=DEFAULT_WAIT, show_default=True, metavar="SECONDS",
+                     help="With --server: wait this long for a server that is still starting (not listening yet, "
+                          f"or loading its model) before giving up with exit code {EXIT_UNREACHABLE}; 0 = no wait."),
         click.option("--tls-ca", "tls_ca", default=None, metavar="PATH",
                      help="PEM file of the root certificates that sign the server's certificate (turns TLS on)."),
         click.option("--tls", "tls", is_flag=True,
@@ -221,8 +366,8 @@ def client_options(fn):
                           "if set]."),
     ]
     for opt in opts:
-        fn = opt(fn)
-    return fn
+        wrapper = opt(wrapper)
+    return wrapper
 
 
 def where_options(fn):
@@ -230,6 +375,13 @@ def where_options(fn):
         "--where", "where_items", multiple=True, metavar="FIELD=VALUE",
         help="Only training samples whose metadata field has this value (e.g. source=gsm8k). Repeat a field for "
              "any of several values, different fields must all match.")(fn)
+
+
+def split_option(fn):
+    return click.option(
+        "--split", "split", default=None, metavar="VALUE",
+        help="Use only the --valuation rows whose split column has this value (e.g. test), so a labelled file "
+             "serves as it is [default: the rows of split test if the file has a split column, else all].")(fn)
 
 
 def _where(items):
@@ -249,10 +401,21 @@ def connect(server: str, token_file: str | None, tls: bool, tls_ca: str | None):
 
     Raises:
         ConfigError: the token file, FORVALUE_TOKEN or the root certificates file is unusable.
+        ServerUnreachableError: with --wait, no server answered SERVING in time.
     """
     from forvalue.client.client import InfluenceClient
 
-    return InfluenceClient(server, token=read_token(token_file), tls=tls_ca if tls_ca is not None else tls)
+    client = InfluenceClient(server, token=read_token(token_file), tls=tls_ca if tls_ca is not None else tls)
+    ctx = click.get_current_context(silent=True)
+    wait = ctx.meta.get(_WAIT_KEY, 0.0) if ctx is not None else 0.0
+    if wait > 0:
+        try:
+            with _spinner(f"waiting for the server at {server}"):
+                client.wait_until_ready(wait)
+        except BaseException:
+            client.close()
+            raise
+    return client
 
 
 @contextlib.contextmanager
@@ -260,21 +423,40 @@ def open_source(server, index_dir, model_path, device, token_file, tls, tls_ca):
     """(what answers, its name for the output): an `InfluenceClient` of `server` or the in-process `Index` of
     `index_dir` (one of them: the other None). Both have the same calls (search, top_k, group_by, scores, info),
     so a command runs one code path for either."""
-    if (server is None) == (index_dir is None):
-        _fail("give exactly one of --server ADDR or --index DIR")
+    server, index_dir = _one_source(server, index_dir)
     if server is not None:
         with connect(server, token_file, tls, tls_ca) as client:
             yield client, f"server {server}"
         return
     from forvalue.indexer.index import Index
 
-    with Index.open(index_dir, _load_model(model_path, device)) as index:
+    lm = _load_model(model_path, device)
+    with _spinner(f"opening the index {index_dir}"):
+        index = Index.open(index_dir, lm)
+    with index:
         yield index, f"index {index_dir}"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _set_verbose(ctx, param, value) -> None:
+    if value:
+        logging.getLogger().setLevel(logging.INFO)
+
+
+VERBOSE_HELP = "Log progress details to stderr (before or after the command name)."
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=f"""\b
+Examples:
+  forvalue example --out example.jsonl --noise 0.1
+  forvalue index build --data example.jsonl --split train --index idx
+  forvalue query --index idx --prompt "Reverse: red cat sun ->" --response " sun cat red"
+
+\b
+Environment: {INDEX_ENV} (--index), {MODEL_ENV} (--model), {SERVER_ENV} (--server), FORVALUE_TOKEN.
+Exit codes: 0 done; 2 bad input, bad option or a refused call (one line on stderr); {EXIT_UNREACHABLE} no server
+answered at --server (within --wait).""")
 @click.version_option(package_name="forvalue")
-@click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
+@click.option("-v", "--verbose", is_flag=True, help=VERBOSE_HELP)
 def main(verbose: bool) -> None:
     """forvalue: which training samples drove this output? (For-Value, forward-only data valuation)"""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -283,7 +465,21 @@ def main(verbose: bool) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-@main.command("eval")
+def _add_verbose_everywhere(group: click.Group) -> None:
+    """-v/--verbose on every command too, so `forvalue query -v ...` works as `forvalue -v query ...`."""
+    for cmd in group.commands.values():
+        if isinstance(cmd, click.Group):
+            _add_verbose_everywhere(cmd)
+        if not any("--verbose" in p.opts for p in cmd.params):
+            cmd.params.append(click.Option(["-v", "--verbose"], is_flag=True, expose_value=False,
+                                           callback=_set_verbose, help=VERBOSE_HELP))
+
+
+@main.command("eval", epilog="""\b
+Examples:
+  forvalue eval example.jsonl --tokens all
+  forvalue eval valuation.jsonl --train train.jsonl --method inbatch --json
+  forvalue eval example.jsonl --index idx --rerank 50""")
 @click.argument("data")
 @click.option("--train", "train_path", default=None, help="Training file, when DATA holds the valuation rows only.")
 @model_options
@@ -292,17 +488,16 @@ def main(verbose: bool) -> None:
                    "(training targets); emb: the Emb baseline (alpha = 1).")
 @click.option("--memory-mb", type=click.IntRange(16), default=ScoreConfig.memory_mb, show_default=True,
               help="Working-memory budget of the scoring step.")
-@click.option("--index", "index_dir", default=None,
-              help="Evaluate through this index (its rows are the training set): adds fidelity_top10 and "
-                   "candidate_recall of the first stage.")
+@index_option("Evaluate through this index (its rows are the training set): adds fidelity_top10 and "
+              "candidate_recall of the first stage.", required=False, env=False)
 @click.option("--rerank", type=click.IntRange(1), default=DEFAULT_RERANK, show_default=True,
               help="With --index: first-stage candidates scored exactly.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
-@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@progress_option
 @field_options
 @handle_errors
 def eval_cmd(data, train_path, model_path, tokens, max_length, batch_tokens, device, method, memory_mb, index_dir,
-             rerank, as_json, no_progress, fields):
+             rerank, as_json, fields):
     """Evaluate For-Value on labelled data: AUC and Recall of same-label training rows.
 
     DATA is a JSONL/Parquet file with prompt, response, label and split (train|test) per row; or a
@@ -314,7 +509,7 @@ def eval_cmd(data, train_path, model_path, tokens, max_length, batch_tokens, dev
     from forvalue.indexer.features import ForwardConfig
     from forvalue.indexer.forward import batch_sizes
     if index_dir is not None:
-        _eval_through_index(data, index_dir, model_path, device, rerank, as_json, no_progress, fields)
+        _eval_through_index(data, index_dir, model_path, device, rerank, as_json, fields)
         return
     score = ScoreConfig(method=method, memory_mb=memory_mb)
     fields, schema = _data_options(fields)
@@ -324,12 +519,12 @@ def eval_cmd(data, train_path, model_path, tokens, max_length, batch_tokens, dev
     load_seconds = time.perf_counter() - t0
     batch_tokens, max_batch = batch_sizes(batch_tokens, lm.model, max_length)
     fwd = ForwardConfig(tokens=tokens, max_length=max_length, batch_tokens=batch_tokens, max_batch=max_batch)
-    result = run_eval(lm, valuation, train, fwd, score, progress=not no_progress)
+    result = run_eval(lm, valuation, train, fwd, score, progress=_progress())
     report = {"data": str(data), **result.report, "load_seconds": load_seconds}
     click.echo(render.dumps(report) if as_json else render.eval_text(report))
 
 
-def _eval_through_index(data, index_dir, model_path, device, rerank, as_json, no_progress, fields):
+def _eval_through_index(data, index_dir, model_path, device, rerank, as_json, fields):
     from forvalue.indexer.data import load_valuation_set
     from forvalue.indexer.evaluate import run_index_eval
     from forvalue.indexer.index import Index
@@ -341,11 +536,15 @@ def _eval_through_index(data, index_dir, model_path, device, rerank, as_json, no
     fields, schema = _data_options(fields, _kept_schema(index), queries=True)
     valuation = load_valuation_set(data, fields, require=("label",), schema=schema)
     report = {"data": str(data), "index": str(index_dir),
-              **run_index_eval(index, valuation, rerank=rerank, progress=not no_progress), "load_seconds": load_seconds}
+              **run_index_eval(index, valuation, rerank=rerank, progress=_progress()), "load_seconds": load_seconds}
     click.echo(render.dumps(report) if as_json else render.index_eval_text(report))
 
 
-@main.group("index")
+@main.group("index", epilog="""\b
+Examples:
+  forvalue index build --data train.jsonl --index idx
+  forvalue index add --index idx --data more.jsonl
+  forvalue index info --index idx""")
 def index_group() -> None:
     """Build, extend and inspect influence indexes."""
 
@@ -439,27 +638,34 @@ def first_stage_options(fn):
     return wrapper
 
 
-@index_group.command("build")
+@index_group.command("build", epilog="""\b
+Examples:
+  forvalue index build --data train.jsonl --index idx
+  forvalue index build --data example.jsonl --split train --index idx --tokens all
+  forvalue index build --data big.parquet --index idx --device cuda --index-kind ivf-sq8 --json""")
 @click.option("--data", required=True, help="Training corpus: JSONL, Parquet or one *.hf directory.")
-@click.option("--out", "out_dir", required=True, help="Index directory (created; new versions go beside old ones).")
+@index_option("Index directory (created; new versions go beside old ones).", aliases=("--out",))
 @click.option("--split", default=None, help="Index only the rows with this split value (e.g. train).")
 @model_options
 @sketch_options
-@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print the new version's summary as one JSON object.")
+@progress_option
 @field_options
 @click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
               help="Encode the shards on a Ray cluster (Ray Data actors; pip install 'forvalue[ray]'): ADDRESS "
-                   "of the cluster, none = the one this machine belongs to, 'local' = start one here. --out must "
+                   "of the cluster, none = the one this machine belongs to, 'local' = start one here. --index must "
                    "be on a file system every node sees.")
 @click.option("--ray-workers", type=click.IntRange(1), default=None,
               help="With --ray: actors encoding shards [default: one per GPU with --ray-gpu, else one per CPU].")
 @click.option("--ray-gpu", is_flag=True, help="With --ray: one GPU per actor, forward passes on cuda.")
 @handle_errors
 @first_stage_options
-def index_build_cmd(data, out_dir, split, model_path, tokens, max_length, batch_tokens, device, dim, rank, shard_size,
-                    rerank_top, rerank_dtype, fit_samples, seed, no_progress, fields, first_stage, ray_address=None,
+def index_build_cmd(data, index_dir, split, model_path, tokens, max_length, batch_tokens, device, dim, rank, shard_size,
+                    rerank_top, rerank_dtype, fit_samples, seed, as_json, fields, first_stage, ray_address=None,
                     ray_workers=None, ray_gpu=False):
-    """Build a new index version over a training corpus and make it CURRENT (resumes a killed build)."""
+    """Build a new index version over a training corpus and make it CURRENT (resumes a killed build).
+
+    Prints a short summary (rows, version, seconds, first-stage recall); --json prints the JSON object."""
     import dataclasses
 
     from forvalue.indexer.build import build_index
@@ -476,26 +682,33 @@ def index_build_cmd(data, out_dir, split, model_path, tokens, max_length, batch_
         from forvalue.indexer.raybuild import RayOptions, build_index_ray
 
         options = RayOptions(address=ray_address, model_path=model_path, workers=ray_workers, use_gpu=ray_gpu)
-        name = build_index_ray(out_dir, samples, lm, config, options, progress=not no_progress)
+        name = build_index_ray(index_dir, samples, lm, config, options, progress=_progress())
     else:
-        name = build_index(out_dir, samples, lm, config, progress=not no_progress)
-    _print_summary(IndexRoot(out_dir).load(name, verify=False).manifest, name)
+        name = build_index(index_dir, samples, lm, config, progress=_progress())
+    _print_summary(IndexRoot(index_dir).load(name, verify=False).manifest, name, as_json, index_dir)
 
 
-@index_group.command("add")
-@click.option("--index", "index_dir", required=True, help="Index directory to extend.")
+@index_group.command("add", epilog="""\b
+Examples:
+  forvalue index add --index idx --data more.jsonl
+  forvalue index add --index idx --data example.jsonl --split test --json
+  FORVALUE_INDEX=idx forvalue index add --data more.jsonl --device cuda""")
+@index_option("Index directory to extend (its CURRENT version).")
 @click.option("--data", required=True, help="New samples: JSONL, Parquet or one *.hf directory.")
 @click.option("--split", default=None, help="Add only the rows with this split value.")
-@click.option("--model", "model_path", default=None, help="The model the index was built with [default model].")
-@click.option("--device", default="cpu", show_default=True)
+@model_option()
+@click.option("--device", default="cpu", show_default=True, help="torch device for the forward pass.")
 @click.option("--batch-tokens", type=BatchTokens(), default="auto", show_default=True,
               help="Padded tokens per forward batch; auto: 4096 on a CPU, sized to the free memory on a GPU.")
-@click.option("--no-progress", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the new version's summary as one JSON object.")
+@progress_option
 @dtype_option
 @field_options
 @handle_errors
-def index_add_cmd(index_dir, data, split, model_path, device, batch_tokens, no_progress, fields):
-    """Append samples as a new version, with the same vocabulary map and sketch parameters."""
+def index_add_cmd(index_dir, data, split, model_path, device, batch_tokens, as_json, fields):
+    """Append samples as a new version, with the same vocabulary map and sketch parameters.
+
+    Prints a short summary (rows, version, seconds); --json prints the JSON object."""
     import dataclasses
 
     from forvalue.indexer.build import build_index
@@ -517,12 +730,16 @@ def index_add_cmd(index_dir, data, split, model_path, device, batch_tokens, no_p
     lm = _load_model(model_path, device)
     batch_tokens, max_batch = batch_sizes(batch_tokens, lm.model, m["max_length"])
     config = dataclasses.replace(config, batch_tokens=batch_tokens, max_batch=max_batch)
-    name = build_index(index_dir, samples, lm, config, progress=not no_progress, base=base)
-    _print_summary(root.load(name, verify=False).manifest, name)
+    name = build_index(index_dir, samples, lm, config, progress=_progress(), base=base)
+    _print_summary(root.load(name, verify=False).manifest, name, as_json, index_dir)
 
 
-@index_group.command("info")
-@click.argument("index_dir")
+@index_group.command("info", epilog="""\b
+Examples:
+  forvalue index info --index idx
+  forvalue index info --index idx --version v000001 --files
+  FORVALUE_INDEX=idx forvalue index info --no-verify""")
+@index_option("Index directory to describe.", positional=True)
 @click.option("--version", "version", default=None, help="A version name [default: CURRENT].")
 @click.option("--files", is_flag=True, help="Also list every file with its sha256.")
 @click.option("--no-verify", is_flag=True, help="Skip the checksum verification of every file.")
@@ -545,8 +762,11 @@ def index_info_cmd(index_dir, version, files, no_verify):
     click.echo(render.json.dumps(m, indent=2, sort_keys=True))
 
 
-@index_group.command("delete")
-@click.option("--index", "index_dir", required=True, help="Index directory whose CURRENT version loses the samples.")
+@index_group.command("delete", epilog="""\b
+Examples:
+  forvalue index delete --index idx --ids takedown.txt
+  forvalue index delete --index idx --ids takedown.jsonl --missing ignore""")
+@index_option("Index directory whose CURRENT version loses the samples.")
 @click.option("--ids", "ids_path", required=True, metavar="FILE",
               help="Ids to take down: one per line (# comments allowed), or JSON lines with an \"id\".")
 @click.option("--missing", type=click.Choice(["error", "ignore"]), default="error", show_default=True,
@@ -566,8 +786,11 @@ def index_delete_cmd(index_dir, ids_path, missing):
                              "hidden_rows": result.hidden_rows}))
 
 
-@index_group.command("gc")
-@click.argument("index_dir")
+@index_group.command("gc", epilog="""\b
+Examples:
+  forvalue index gc --index idx --keep 3
+  forvalue index gc --index idx --keep 1""")
+@index_option("Index directory whose old versions are deleted.", positional=True)
 @click.option("--keep", type=int, required=True, help="How many of the newest versions to keep (>= 1).")
 @handle_errors
 def index_gc_cmd(index_dir, keep):
@@ -590,10 +813,12 @@ def index_gc_cmd(index_dir, keep):
     click.echo(render.dumps({"removed": removed, "kept": root.versions(), "current": current}))
 
 
-def _print_summary(m: dict, name: str) -> None:
+def _print_summary(m: dict, name: str, as_json: bool, index_dir: str) -> None:
     from forvalue.indexer.build import storage_summary
 
-    click.echo(render.dumps(render.build_summary(m, name, storage_summary(m))))
+    summary = render.build_summary(m, name, storage_summary(m))
+    click.echo(render.dumps(summary) if as_json else render.build_summary_text(summary, index_dir,
+                                                                                m.get("base_version")))
 
 
 def router_options(fn):
@@ -604,6 +829,8 @@ def router_options(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, shards, shard_timeout, shard_tls_ca, **kwargs):
+        if shards is not None and kwargs.get("index_dir") is not None and _from_env("index_dir"):
+            kwargs["index_dir"] = None  # --shards on the command line wins over FORVALUE_INDEX
         if shards is None:
             if kwargs.get("index_dir") is None:
                 _fail("give --index DIR (serve an index) or --shards ADDR1,ADDR2,... (route over shard servers)")
@@ -650,10 +877,13 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-@main.command("serve")
-@click.option("--index", "index_dir", default=None, help="Index directory; its CURRENT version is served.")
-@click.option("--model", "model_path", default=None,
-              help="The model the index was built with (HF directory or .gguf) [default: SmolLM2-135M-Instruct].")
+@main.command("serve", epilog="""\b
+Examples:
+  forvalue serve --index idx --port 50051
+  forvalue serve --index idx --device cuda --host 0.0.0.0 --token-file token --tls-cert c.pem --tls-key k.pem
+  forvalue serve --shards 10.0.0.1:50051,10.0.0.2:50051 --port 50050""")
+@index_option("Index directory; its CURRENT version is served (and a new CURRENT hot-swapped in).", required=False)
+@model_option()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=50051, show_default=True,
               help="Port to listen on; 0 picks a free one (printed).")
@@ -703,7 +933,9 @@ def _is_loopback(host: str) -> bool:
 def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars, max_queue, grace, batch_wait_ms,
               batch_tokens, max_batch_requests, watch_seconds, no_reflection, token_file, tls_cert, tls_key,
               metrics_port, metrics_host, max_explain_pairs, enable_admin, insecure_admin):
-    """Serve an index over gRPC (forvalue.v1.Influence, grpc.health.v1, reflection) until SIGTERM."""
+    """Serve an index over gRPC (forvalue.v1.Influence, grpc.health.v1, reflection) until SIGTERM.
+
+    Prints to stderr what it serves once loaded (index, version, rows, model, address) and every index swap."""
     from forvalue.server.app import serve
     from forvalue.server.config import ServerConfig
 
@@ -729,16 +961,20 @@ def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars
     serve(config, f"{host}:{port}", announce=lambda message: click.echo(f"forvalue: {message}", err=True))
 
 
-@main.command("query")
-@click.option("--server", "server", default=None, help="host:port of a forvalue server to ask.")
-@click.option("--index", "index_dir", default=None, help="Or: an index directory, queried in-process.")
-@click.option("--model", "model_path", default=None,
-              help="With --index: the model the index was built with [default: SmolLM2-135M-Instruct].")
+@main.command("query", epilog="""\b
+Examples:
+  forvalue query --index idx --prompt "Reverse: red cat sun ->" --response " sun cat red"
+  forvalue query --server 127.0.0.1:50051 --valuation example.jsonl --split test -k 5 --json
+  forvalue query --index idx --response " sun cat red" --least --html report.html""")
+@server_option("A forvalue server to ask.")
+@index_option("Or: an index directory, queried in-process.", required=False)
+@model_option("With --index: the model the index was built with [default: SmolLM2-135M-Instruct].")
 @click.option("--device", default="cpu", show_default=True, help="With --index: torch device for the forward pass.")
 @click.option("--prompt", default="", help="Prompt of the valuation sample (may be empty).")
 @click.option("--response", default=None, help="The response whose training sources are asked for.")
 @click.option("--valuation", "valuation_path", default=None,
               help="Or: a file of valuation samples (JSONL, Parquet, *.hf), queried as one group (mean).")
+@split_option
 # -k and --rerank are checked by the server (or Index.search), so a bad value is one line naming it, exit 2
 @click.option("-k", "k", type=int, default=DEFAULT_K, show_default=True, help="Training samples to list (>= 1).")
 @click.option("--least", is_flag=True, help="The least valuable instead of the most valuable.")
@@ -762,17 +998,22 @@ def serve_cmd(index_dir, model_path, host, port, device, k_cap, max_sample_chars
 @client_options
 @field_options
 @dtype_option
+@progress_option
 @handle_errors
-def query_cmd(server, index_dir, model_path, device, prompt, response, valuation_path, k, least, rerank, as_json,
-              explain, explain_pairs, html_path, where_items, group_by, color, token_file, tls, tls_ca, fields):
+def query_cmd(server, index_dir, model_path, device, prompt, response, valuation_path, split, k, least, rerank,
+              as_json, explain, explain_pairs, html_path, where_items, group_by, color, token_file, tls, tls_ca,
+              fields):
     """Which training samples drove this response? The top k by exact For-Value, from a server or an index.
 
     Each hit also carries calibrated scores: pct, the estimated share of the index's training samples with a
     lower value to this query, and cos, the score normalised by both gradients' norms (-1..1)."""
+    server, index_dir = _one_source(server, index_dir)
     if (response is None) == (valuation_path is None):
         _fail("give exactly one of --response TEXT (with --prompt) or --valuation FILE")
     if response is not None and not response.strip():
         _fail("--response must not be empty or whitespace only")
+    if split is not None and valuation_path is None:
+        _fail("--split selects rows of --valuation FILE; give --valuation too")
     if html_path is not None and valuation_path is not None and os.path.abspath(html_path) == os.path.abspath(
             valuation_path):
         _fail(f"--html {html_path!r} is an input of this command; write to another file")
@@ -782,7 +1023,7 @@ def query_cmd(server, index_dir, model_path, device, prompt, response, valuation
     where = _where(where_items)
     pairs = explain_pairs if explain or html_path is not None else 0
     with open_source(server, index_dir, model_path, device, token_file, tls, tls_ca) as (source, name):
-        samples = _valuation(source, valuation_path, prompt, response, fields)
+        samples = _valuation(source, valuation_path, prompt, response, fields, split=split)
         if group_by is not None:
             grouped = source.group_by(samples, group_by, k=k, direction=direction, where=where)
         elif html_path is not None:  # the report shows both ends: one call (one forward pass) answers both
@@ -812,16 +1053,20 @@ def query_cmd(server, index_dir, model_path, device, prompt, response, valuation
         click.echo(render.hits_text(result, name, len(samples), explain))
 
 
-@main.command("rank")
-@click.option("--server", "server", default=None, help="host:port of a forvalue server whose index is ranked.")
-@click.option("--index", "index_dir", default=None, help="Or: an index directory, scored in-process.")
-@click.option("--model", "model_path", default=None,
-              help="With --index: the model the index was built with [default: SmolLM2-135M-Instruct].")
+@main.command("rank", epilog="""\b
+Examples:
+  forvalue rank --index idx --valuation val.jsonl --out scores.jsonl --select 10% --selected-out best.jsonl
+  forvalue rank --index idx --valuation example.jsonl --split test --out scores.parquet --lowest --select 20
+  forvalue rank --server 127.0.0.1:50051 --valuation val.jsonl --out scores.jsonl --json""")
+@server_option("A forvalue server whose index is ranked.")
+@index_option("Or: an index directory, scored in-process.", required=False)
+@model_option("With --index: the model the index was built with [default: SmolLM2-135M-Instruct].")
 @click.option("--device", default="cpu", show_default=True, help="With --index: torch device for the forward pass.")
 @click.option("--batch", type=click.IntRange(1), default=DEFAULT_SCORE_BATCH, show_default=True,
               help="Valuation samples per forward pass (--index) or per request (--server).")
 @click.option("--valuation", "valuation_path", required=True,
               help="Valuation samples (JSONL, Parquet, *.hf); a training row's value is its mean score over them.")
+@split_option
 @click.option("--out", "out_path", required=True,
               help="Every training row's id, row, score, rank, percentile and selected flag, rank order: "
                    ".jsonl or .parquet.")
@@ -843,15 +1088,15 @@ def query_cmd(server, index_dir, model_path, device, prompt, response, valuation
 @client_options
 @field_options
 @dtype_option
+@progress_option
 @handle_errors
-def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, out_path, select_spec, lowest, selected_out,
-             data_path, as_json, html_path, where_items, color, token_file, tls, tls_ca, fields):
+def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, split, out_path, select_spec, lowest,
+             selected_out, data_path, as_json, html_path, where_items, color, token_file, tls, tls_ca, fields):
     """Value every training row for a valuation set; select the best rows (data selection) or, with --lowest,
     the worst (noisy data)."""
     from forvalue.indexer.selection import parse_select, scores_format
 
-    if (server is None) == (index_dir is None):
-        _fail("give exactly one of --server ADDR or --index DIR")
+    server, index_dir = _one_source(server, index_dir)
     scores_format(out_path)
     if selected_out is not None:
         if select_spec is None:
@@ -877,13 +1122,14 @@ def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, out_p
     from forvalue.indexer.data import read_samples, sample_of_row
 
     with open_source(server, index_dir, model_path, device, token_file, tls, tls_ca) as (source, name):
-        samples = _valuation(source, valuation_path, None, None, fields)
+        samples = _valuation(source, valuation_path, None, None, fields, split=split)
         if data_path is not None:
             corpus_fields, schema = _data_options(fields, _kept_schema(source))
             corpus = {s.id: s for s in read_samples(data_path, corpus_fields, schema=schema)}
         else:
             corpus = None
-        scores = source.scores(samples, where=_where(where_items), batch=batch)
+        with _spinner(f"valuing every training row of the {name}"):
+            scores = source.scores(samples, where=_where(where_items), batch=batch)
         ids = scores.ids
         chosen, order, ranks, percentiles = _rank_and_select(ids, scores.values, select_spec, lowest)
         if selected_out is None:
@@ -912,15 +1158,16 @@ def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, out_p
         click.echo(text, err=True)
 
 
-def _valuation(source, valuation_path, prompt, response, fields, require=()) -> list[tuple]:
-    """The valuation samples of --valuation FILE (or --prompt/--response), read as the index (`source`) reads
-    its rows: its field names, template and turn scope."""
+def _valuation(source, valuation_path, prompt, response, fields, require=(), split=None) -> list[tuple]:
+    """The valuation samples of --valuation FILE [--split VALUE] (or --prompt/--response), read as the index
+    (`source`) reads its rows: its field names, template and turn scope."""
     from forvalue.indexer.data import flat_sample, load_valuation_set
 
     fields, schema = _data_options(fields, _kept_schema(source), queries=True)
     if valuation_path is None:
         return [flat_sample(prompt, response, schema).as_input()]
-    return [s.as_input() for s in load_valuation_set(valuation_path, fields, require=require, schema=schema)]
+    return [s.as_input() for s in load_valuation_set(valuation_path, fields, require=require, schema=schema,
+                                                     split=split)]
 
 
 def _rank_and_select(ids, scores, select_spec, lowest):
@@ -960,14 +1207,21 @@ def _write_ranking(out_path, selected_out, ids, scores, chosen, order, ranks, pe
             "out": str(out_path), "selected_out": None if selected_out is None else str(selected_out)}
 
 
-@main.command("example")
+@main.command("example", epilog="""\b
+Examples:
+  forvalue example --out example.jsonl --noise 0.1
+  forvalue example --out shapes.jsonl --vlm --classes 4
+  forvalue example --out facts.jsonl --facts --people 50""")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
-@click.option("--classes", type=click.IntRange(2), default=6, show_default=True)
-@click.option("--train-per-class", type=click.IntRange(1), default=15, show_default=True)
-@click.option("--test-per-class", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--classes", type=click.IntRange(2), default=6, show_default=True,
+              help="Classes (sentence transformations; with --vlm caption styles).")
+@click.option("--train-per-class", type=click.IntRange(1), default=15, show_default=True,
+              help="Training rows (split train) per class.")
+@click.option("--test-per-class", type=click.IntRange(1), default=3, show_default=True,
+              help="Valuation rows (split test) per class.")
 @click.option("--noise", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Share of training rows given another transformation's response (clean=false).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated rows.")
 @click.option("--vlm", is_flag=True,
               help="The image-to-text set instead: coloured shapes captioned in --classes styles (at most 6); "
                    "PNGs go to OUT's folder, in <stem>_images/. --noise then captions the wrong shape and colour.")
@@ -976,11 +1230,15 @@ def _write_ranking(out_path, selected_out, ids, scores, chosen, order, ranks, pe
 @click.option("--facts", is_flag=True,
               help="The fact-tracing set instead (indexer/facts.py): statements of fictional people's facts, "
                    "distractors (negatives) and one question per fact (split test).")
-@click.option("--people", type=click.IntRange(1), default=30, show_default=True, help="With --facts.")
-@click.option("--fields", type=click.IntRange(1), default=4, show_default=True, help="With --facts.")
+@click.option("--people", type=click.IntRange(1), default=30, show_default=True,
+              help="With --facts: fictional people.")
+@click.option("--fields", type=click.IntRange(1), default=4, show_default=True,
+              help="With --facts: facts per person (birthplace, employer, ...).")
 @click.option("--templates", type=click.IntRange(1), default=4, show_default=True,
               help="With --facts: paraphrased statements per fact.")
-@click.option("--distractors", type=click.IntRange(0), default=1, show_default=True, help="With --facts.")
+@click.option("--distractors", type=click.IntRange(0), default=1, show_default=True,
+              help="With --facts: distractor rows per fact (the same person and value in an unrelated relation; "
+                   "negatives).")
 @handle_errors
 def example_cmd(out, classes, train_per_class, test_per_class, noise, seed, vlm, image_size, facts, people, fields,
                 templates, distractors):
@@ -992,8 +1250,12 @@ def example_cmd(out, classes, train_per_class, test_per_class, noise, seed, vlm,
         try:
             n = write_facts_example(out, n_people=people, n_fields=fields, n_templates=templates,
                                     n_distractors=distractors, seed=seed)
-        except ValueError as exc:
-            _fail(f"--facts: {exc}")
+        except ValueError as exc:  # the library's parameter names → the flags
+            message = str(exc)
+            for param, flag in (("n_people", "--people"), ("n_fields", "--fields"), ("n_templates", "--templates"),
+                                ("n_distractors", "--distractors")):
+                message = message.replace(param, flag)
+            _fail(f"--facts: {message}")
         click.echo(f"wrote {n} rows to {out}", err=True)
         return
     if vlm:
@@ -1011,6 +1273,8 @@ def example_cmd(out, classes, train_per_class, test_per_class, noise, seed, vlm,
                       noise=noise, seed=seed)
     click.echo(f"wrote {n} rows to {out}", err=True)
 
+
+_add_verbose_everywhere(main)
 
 if __name__ == "__main__":
     main()

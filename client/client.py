@@ -5,7 +5,10 @@
         ids, scores = c.score_all(valuation_pairs)                  # every training row's value
 
 Every failed call raises `ServerError` (a ForValueError) carrying the gRPC status code and the server's
-message, e.g. "server 127.0.0.1:50051: INVALID_ARGUMENT: k: must be between 1 and 1000, got 0".
+message, e.g. "server 127.0.0.1:50051: INVALID_ARGUMENT: k: must be between 1 and 1000, got 0"; a call that
+reached no server at all raises its subclass `ServerUnreachableError`, with a message for people instead of
+grpc's connection text. `wait_until_ready(seconds)` waits for a server that is still starting (what the CLI's
+`--wait` does before its first call).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from forvalue.indexer.data import Sample
-from forvalue.indexer.errors import ConfigError, ServerError
+from forvalue.indexer.errors import ConfigError, ForValueError, ServerError
 from forvalue.indexer.filters import Where, as_where
 from forvalue.indexer.results import (
     DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH, GroupedResult, Scores, SearchResult, check_direction,
@@ -29,6 +32,38 @@ from forvalue.server.protocol import pb, pb_grpc
 WhereLike = Where | Mapping[str, Any] | Sequence[str] | None
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class ServerUnreachableError(ServerError):
+    """No forvalue server answers at the address: nothing listens there, or it did not come up in time.
+    The CLI exits with code 3 (EXIT_UNREACHABLE) on it, not 2: the command line may be right, the server is not up."""
+
+    def __init__(self, address: str, waited: float):
+        self.code, self.details, self.waited = grpc.StatusCode.UNAVAILABLE, "", waited
+        after = f"after {waited:g} s" if waited > 0 else "(without waiting: --wait 0)"
+        ForValueError.__init__(self, f"cannot reach forvalue server at {address} {after}; is `forvalue serve` "
+                                     "running there?")
+
+
+class ServerNotReadyError(ServerUnreachableError):
+    """A forvalue server answers at the address but was still loading its model and index when the wait ended."""
+
+    def __init__(self, address: str, waited: float, status: str):
+        self.code, self.details, self.waited = grpc.StatusCode.UNAVAILABLE, status, waited
+        ForValueError.__init__(self, f"the forvalue server at {address} is still loading its model and index after "
+                                     f"{waited:g} s (health {status}); wait longer (--wait SECONDS) or see its log")
+
+
+# how grpc itself words a call that found no server (a server's own UNAVAILABLE, e.g. a router naming a down shard,
+# may quote these words but never starts with them)
+_NO_SERVER = ("failed to connect to all addresses", "dns resolution failed", "errors resolving", "empty address list")
+
+
+def _is_connection_failure(exc: grpc.RpcError) -> bool:
+    """Whether a failed call never reached a server (refused, unresolvable), as opposed to a server that answered
+    UNAVAILABLE itself (still loading, draining, a router whose shard is down)."""
+    details = (exc.details() or "").lower()
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and details.startswith(_NO_SERVER)
 
 
 def _credentials(tls: bool | str | None) -> grpc.ChannelCredentials | None:
@@ -67,11 +102,48 @@ class InfluenceClient:
         self._stub = pb_grpc.InfluenceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
+    def _error(self, exc: grpc.RpcError) -> ServerError:
+        if _is_connection_failure(exc):
+            return ServerUnreachableError(self.address, 0.0)
+        return ServerError(self.address, exc.code(), exc.details() or "")
+
     def _call(self, method, request):
         try:
             return method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise ServerError(self.address, exc.code(), exc.details() or "") from None
+            raise self._error(exc) from None
+
+    def wait_until_ready(self, seconds: float, poll: float = 0.2) -> None:
+        """Wait up to `seconds` for the server to accept connections and report SERVING (grpc.health.v1):
+        a server that is still starting (listening, model and index loading) is waited for, not failed.
+
+        Raises:
+            ServerUnreachableError: nothing answered at the address within `seconds`.
+            ServerNotReadyError: the server answered but was not SERVING within `seconds`.
+            ServerError: the health check itself failed otherwise.
+        """
+        import time
+
+        deadline = time.monotonic() + max(seconds, 0.0)
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=max(seconds, 0.0))
+        except grpc.FutureTimeoutError:
+            raise ServerUnreachableError(self.address, seconds) from None
+        status = "UNKNOWN"
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                reply = self._health.Check(health_pb2.HealthCheckRequest(service=""),
+                                           timeout=max(left, poll), wait_for_ready=True)
+                status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise self._error(exc) from None
+            if status == "SERVING":
+                return
+            if time.monotonic() + poll > deadline:
+                raise ServerNotReadyError(self.address, seconds, status)
+            time.sleep(poll)
 
     def search(self, samples: Sequence[Sample | tuple[str, str]], k: int = DEFAULT_K, direction: str = "most",
                rerank: int = DEFAULT_RERANK, explain: int = 0, where: WhereLike = None) -> SearchResult:
@@ -192,9 +264,9 @@ class InfluenceClient:
                 scores.extend(chunk.scores)
                 versions.add(chunk.index_version)
         except grpc.RpcError as exc:
-            raise ServerError(self.address, exc.code(), exc.details() or "") from None
+            raise self._error(exc) from None
         if len(versions) > 1:
-            raise ServerError(self.address, None, f"ScoreAll mixed index versions {sorted(versions)}")
+            raise ServerError(self.address, None, f"ScoreAll mixed index versions {', '.join(sorted(versions))}")
         return Scores(ids, rows, np.asarray(scores, dtype=np.float64), next(iter(versions), ""), tuple(cut))
 
     def info(self) -> dict:

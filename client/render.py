@@ -191,6 +191,33 @@ def build_summary(manifest: dict, name: str, storage: dict) -> dict:
             "index": m["index"], "storage": storage, "build_seconds": m["build_seconds"]}
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def build_summary_text(s: dict, index_dir: str, base: str | None = None) -> str:
+    """What `index build` and `index add` print without --json: a few lines from `build_summary`'s object."""
+    first = s["index"]
+    recall = first.get("recall")
+    if recall:  # an approximate first stage: its recall@k against flat search, measured at build time
+        found = f"recall@{recall.get('k', 10)} {recall['most']:.3f} most, {recall['least']:.3f} least"
+    else:
+        found = "exact search"
+    rows = s["n_samples"]
+    total = s["storage"]["total_bytes"]
+    from_base = f", from {base}" if base else ""
+    return "\n".join([
+        f"forvalue: {index_dir}: version {s['version']} is CURRENT ({rows} rows{from_base}), built in "
+        f"{s['build_seconds']:.1f} s",
+        f"  first stage {first.get('kind', '?')} ({found}); sketch dim {s['sketch_dim']}; tokens {s['tokens']}",
+        f"  {_size(total)} on disk ({_size(total / max(rows, 1))} per row); --json for the whole summary",
+    ])
+
+
 def hits_json(result, source: str, n_queries: int, explain: bool = False) -> dict:
     """`query --json`: one object with the answer's hits (and their explanations with --explain)."""
     import dataclasses

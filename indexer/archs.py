@@ -56,7 +56,7 @@ def arch_config(arch: str, **overrides):
     from transformers import AutoConfig
 
     if arch not in ARCHS:
-        raise ModelError(f"unknown architecture {arch!r} for a random model; choose one of {sorted(ARCHS)}")
+        raise ModelError(f"unknown architecture {arch!r} for a random model; choose one of {', '.join(sorted(ARCHS))}")
     spec = {**ARCHS[arch], **overrides}
     return AutoConfig.for_model(**spec)
 

@@ -369,23 +369,26 @@ def load_eval_sets(
 
 
 def load_valuation_set(path: str | os.PathLike[str], fields: FieldMap = FieldMap(),
-                       require: Sequence[str] = (), schema: Schema = Schema()) -> list[Sample]:
+                       require: Sequence[str] = (), schema: Schema = Schema(), split: str | None = None
+                       ) -> list[Sample]:
     """The valuation rows of `path`: the test part of a DataInf prefix, the split test rows of a file with
-    a split column, or every row of a file without one.
+    a split column, or every row of a file without one. `split` given: only the rows with that split value
+    (any file; the CLI's --split).
 
     Raises:
         DataError: a row is invalid or no valuation row is left.
     """
     p = Path(path)
     parts = _datainf_parts(p)
-    if parts is not None:
-        samples = _with_split(read_samples(dict(parts)["test"], fields, require=tuple(require), schema=schema), "test")
+    want = split or "test"
+    if parts is not None and want in dict(parts):
+        samples = _with_split(read_samples(dict(parts)[want], fields, require=tuple(require), schema=schema), want)
     else:
         samples = read_samples(p, fields, require=tuple(require), schema=schema)
-        if any(s.split is not None for s in samples):
-            samples = [s for s in samples if s.split == "test"]
+        if split is not None or any(s.split is not None for s in samples):
+            samples = [s for s in samples if s.split == want]
     if not samples:
-        raise DataError("no valuation rows (split test)", path=str(p))
+        raise DataError(f"no valuation rows (split {want})", path=str(p))
     return samples
 
 
@@ -652,8 +655,8 @@ def _parse_row(obj: dict, row: int, source: str, fields: FieldMap, required: set
         if name == "label" and column not in obj and DATAINF_TEXT in obj and fmt == "prompt-response":
             column = DATAINF_LABEL
         if obj.get(column) is None and not (name == "split" and split is not None):
-            raise fail(f"missing required field {column!r}; add it to every row or name the column that holds it "
-                       f"(--{name}-field)")
+            raise fail(f"missing required field {column!r}; add it to every row, or name the column that holds it "
+                       f"with --{name}-field")
     prompt, response, chat = _parse_texts(obj, fmt, fields, schema, used, fail)
     datainf = DATAINF_TEXT in used
     label_column = fields.label
@@ -765,8 +768,8 @@ def _prompt_response(obj: dict, fields: FieldMap, used: set, fail) -> tuple[str,
     datainf = fields.response not in obj and DATAINF_TEXT in obj
     for column in (fields.prompt,) + (() if datainf else (fields.response,)):
         if obj.get(column) is None:
-            raise fail(f"missing required field {column!r}; add it to every row or name the column that holds it "
-                       f"(--{'prompt' if column == fields.prompt else 'response'}-field)")
+            raise fail(f"missing required field {column!r}; add it to every row, or name the column that holds it "
+                       f"with --{'prompt' if column == fields.prompt else 'response'}-field")
     prompt = obj.get(fields.prompt)
     used.add(fields.prompt)
     if not isinstance(prompt, str):

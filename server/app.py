@@ -9,6 +9,9 @@ Hot swap: every `watch_seconds` the server reads the index's CURRENT; when a reb
 version is opened with the model already loaded (on its own thread, not the model's) and then served from
 the next batch on. A version that fails to load is logged and the old one keeps serving (tried again
 when CURRENT changes, or on `reload()`).
+
+What it serves is told once loaded (index directory, version, rows, model, address) and at every swap (old →
+new version): to `InfluenceServer.announce` if set (`forvalue serve` prints it), else to the log at INFO.
 """
 
 from __future__ import annotations
@@ -34,6 +37,13 @@ from .servicer import InfluenceServicer, add_to_server
 log = logging.getLogger("forvalue.server")
 
 __all__ = ["ServerConfig", "InfluenceServer", "create_server", "serve"]
+
+
+def describe(index) -> str:
+    """`index`'s version, rows and model in a few words (what the server says it serves)."""
+    manifest = getattr(index, "manifest", None) or {}
+    model = manifest.get("model", {}).get("name") or getattr(getattr(index, "lm", None), "name", "?")
+    return f"version {index.version.name} ({getattr(index, 'n', '?')} rows, model {model})"
 
 
 def open_index(config: ServerConfig, lm=None, version: str | None = None):
@@ -118,6 +128,8 @@ class InfluenceServer:
         self.port = port
         self.metrics_host = config.metrics_host
         self.metrics_port: int | None = None  # the bound port of the metrics endpoint once started
+        self.address = f"port {port}"  # host:port once create_server knows the host
+        self.announce: Callable[[str], None] | None = None  # where start and swap lines go (None: the log)
         self._metrics_http: MetricsHTTPServer | None = None
         self.config = config
         self.servicer = servicer
@@ -165,7 +177,7 @@ class InfluenceServer:
         self.servicer.attach(index)
         self._seen = index.version.name
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s (%s) on port %d", self.config.index_dir, index.version.name, self.port)
+        self._tell(f"serving {self.config.index_dir} {describe(index)} on {self.address}")
         if self.config.watch_seconds > 0:
             self._watching = asyncio.ensure_future(self._watch())
 
@@ -219,8 +231,14 @@ class InfluenceServer:
                           exc_info=not isinstance(exc, ForValueError))
                 return served
             self.servicer.attach(index)  # in-flight batches finish with the version they started with
-            log.info("now serving %s (was %s)", name, served)
+            self._tell(f"index swap: {served} → {name}: now serving {self.config.index_dir} {describe(index)}")
             return name
+
+    def _tell(self, message: str) -> None:
+        if self.announce is not None:
+            self.announce(message)
+        else:
+            log.info("%s", message)
 
     async def wait_until_ready(self, timeout: float | None = None) -> None:
         """Wait until the model and index are loaded and health says SERVING.
@@ -310,8 +328,10 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0", load: Call
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forvalue-model")
     servicer = InfluenceServicer(config, executor, Metrics())
     server, health_servicer, port = build_grpc_server(config, address, lambda s: add_to_server(servicer, s))
-    return InfluenceServer(server, port, config, servicer, health_servicer, executor,
-                           load or (lambda: open_index(config))), port
+    influence = InfluenceServer(server, port, config, servicer, health_servicer, executor,
+                                load or (lambda: open_index(config)))
+    influence.address = f"{address.rsplit(':', 1)[0]}:{port}"
+    return influence, port
 
 
 def serve(config: ServerConfig, address: str, announce: Callable[[str], None] = print) -> None:
@@ -342,6 +362,7 @@ async def drain(server, grace_seconds: float, announce: Callable[[str], None]) -
 
 async def _serve(config: ServerConfig, address: str, announce: Callable[[str], None]) -> None:
     server, port = create_server(config, address)
+    server.announce = announce
     stop = await start_until_signal(server)
     host = address.rsplit(":", 1)[0]
     announce(f"listening on {host}:{port}; loading the model and index")
@@ -355,8 +376,7 @@ async def _serve(config: ServerConfig, address: str, announce: Callable[[str], N
         stopping.cancel()
         await server.stop(0)
         raise ready.exception()
-    if ready.done():
-        announce(f"serving {config.index_dir} ({server.servicer.version}) on {host}:{port}")
+    if ready.done():  # the start line ("serving ... on host:port") was announced by the server itself
         await stopping
     ready.cancel()
     await drain(server, config.grace_seconds, announce)

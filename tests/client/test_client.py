@@ -38,3 +38,22 @@ def test_scores_in_batches_equal_the_in_process_scores(client, local_index):
         client.scores(QUERIES, batch=0)
     with pytest.raises(ConfigError, match="at least one valuation sample"):
         client.scores([])
+
+
+def test_unreachable_is_its_own_error_with_a_human_message():
+    from forvalue.client.client import ServerUnreachableError
+
+    with InfluenceClient("127.0.0.1:1", timeout=5) as nobody:
+        with pytest.raises(ServerUnreachableError) as err:
+            nobody.search(QUERIES[:1], k=1)
+        assert "cannot reach forvalue server at 127.0.0.1:1" in str(err.value)
+        with pytest.raises(ServerUnreachableError, match="after 0.3 s"):
+            nobody.wait_until_ready(0.3)
+
+
+def test_wait_until_ready_returns_at_once_for_a_serving_server(client):
+    import time
+
+    t0 = time.monotonic()
+    client.wait_until_ready(30)
+    assert time.monotonic() - t0 < 5

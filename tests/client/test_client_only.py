@@ -49,7 +49,7 @@ def test_query_and_rank_through_a_server_need_no_engine(influence_server, local_
     assert len(out.read_text().splitlines()) == local_index.n
 
 
-@pytest.mark.parametrize("args", [["eval", "x.jsonl"], ["index", "build", "--data", "x.jsonl", "--out", "idx"]])
+@pytest.mark.parametrize("args", [["eval", "x.jsonl"], ["index", "build", "--data", "x.jsonl", "--index", "idx"]])
 def test_model_commands_name_the_engine_extra(tmp_path, args):
     (tmp_path / "x.jsonl").write_text(json.dumps({"prompt": "a", "response": " b", "label": "x",
                                                   "split": "train"}) + "\n")

@@ -73,7 +73,6 @@ def test_query_valuation_file_is_a_group(sources, local_index, tmp_path):
     (["--server", "SERVER"], "exactly one of --response"),
     (["--server", "SERVER", "--response", "   "], "--response must not be empty"),
     (["--server", "SERVER", "--response", " r", "-k", "21"], "INVALID_ARGUMENT: k: must be between 1 and 20"),
-    (["--server", "127.0.0.1:1", "--response", " r"], "UNAVAILABLE"),
     (["--index", "NOINDEX", "--model", "MODEL", "--response", " r"], "no version"),
 ])
 def test_query_errors_are_one_line_exit_2(influence_server, served_model_dir, tmp_path, args, message):

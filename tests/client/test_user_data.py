@@ -48,10 +48,10 @@ def test_own_chat_file_end_to_end(chat_model_dir, tmp_path):
     first = write_lines(tmp_path / "train.jsonl", rows(0, 6))
     more = write_lines(tmp_path / "more.jsonl", rows(6, 3))
     idx, model = tmp_path / "idx", ("--model", chat_model_dir)
-    r = run("index", "build", "--data", tmp_path / "train.jsonl", "--out", idx, "--id-field", "uid", *model,
+    r = run("index", "build", "--data", tmp_path / "train.jsonl", "--index", idx, "--id-field", "uid", *model,
             "--dim", "64", "--rank", "4", "--no-progress")
     assert r.exit_code == 0, r.output
-    info = json.loads(run("index", "info", idx, "--no-verify").stdout)
+    info = json.loads(run("index", "info", "--index", idx, "--no-verify").stdout)
     assert info["data"] == {"format": "messages", "template": "plain", "turns": "all", "fields": {"id": "uid"}}
 
     r = run("index", "add", "--index", idx, "--data", tmp_path / "more.jsonl", *model, "--no-progress")
@@ -80,9 +80,9 @@ def test_add_without_id_column_skips_rows_already_in(chat_model_dir, tmp_path, c
     write_lines(tmp_path / "a.jsonl", items)
     write_lines(tmp_path / "b.jsonl", items[2:] + [{k: v for k, v in r.items() if k != "uid"} for r in rows(4, 1)])
     idx, model = tmp_path / "idx", ("--model", chat_model_dir)
-    assert run("index", "build", "--data", tmp_path / "a.jsonl", "--out", idx, *model, "--dim", "64", "--rank", "4",
+    assert run("index", "build", "--data", tmp_path / "a.jsonl", "--index", idx, *model, "--dim", "64", "--rank", "4",
                "--no-progress").exit_code == 0
     r = run("index", "add", "--index", idx, "--data", tmp_path / "b.jsonl", *model, "--no-progress")
     assert r.exit_code == 0, r.output
     assert "skipped 6 row(s) already in index version v000001" in caplog.text
-    assert json.loads(run("index", "info", idx, "--no-verify").stdout)["n_samples"] == 10
+    assert json.loads(run("index", "info", "--index", idx, "--no-verify").stdout)["n_samples"] == 10

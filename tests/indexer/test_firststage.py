@@ -332,13 +332,13 @@ def test_cli_index_kind_and_a_refused_build(tmp_path, served_model_dir):
     data = tmp_path / "train.jsonl"
     write_jsonl(data, corpus(36))
     common = ["index", "build", "--data", str(data), "--model", served_model_dir, "--dim", "128", "--rank", "4",
-              "--fit-samples", "36", "--shard-size", "12", "--no-progress", "--index-kind", "ivf-sq8", "--nlist", "8"]
-    refused = CliRunner().invoke(main, common + ["--out", str(tmp_path / "a"), "--nprobe", "1", "--refine", "1",
+              "--fit-samples", "36", "--shard-size", "12", "--no-progress", "--json", "--index-kind", "ivf-sq8", "--nlist", "8"]
+    refused = CliRunner().invoke(main, common + ["--index", str(tmp_path / "a"), "--nprobe", "1", "--refine", "1",
                                                  "--min-recall", "1.0"])
     assert refused.exit_code == 2 and "below the required 1.0" in refused.output
-    ok = CliRunner().invoke(main, common + ["--out", str(tmp_path / "b"), "--min-recall", "0.5"])
+    ok = CliRunner().invoke(main, common + ["--index", str(tmp_path / "b"), "--min-recall", "0.5"])
     assert ok.exit_code == 0, ok.output
-    summary = json.loads(ok.stdout.strip().splitlines()[-1])
+    summary = json.loads(ok.stdout)
     assert summary["index"]["kind"] == "ivf-sq8" and summary["index"]["recall"]["min_recall"] == 0.5
     assert min(summary["index"]["recall"]["most"], summary["index"]["recall"]["least"]) >= 0.5
 

@@ -165,7 +165,7 @@ def test_cli_index_build_ray(cluster, single, tmp_path, served_model_dir):
     want, samples = single
     data = tmp_path / "train.jsonl"
     write_jsonl(data, samples)
-    result = CliRunner().invoke(main, ["index", "build", "--data", str(data), "--out", str(tmp_path / "idx"),
+    result = CliRunner().invoke(main, ["index", "build", "--data", str(data), "--index", str(tmp_path / "idx"),
                                        "--model", served_model_dir, "--dim", "128", "--rank", "4", "--fit-samples",
                                        "20", "--shard-size", "4", "--no-progress", "--ray", c.address])
     assert result.exit_code == 0, result.output

@@ -79,7 +79,7 @@ def test_every_damaged_file_is_refused_by_name_and_the_old_version_keeps_serving
                     try:
                         with pytest.raises(IndexCorruptError, match=re.escape(rel)) as caught:
                             idx.load(verify=True)
-                        r = CliRunner().invoke(main, ["index", "info", str(root)], catch_exceptions=False)
+                        r = CliRunner().invoke(main, ["index", "info", "--index", str(root)], catch_exceptions=False)
                         assert r.exit_code == 2 and rel in r.stderr, (rel, damage.__name__, r.output)
                         assert srv.run(srv.server.reload()) == v1, (rel, damage.__name__)
                         assert answers(client) == before, (rel, damage.__name__)
@@ -89,7 +89,7 @@ def test_every_damaged_file_is_refused_by_name_and_the_old_version_keeps_serving
                     assert rel in str(caught.value)
 
             # restored, v000002 loads and is served, with the same answers (it is a copy of v1)
-            assert CliRunner().invoke(main, ["index", "info", str(root)]).exit_code == 0
+            assert CliRunner().invoke(main, ["index", "info", "--index", str(root)]).exit_code == 0
             assert srv.run(srv.server.reload()) == "v000002"
             assert [a[2] for a in answers(client)[:2]] == [a[2] for a in before[:2]]
     finally:

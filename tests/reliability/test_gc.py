@@ -50,7 +50,7 @@ def test_gc_removes_a_version_a_server_still_serves(tmp_path, served_index, serv
             v2 = build_index(str(root), corpus(20, seed=23, prefix="g"), served_lm, CONFIG)
             v3 = build_index(str(root), corpus(20, seed=31, prefix="h"), served_lm, CONFIG)
             idx.set_current(v2)  # CURRENT is not the newest: gc keeps both
-            r = run("index", "gc", str(root), "--keep", "1")
+            r = run("index", "gc", "--index", str(root), "--keep", "1")
             assert r.exit_code == 0, r.output
             assert json.loads(r.stdout) == {"removed": [v1], "kept": [v2, v3], "current": v2}
             assert not idx.version_dir(v1).exists() and idx.versions() == [v2, v3]
@@ -67,10 +67,10 @@ def test_gc_removes_a_version_a_server_still_serves(tmp_path, served_index, serv
             assert {a[1] for a in after[:-1]} == {v2} and after[-1][0] == v2
             assert {h[0][0] for a in after[:-1] for h in a[3]} == {"g"}
             idx.load(verify=True).close()
-            r = run("index", "gc", str(root), "--keep", "1")
+            r = run("index", "gc", "--index", str(root), "--keep", "1")
             assert r.exit_code == 0 and json.loads(r.stdout)["removed"] == [], r.output
             idx.set_current(v3)
-            r = run("index", "gc", str(root), "--keep", "1")
+            r = run("index", "gc", "--index", str(root), "--keep", "1")
             assert json.loads(r.stdout) == {"removed": [v2], "kept": [v3], "current": v3}
             assert srv.server.servicer.version == v2 and ask(client) == after  # v2 gone, still answering
             assert srv.run(srv.server.reload()) == v3
@@ -82,21 +82,21 @@ def test_gc_refuses_bad_arguments_and_missing_or_broken_indexes(tmp_path, served
     root = tmp_path / "index"
     shutil.copytree(served_index[0], root)
     for keep in ("0", "-1"):
-        r = run("index", "gc", str(root), "--keep", keep)
+        r = run("index", "gc", "--index", str(root), "--keep", keep)
         assert r.exit_code == 2 and "--keep must be at least 1" in r.stderr, r.output
-    r = run("index", "gc", str(root))
+    r = run("index", "gc", "--index", str(root))
     assert r.exit_code == 2 and "--keep" in r.output
     missing = tmp_path / "nothing"
-    r = run("index", "gc", str(missing), "--keep", "1")
+    r = run("index", "gc", "--index", str(missing), "--keep", "1")
     assert r.exit_code == 2 and "no such index directory" in r.stderr and not missing.exists()
     (tmp_path / "plain").mkdir()
-    r = run("index", "gc", str(tmp_path / "plain"), "--keep", "1")
+    r = run("index", "gc", "--index", str(tmp_path / "plain"), "--keep", "1")
     assert r.exit_code == 2 and "not an index directory" in r.stderr
     assert not (tmp_path / "plain" / ".lock").exists()
 
     # a CURRENT that cannot be read: nothing is deleted
     shutil.copytree(root / "versions" / "v000001", root / "versions" / "v000002")
     (root / "CURRENT").write_text("../../etc\n")
-    r = run("index", "gc", str(root), "--keep", "1")
+    r = run("index", "gc", "--index", str(root), "--keep", "1")
     assert r.exit_code == 2 and "CURRENT" in r.stderr
     assert IndexRoot(root).versions() == ["v000001", "v000002"]

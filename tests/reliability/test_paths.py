@@ -59,7 +59,7 @@ def test_hostile_ids_and_metadata_stay_inside_the_index_and_round_trip(tmp_path,
     before = tree(top, out)
     assert not Path("/abs").exists()
 
-    r = CliRunner().invoke(main, ["index", "build", "--data", str(data), "--out", str(out), "--model",
+    r = CliRunner().invoke(main, ["index", "build", "--data", str(data), "--index", str(out), "--model",
                                   served_model_dir, "--dim", "64", "--rank", "4", "--shard-size", "7",
                                   "--no-progress"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
@@ -155,7 +155,7 @@ def test_a_symlinked_current_is_refused_without_echoing_its_target(index_copy, s
     (root / "CURRENT").unlink()
     (root / "CURRENT").symlink_to(secret)
     runner = CliRunner()
-    for args in (["index", "info", str(root)], ["index", "gc", str(root), "--keep", "1"],
+    for args in (["index", "info", "--index", str(root)], ["index", "gc", "--index", str(root), "--keep", "1"],
                  ["query", "--index", str(root), "--model", served_model_dir, "--response", " x"]):
         r = runner.invoke(main, args)
         assert r.exit_code == 2, (args, r.output)
@@ -166,7 +166,7 @@ def test_a_symlinked_current_is_refused_without_echoing_its_target(index_copy, s
 def test_a_current_holding_other_bytes_is_not_echoed(index_copy):
     root, _ = index_copy
     (root / "CURRENT").write_text(SECRET + "\n" + "x" * 500)
-    r = CliRunner().invoke(main, ["index", "info", str(root)])
+    r = CliRunner().invoke(main, ["index", "info", "--index", str(root)])
     assert r.exit_code == 2 and SECRET not in r.output and "not a version name" in r.output, r.output
 
 
@@ -177,5 +177,5 @@ def test_a_version_linked_out_of_the_index_is_refused(index_copy):
     outside = secret.parent / "elsewhere"
     shutil.copytree(root / "versions" / "v000001", outside)
     (root / "versions" / "v000002").symlink_to(outside)
-    r = CliRunner().invoke(main, ["index", "info", str(root)])
+    r = CliRunner().invoke(main, ["index", "info", "--index", str(root)])
     assert r.exit_code == 2 and "symbolic link" in r.output and str(outside) not in r.output, r.output

@@ -74,7 +74,7 @@ def test_signed_versions_are_read_and_tampered_ones_refused(tmp_path, served_lm,
     monkeypatch.setenv(SIGNING_KEY_ENV, str(good))
     with pytest.raises(IndexCorruptError, match="does not match"):
         IndexRoot(root).load(name)
-    r = CliRunner().invoke(main, ["index", "info", str(root), "--version", name])
+    r = CliRunner().invoke(main, ["index", "info", "--index", str(root), "--version", name])
     assert r.exit_code == 2 and "signing key" in r.output and len(r.output.strip().splitlines()) == 1
 
 

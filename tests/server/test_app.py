@@ -3,6 +3,7 @@ when it cannot be, a port in use, draining on stop."""
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import grpc
@@ -111,5 +112,39 @@ def test_stop_drains_in_flight_calls(served_index, local_index):
             gate.set()
             assert len(in_flight.result(timeout=60).answers[0].hits) == 3  # finished, not cancelled
             stopped.result(60)
+    finally:
+        srv.stop()
+
+
+def test_start_and_every_swap_are_told(tmp_path, served_index, served_lm, caplog):
+    """Once loaded the server says what it serves (index, version, rows, model, address), and every swap old →
+    new; `announce` (what `forvalue serve` prints) gets the same lines instead of the log."""
+    import shutil
+
+    from forvalue.indexer.build import build_index
+    from forvalue.indexer.config import BuildConfig, SketchConfig
+    from forvalue.indexer.index import Index
+    from forvalue.indexer.store import IndexRoot
+
+    root = str(tmp_path / "index")
+    shutil.copytree(served_index[0], root)
+    index_root = IndexRoot(root)
+    v1 = index_root.current()
+    cfg = BuildConfig(tokens="response", sketch=SketchConfig(rank=4, buckets=32, fit_samples=5), shard_size=16)
+    v2 = build_index(root, corpus(5, seed=3, prefix="t"), served_lm, cfg)
+    index_root.set_current(v1)
+    caplog.set_level(logging.INFO, logger="forvalue.server")
+    srv = ServerThread(server_config((root,), watch_seconds=0), load=lambda: Index.open(root, served_lm))
+    try:
+        srv.wait_ready()
+        told = [r.getMessage() for r in caplog.records if r.name == "forvalue.server"]
+        start = [m for m in told if m.startswith("serving ")]
+        assert start == [f"serving {root} version {v1} (36 rows, model {served_lm.name}) on {srv.address}"], told
+        heard = []
+        srv.server.announce = heard.append
+        index_root.set_current(v2)
+        assert srv.run(srv.server.reload()) == v2
+        assert heard == [f"index swap: {v1} → {v2}: now serving {root} version {v2} (5 rows, model "
+                         f"{served_lm.name})"]
     finally:
         srv.stop()
