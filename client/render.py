@@ -83,15 +83,16 @@ def color_hits(result, source: str, n_queries: int, explain: bool, width: int | 
              + click.style(f" · {result.candidates} candidates, {scored(result)} exact", dim=True)]
     scores = [f"{h.score:.5g}" for h in result.hits]
     # calibrated scores (Hit.percentile, Hit.cosine), as columns when any hit has them
-    calibrated = [(pct(h.percentile), cos(h.cosine)) for h in result.hits]
+    calibrated = [(hit_pct(h), cos(h.cosine)) for h in result.hits]
     show_cal = any(p != "-" or c != "-" for p, c in calibrated)
     sw = max([5] + [len(s) for s in scores])
     iw = max([2] + [len(h.id) for h in result.hits])
     rw = max(1, len(str(len(result.hits))))
-    cal_head = f"{'pct':>6}  {'cos':>6}  " if show_cal else ""
+    pw = max([6] + [len(p) for p, _ in calibrated])
+    cal_head = f"{'pct':>{pw}}  {'cos':>6}  " if show_cal else ""
     lines.append(click.style(f"{'#':>{rw}}  {'score':>{sw}}  {cal_head}{'id':<{iw}}  training sample", dim=True))
     for h, s, (p, c) in zip(result.hits, scores, calibrated):
-        cal = f"{p:>6}  {c:>6}  " if show_cal else ""
+        cal = f"{p:>{pw}}  {c:>6}  " if show_cal else ""
         text = snippet(h.metadata, width - (rw + sw + iw + len(cal) + 6))
         lines.append(f"{click.style(f'{h.rank:>{rw}}', dim=True)}  "
                      f"{click.style(f'{s:>{sw}}', fg='green' if h.score >= 0 else 'red', bold=True)}  "
@@ -134,6 +135,19 @@ def metric(x) -> str:
 
 def pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def hit_pct(hit) -> str:
+    """A hit's percentile as shown: "98.3%" when exact, "97.1–99.2%" when only an interval is known (a sample
+    of a large index), "~98.3%" when neither is said (a router, an older server), "-" when not computed."""
+    p, low, high = hit.percentile, getattr(hit, "percentile_low", None), getattr(hit, "percentile_high", None)
+    if p is None:
+        return "-"
+    if low is None or high is None:
+        return f"~{pct(p)}"
+    if low == high:
+        return pct(p)
+    return f"{100 * low:.1f}–{pct(high)}"
 
 
 def cos(x) -> str:
@@ -197,8 +211,9 @@ def hits_json(result, source: str, n_queries: int, explain: bool = False) -> dic
 
     hits = []
     for h in result.hits:
-        d = {"rank": h.rank, "score": h.score, "percentile": h.percentile, "cosine": h.cosine, "id": h.id,
-             "row": h.row, "metadata": h.metadata}
+        d = {"rank": h.rank, "score": h.score, "percentile": h.percentile, "percentile_low": h.percentile_low,
+             "percentile_high": h.percentile_high, "cosine": h.cosine, "id": h.id, "row": h.row,
+             "metadata": h.metadata}
         if explain:
             d["explanation"] = None if h.explanation is None else dataclasses.asdict(h.explanation)
         hits.append(d)
@@ -212,10 +227,11 @@ def hits_text(result, source: str, n_queries: int, explain: bool = False) -> str
     lines = [f"{source}, version {result.version}: the {len(result.hits)} {result.direction} valuable training "
              f"samples for {group} ({result.candidates} candidates, {scored(result)} scored exactly)"]
     id_width = max([len("id")] + [len(h.id) for h in result.hits])
-    lines.append(f"{'rank':>4}  {'score':>12}  {'pct':>6}  {'cos':>6}  {'id':<{id_width}}  "
+    pw = max([6] + [len(hit_pct(h)) for h in result.hits])
+    lines.append(f"{'rank':>4}  {'score':>12}  {'pct':>{pw}}  {'cos':>6}  {'id':<{id_width}}  "
                  "training sample (prompt → response)")
     for h in result.hits:
-        lines.append(f"{h.rank:>4}  {h.score:>12.6g}  {pct(h.percentile):>6}  {cos(h.cosine):>6}  "
+        lines.append(f"{h.rank:>4}  {h.score:>12.6g}  {hit_pct(h):>{pw}}  {cos(h.cosine):>6}  "
                      f"{h.id:<{id_width}}  {snippet(h.metadata)}")
     text = "\n".join(lines)
     return with_pairs(text, result, n_queries > 1) if explain else text

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from .calibration import count_lower, percentiles_of, undecided
 from .config import CALIBRATION_ROWS
 from .data import Sample
 from .deletion import deleted_of
@@ -83,7 +84,7 @@ class Index:
         self._labels = None  # token id → text, cached (explain)
         self._ids: list[str] | None = None  # ids in row order, read on first use
         self._shape: dict[str, float] | None = None  # sizes of an answer (shape()), read on first use
-        self._calibration: np.ndarray | None = None  # sketches of the rows percentiles are taken among
+        self._calibration: tuple[np.ndarray, bool] | None = None  # rows percentiles are counted among
         # flat: exact search over the (checksummed) sketch arrays, built on load; IVF: its stored file
         version.open_all()  # every file open now: serving goes on if gc deletes the version's directory
         info = m["index"]
@@ -207,9 +208,12 @@ class Index:
         _check(check)
         rows, scores, scored = self.rerank(features, cand, k, direction, prune, probs)
         meta = self.version.rows(rows)
-        pct = self.percentiles(qs[0], scores) if calibrate else [None] * len(meta)
+        if calibrate:
+            _check(check)
+        pct = self.percentiles(features, rows, scores, probs) if calibrate else [(None, None, None)] * len(meta)
         cos = self.cosines(features, rows, scores, probs) if calibrate else [None] * len(meta)
-        hits = [Hit(id=str(md["id"]), score=float(s), rank=r + 1, row=int(row), metadata=md, percentile=p, cosine=c)
+        hits = [Hit(id=str(md["id"]), score=float(s), rank=r + 1, row=int(row), metadata=md, percentile=p[0],
+                    cosine=c, percentile_low=p[1], percentile_high=p[2])
                 for r, (s, row, md, p, c) in enumerate(zip(scores.tolist(), rows.tolist(), meta, pct, cos))]
         if explain:
             _check(check)
@@ -255,33 +259,65 @@ class Index:
             out[a : a + step] = self.ann.inner_products(q, rows[a : a + step])[0]
         return out
 
-    def percentiles(self, q: np.ndarray, scores: torch.Tensor) -> list[float]:
-        """Calibrated scores: for each exact score, the estimated share of the index's (not deleted) training
-        rows whose value to the query is lower, (#below + #equal / 2) / n, in [0, 1].
-
-        The query's value to a row is estimated by the first-stage score <q, s_i> (no re-rank data); the
-        exact scores of the hits are placed among those of every row, or, above the manifest's calibration rows
-        (config.CALIBRATION_ROWS), of a sample of that many drawn with the manifest's calibration seed (the
-        sampling error is then at most ~0.5 percentage points, less in the tails, and the cost stays
-        rows · D per query at any index size). Comparable
-        across queries and indexes; its error against exact For-Value is measured in docs/results.md.
-
-        Args:
-            q: the query's (group mean) sketch (D,). scores: exact scores (m,).
-        """
+    def calibration_rows(self) -> tuple[np.ndarray, bool]:
+        """(rows percentiles are counted among, whether they are all live rows): every live (not deleted) row,
+        or above the manifest's calibration rows (config.CALIBRATION_ROWS) a sample of that many drawn with its
+        calibration seed. Drawn once per loaded version."""
         if self._calibration is None:
             live = np.setdiff1d(np.arange(self.n, dtype=np.int64), self.deleted.rows)
             # indexes built before the manifest recorded it: the rows and seed used then
             cal = self.manifest.get("calibration", {"rows": CALIBRATION_ROWS, "seed": 0})
-            if live.size > cal["rows"]:
+            whole = live.size <= cal["rows"]
+            if not whole:
                 live = np.sort(np.random.default_rng(cal["seed"]).choice(live, cal["rows"], replace=False))
-            self._calibration = np.ascontiguousarray(self.version.take("sketch", live), dtype=np.float32)
-        if self._calibration.shape[0] == 0 or scores.numel() == 0:
-            return [None] * scores.numel()
-        ref = np.sort((self._calibration @ np.asarray(q, dtype=np.float32)).astype(np.float64))
+            self._calibration = (live, whole)
+        return self._calibration
+
+    def value_bounds(self, features: Features, rows: np.ndarray, probs: torch.Tensor | None = None,
+                     block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """Certified bounds lo <= S <= hi of the group-mean value of training rows `rows` → ((r,), (r,)) float64:
+        rerank.score_bounds from the stored top probabilities, or exact scores (lo = hi) on an index without
+        them or a query whose distributions do not fit in memory."""
+        lo, hi = np.empty(rows.size), np.empty(rows.size)
+        for a in range(0, rows.size, block):
+            part = rows[a : a + block]
+            if self.rerank_top and probs is not None:
+                bl, bh = score_bounds(features, self.candidates(part), self._cpu_head, self.query_top, probs=probs)
+                lo[a : a + part.size], hi[a : a + part.size] = bl.double().mean(0).numpy(), bh.double().mean(0).numpy()
+            else:
+                ex = exact_scores(features, self.candidate_features(part), self._cpu_head, pv=probs)
+                lo[a : a + part.size] = hi[a : a + part.size] = ex.double().mean(0).numpy()
+        return lo, hi
+
+    def percentiles(self, features: Features, rows: np.ndarray, scores: torch.Tensor,
+                    probs: torch.Tensor | None = None) -> list[tuple[float, float, float]]:
+        """Calibrated scores of hits: (percentile, low, high) of each hit's exact score (calibration.py).
+
+        The percentile of row i is the share of the other live rows whose exact value to the query is strictly
+        lower, #{j != i : S_j < S_i} / (n_live - 1): 1.0 for the most valuable row, 0.0 for the least, as `rank`
+        writes it. Exact (low = high = percentile) on indexes of at most the manifest's calibration rows: every
+        row is bounded (`value_bounds`) and the rows whose bounds contain a hit's score are scored exactly.
+        Larger indexes count among a seeded sample of that many rows: the share in the sample, and its 99%
+        Wilson interval (low, high).
+
+        Args:
+            features: the query group's features. rows: the hits' rows (m,). scores: their exact scores (m,).
+            probs: the query tokens' distributions over the whole vocabulary (Tv, V), when computed already.
+        """
+        cal, whole = self.calibration_rows()
+        if cal.size == 0 or scores.numel() == 0:
+            return [(None, None, None)] * scores.numel()
         s = scores.double().numpy()
-        below, upto = np.searchsorted(ref, s, "left"), np.searchsorted(ref, s, "right")
-        return ((below + upto) / (2.0 * ref.size)).tolist()
+        lo, hi = self.value_bounds(features, cal, probs)
+        at = np.searchsorted(cal, rows)
+        mine = (at < cal.size) & (cal[np.minimum(at, cal.size - 1)] == rows)
+        lo[at[mine]] = hi[at[mine]] = s[mine]  # the hits' own exact scores (a row is never below itself)
+        todo = np.flatnonzero(undecided(s, lo, hi))
+        if todo.size:
+            ex = self.score_rows(features, cal[todo], probs=probs).double().mean(0).numpy()
+            lo[todo] = hi[todo] = ex
+        counts = count_lower(s, lo, hi)
+        return percentiles_of(counts, cal.size - mine.astype(np.int64), whole)
 
     def query_norm(self, features: Features, probs: torch.Tensor | None = None) -> float:
         """‖Ḡ‖ of the query group, Ḡ = mean of its members' G: sqrt(mean_vv' S(v, v'))."""
@@ -304,16 +340,16 @@ class Index:
             out.append(None if qn <= 0 or g <= 0 else max(-1.0, min(1.0, s / (qn * g))))
         return out
 
-    def score_rows(self, features: Features, rows: np.ndarray, block: int = 512, check: Check | None = None
-                   ) -> torch.Tensor:
+    def score_rows(self, features: Features, rows: np.ndarray, block: int = 512, check: Check | None = None,
+                   probs: torch.Tensor | None = None) -> torch.Tensor:
         """Exact For-Value of training rows `rows` for each query row → (nq, len(rows)), streaming over the store
-        (`check` is called before each block of rows)."""
+        (`check` is called before each block of rows; `probs`: the query tokens' distributions, if known)."""
         rows = np.asarray(rows, dtype=np.int64)
         out = torch.empty(features.n, rows.size)
         for a in range(0, rows.size, block):
             _check(check)
             part = rows[a : a + block]
-            out[:, a : a + part.size] = exact_scores(features, self.candidate_features(part), self._cpu_head)
+            out[:, a : a + part.size] = exact_scores(features, self.candidate_features(part), self._cpu_head, pv=probs)
         return out
 
     def group_by(self, samples: Sequence[Sample | tuple[str, str]], field: str, k: int = 3, direction: str = "most",

@@ -284,6 +284,8 @@ def hit_to_pb(hit: Hit, max_text_chars: int = 0) -> pb.Hit:
         msg.percentile = hit.percentile
     if hit.cosine is not None:
         msg.cosine = hit.cosine
+    if hit.percentile_low is not None:
+        msg.percentile_low, msg.percentile_high = hit.percentile_low, hit.percentile_high
     return msg
 
 
@@ -421,7 +423,9 @@ def hit_from_pb(msg: pb.Hit) -> Hit:
     metadata = {"id": msg.id, "prompt": msg.prompt, "response": msg.response, **struct_to_dict(msg.metadata)}
     hit = Hit(id=msg.id, score=msg.score, rank=msg.rank, row=msg.row, metadata=metadata,
               percentile=msg.percentile if msg.HasField("percentile") else None,
-              cosine=msg.cosine if msg.HasField("cosine") else None)
+              cosine=msg.cosine if msg.HasField("cosine") else None,
+              percentile_low=msg.percentile_low if msg.HasField("percentile_low") else None,
+              percentile_high=msg.percentile_high if msg.HasField("percentile_high") else None)
     if msg.HasField("explanation"):
         hit = dataclasses.replace(hit, explanation=explanation_from_pb(msg.explanation))
     return hit

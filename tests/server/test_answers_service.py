@@ -40,6 +40,8 @@ def test_filtered_search_equals_in_process(influence_server, local_index, served
             for r, loc in zip(remote.hits, local.hits):
                 assert r.percentile == pytest.approx(loc.percentile) and r.cosine == pytest.approx(loc.cosine)
                 assert 0 <= r.percentile <= 1 and -1 <= r.cosine <= 1
+                assert r.percentile_low == r.percentile_high == pytest.approx(loc.percentile)  # exact: 36 rows
+                assert r.percentile_exact
 
 
 def test_group_by_and_score_all_with_where(influence_server, local_index):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from forvalue.indexer.errors import ConfigError, ForValueError
@@ -78,6 +80,10 @@ def test_hit_round_trip_keeps_metadata_and_truncates():
     assert set(msg.metadata.keys()) == {"label", "clean", "meta"}  # id, prompt, response have fields
     assert not msg.truncated
     assert convert.hit_from_pb(pb.Hit.FromString(msg.SerializeToString())) == hit
+
+    calibrated = dataclasses.replace(hit, percentile=0.75, cosine=0.5, percentile_low=0.7, percentile_high=0.8)
+    back = convert.hit_from_pb(pb.Hit.FromString(convert.hit_to_pb(calibrated).SerializeToString()))
+    assert back == calibrated and (back.percentile_low, back.percentile_high) == (0.7, 0.8)
 
     short = convert.hit_to_pb(hit, max_text_chars=4)
     assert (short.prompt, short.response, short.truncated) == ("Reve", " b a", True)
