@@ -27,7 +27,7 @@ from .results import (
     DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH, DIRECTIONS, GROUP, Explanation, Group, GroupedResult, Hit, Scores,
     SearchResult, check_direction, cut_texts, index_info,
 )
-from .score import exact_scores, self_scores
+from .score import exact_scores, group_norm, self_scores
 from .sketch import MAP_FILES, Sketcher
 from .store import IndexRoot, Version
 
@@ -476,7 +476,8 @@ class Index:
                batch: int = DEFAULT_SCORE_BATCH, features: Features | None = None, check: Check | None = None
                ) -> Scores:
         """The exact value of every training row in scope (matching `where`, not deleted) to the group
-        `samples` (the mean over its members), `batch` samples per forward pass (or their `features`)."""
+        `samples` (the mean over its members), `batch` samples per forward pass (or their `features`), and
+        each row's cosine, value / (‖Ḡ‖·‖G_row‖) with Ḡ the group's mean G (`row_cosines`)."""
         if batch < 1:
             raise ConfigError(f"batch must be >= 1, got {batch}")
         if features is None and not samples:
@@ -486,15 +487,29 @@ class Index:
         total = np.zeros(rows.size, dtype=np.float64)
         parts = [features] if features is not None else (
             self.encode(samples[a : a + batch]) for a in range(0, len(samples), batch))
-        n, cut = 0, []
+        n, cut, kept = 0, [], []
         for f in parts:
             if rows.size:
                 total += self.score_rows(f, rows, check=check).double().sum(0).numpy()
             cut += [n + j for j in f.cut_samples]
             n += f.n
+            kept.append(f)
         ids = self.ids()
-        return Scores([ids[r] for r in rows.tolist()], rows.tolist(), total / max(n, 1), self.version.name,
-                      tuple(cut))
+        values = total / max(n, 1)
+        _check(check)
+        return Scores([ids[r] for r in rows.tolist()], rows.tolist(), values, self.version.name, tuple(cut),
+                      cosines=self.row_cosines(kept, rows, values))
+
+    def row_cosines(self, parts: Sequence[Features], rows: np.ndarray, values: np.ndarray) -> np.ndarray | None:
+        """value / (‖Ḡ‖·‖G_row‖) of each row (NaN where a norm is 0), Ḡ the mean G of the group whose features
+        are `parts` (score.group_norm); None on an index without stored norms."""
+        if self.g_norm is None:
+            return None
+        qn = group_norm(parts, self._cpu_head)
+        g = self.g_norm[torch.as_tensor(rows, dtype=torch.int64)].double().numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cos = np.where((g > 0) & (qn > 0), values / (qn * g), np.nan)
+        return np.clip(cos, -1.0, 1.0)
 
     def score_all(self, samples: Sequence[Sample | tuple[str, str]], chunk_size: int = 0,
                   return_version: bool = False, where: Where | None = None

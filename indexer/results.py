@@ -169,6 +169,9 @@ class Scores:
         ids: training sample ids, in row order. rows: their row numbers in the index version.
         values: exact For-Value of each row to the group (the mean over its members), float64.
         version: the index version that answered ("" for an empty answer from a server).
+        cosines: each row's value / (‖Ḡ‖·‖G_row‖), Ḡ the mean G of the valuation group: numpy float64 (n,) in
+            [-1, 1], NaN where a norm is 0; None when unknown (an index without stored norms; from a server,
+            a valuation set sent in more than one request).
     """
 
     ids: list[str]
@@ -176,6 +179,7 @@ class Scores:
     values: Any  # numpy float64 array (n,)
     version: str
     cut_samples: tuple[int, ...] = ()  # as SearchResult.cut_samples
+    cosines: Any = None
 
 
 def check_direction(direction: str, both: bool = False) -> str:

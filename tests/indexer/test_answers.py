@@ -160,3 +160,20 @@ def test_percentile_on_large_indexes_counts_in_a_fixed_sample_with_an_interval(b
         assert h.percentile_high - h.percentile_low > 0.05  # 20 rows say little: an honest, wide interval
         true = share_lower(values, h.row)
         assert h.percentile_low <= true <= h.percentile_high
+
+
+def test_scores_carry_each_rows_cosine_to_the_group_mean(index, built, exact):
+    from forvalue.indexer.score import group_norm
+
+    _, samples = built
+    queries, S, (fq, ft, head) = exact
+    G_t = reference_G(ft, head).double().flatten(1)
+    for members in ([0], [0, 1, 2]):
+        G_mean = reference_G(fq.select(members), head).double().mean(0).flatten()
+        assert group_norm([fq.select([m]) for m in members], head) == pytest.approx(float(G_mean.norm()), rel=1e-4)
+        got = index.scores([queries[m] for m in members], batch=2)  # two forward passes for the group of 3
+        want = (G_t @ G_mean) / (G_t.norm(dim=1) * G_mean.norm())
+        np.testing.assert_allclose(got.cosines, want.numpy()[got.rows], atol=1e-4)
+    plain = Index.__new__(Index)
+    plain.__dict__.update(index.__dict__, g_norm=None)
+    assert plain.scores([queries[0]]).cosines is None

@@ -59,6 +59,18 @@ def test_group_by_and_score_all_with_where(influence_server, local_index):
         np.testing.assert_allclose(scores, want.values, rtol=1e-5, atol=1e-6)
 
 
+def test_scores_carry_cosines_in_one_call_only(influence_server, local_index):
+    with InfluenceClient(influence_server.address, timeout=60) as c:
+        remote = c.scores(QUERIES, where={"source": "a"})
+        local = local_index.scores(QUERIES, Where.of([("source", "a")]))
+        assert remote.rows == local.rows and remote.cosines is not None
+        np.testing.assert_allclose(remote.cosines, local.cosines, rtol=1e-5, atol=1e-6)
+        assert np.all(np.abs(remote.cosines) <= 1)
+        # two calls (batch=1) each know only their own sample's mean G: no cosine rather than a wrong one
+        split = c.scores(QUERIES, batch=1)
+        assert split.cosines is None and len(split.values) == 36
+
+
 @pytest.mark.parametrize("request_kwargs, field", [
     (dict(where=[pb.FieldFilter(field="prompt", values=[])]), "where[0].field"),
     (dict(where=[pb.FieldFilter(field="source")]), "where[0].values"),

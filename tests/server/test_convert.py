@@ -102,6 +102,10 @@ def test_answers_and_chunks():
     chunks = list(convert.score_chunks(ids, scores, 4, "v1"))
     assert [c.offset for c in chunks] == [0, 4, 8] and [len(c.ids) for c in chunks] == [4, 4, 2]
     assert [s for c in chunks for s in c.scores] == scores and {c.index_version for c in chunks} == {"v1"}
+    assert all(not c.cosines for c in chunks)
+    cos = [i / 10 for i in range(10)]
+    with_cos = list(convert.score_chunks(ids, scores, 4, "v1", cosines=cos))
+    assert [x for c in with_cos for x in c.cosines] == pytest.approx(cos)
 
 
 def test_direction_names():
