@@ -103,11 +103,13 @@ def color_hits(result, source: str, n_queries: int, explain: bool, width: int | 
 
 
 def color_rank_summary(plain: str) -> str:
-    """The rank summary (stderr) with its "forvalue:" prefixes dimmed and the rest bold."""
+    """The rank summary (stderr) with its "forvalue:" prefixes dimmed and the rest bold (the table of rows
+    under it stays plain)."""
     out = []
     for line in plain.split("\n"):
         head, sep, rest = line.partition(": ")
-        out.append(click.style(head + sep, dim=True) + click.style(rest, bold=True) if sep else line)
+        out.append(click.style(head + sep, dim=True) + click.style(rest, bold=True)
+                   if sep and line.startswith("forvalue:") else line)
     return "\n".join(out)
 
 
@@ -259,8 +261,34 @@ def groups_text(result, source: str) -> str:
     return "\n".join(lines)
 
 
+RANK_TOP = 5  # rows listed by `rank`'s summary
+
+
+def ranked_rows(ids, rows, values, ranks, percentiles, cosines, texts: dict, which) -> list[dict]:
+    """The rows `which` (positions in ids, rank order) as `rank` reports them: rank, id, row, score,
+    percentile (share of the other rows with a lower value), cosine (None when unknown) and text (the
+    prompt → response snippet, None when unknown)."""
+    out = []
+    for i in which:
+        c = None if cosines is None or not math.isfinite(float(cosines[i])) else float(cosines[i])
+        out.append({"rank": int(ranks[i]), "id": str(ids[i]), "row": int(rows[i]), "score": float(values[i]),
+                    "percentile": float(percentiles[i]), "cosine": c, "text": texts.get(int(i))})
+    return out
+
+
+def ranked_rows_text(rows: list[dict]) -> list[str]:
+    """`rank`'s table of rows (indented lines under the summary)."""
+    iw = max([2] + [len(r["id"]) for r in rows])
+    lines = [f"  {'rank':>6}  {'score':>12}  {'pct':>6}  {'cos':>6}  {'id':<{iw}}  training sample (prompt → response)"]
+    for r in rows:
+        text = "-" if r["text"] is None else r["text"]
+        lines.append(f"  {r['rank']:>6}  {r['score']:>12.6g}  {pct(r['percentile']):>6}  {cos(r['cosine']):>6}  "
+                     f"{r['id']:<{iw}}  {text}")
+    return lines
+
+
 def rank_summary_text(s: dict) -> str:
-    """`rank`'s summary (stderr)."""
+    """`rank`'s summary (stderr), with its first rows (`top`) as a table."""
     lines = [f"forvalue: {s['source']}, version {s['version']}: scored {s['n_scored']} training rows by their mean "
              f"value to {s['n_valuation']} valuation samples"]
     if s["n_selected"]:
@@ -270,6 +298,10 @@ def rank_summary_text(s: dict) -> str:
                  + (f" and the selected rows to {s['selected_out']}" if s["selected_out"] else ""))
     if s.get("html"):
         lines.append(f"forvalue: wrote the report to {s['html']}")
+    if s.get("top"):
+        lines.append(f"forvalue: the first {len(s['top'])} rows, {s['direction']} value first (pct: share of the "
+                     "other rows with a lower value; cos: -1..1)")
+        lines.extend(ranked_rows_text(s["top"]))
     return "\n".join(lines)
 
 
