@@ -724,8 +724,9 @@ def query_cmd(server, index_dir, model_path, device, prompt, response, valuation
               explain, explain_pairs, html_path, where_items, group_by, color, token_file, tls, tls_ca, fields):
     """Which training samples drove this response? The top k by exact For-Value, from a server or an index.
 
-    Each hit also carries calibrated scores: pct, the estimated share of the index's training samples with a
-    lower value to this query, and cos, the score normalised by both gradients' norms (-1..1)."""
+    Each hit also carries calibrated scores: pct, the share of the index's other training samples with a lower
+    value to this query (exact; an interval lo–hi% on indexes above 2,048 rows), and cos, the score normalised
+    by both gradients' norms (-1..1)."""
     if (response is None) == (valuation_path is None):
         _fail("give exactly one of --response TEXT (with --prompt) or --valuation FILE")
     if valuation_path is not None:

@@ -279,7 +279,8 @@ def ranked_rows(ids, rows, values, ranks, percentiles, cosines, texts: dict, whi
 def ranked_rows_text(rows: list[dict]) -> list[str]:
     """`rank`'s table of rows (indented lines under the summary)."""
     iw = max([2] + [len(r["id"]) for r in rows])
-    lines = [f"  {'rank':>6}  {'score':>12}  {'pct':>6}  {'cos':>6}  {'id':<{iw}}  training sample (prompt → response)"]
+    lines = [f"  {'rank':>6}  {'score':>12}  {'pct':>6}  {'cos':>6}  {'id':<{iw}}  "
+             "training sample (prompt → response)"]
     for r in rows:
         text = "-" if r["text"] is None else r["text"]
         lines.append(f"  {r['rank']:>6}  {r['score']:>12.6g}  {pct(r['percentile']):>6}  {cos(r['cosine']):>6}  "

@@ -43,6 +43,13 @@ def _pairs(samples: Sequence[Sample | tuple[str, str]]) -> list[tuple[str, str]]
     return out
 
 
+def _positions(sorted_rows: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(position of each of `rows` in `sorted_rows`, whether it is there at all)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    at = np.searchsorted(sorted_rows, rows)
+    return at, (at < sorted_rows.size) & (sorted_rows[np.minimum(at, sorted_rows.size - 1)] == rows)
+
+
 Check = Callable[[], None]  # raises to stop a piece of work between its steps (a deadline, a cancelled call)
 
 
@@ -140,8 +147,10 @@ class Index:
                           torch.from_numpy(np.asarray(d["tail_l2"], dtype=np.float32)))
 
     def rerank(self, features: Features, cand: np.ndarray, k: int, direction: str, prune: bool = True,
-               probs: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor, int]:
-        """The exact top-k of candidate rows `cand` → (rows best first, their exact scores, rows scored exactly).
+               probs: torch.Tensor | None = None
+               ) -> tuple[np.ndarray, torch.Tensor, int, tuple[np.ndarray, torch.Tensor]]:
+        """The exact top-k of candidate rows `cand` → (rows best first, their exact scores, rows scored exactly,
+        (every row scored exactly, its exact score): what the percentiles need not score again).
 
         With `prune` (and top probabilities in the index), certified bounds rule out the candidates that
         cannot be in the answer first (rerank.py); the answer is the same as scoring all of them.
@@ -163,7 +172,8 @@ class Index:
         exact = exact_scores(features, ft, self._cpu_head, pv=probs).mean(0)
         order = torch.argsort(exact, descending=(direction == "most"), stable=True)[:k]
         pos = order if keep is None else keep[order]
-        return cand[pos.numpy()], exact[order], int(exact.numel())
+        every = cand if keep is None else cand[keep.numpy()]
+        return cand[pos.numpy()], exact[order], int(exact.numel()), (every, exact)
 
     def search(self, samples: Sequence[Sample | tuple[str, str]], k: int = DEFAULT_K, direction: str = "most",
                rerank: int = DEFAULT_RERANK, features: Features | None = None, prune: bool = True, explain: int = 0,
@@ -206,11 +216,12 @@ class Index:
         qs = q.numpy().astype(np.float32)
         cand = self._first_stage(qs, C, direction, scope, bool(where))
         _check(check)
-        rows, scores, scored = self.rerank(features, cand, k, direction, prune, probs)
+        rows, scores, scored, known = self.rerank(features, cand, k, direction, prune, probs)
         meta = self.version.rows(rows)
         if calibrate:
             _check(check)
-        pct = self.percentiles(features, rows, scores, probs) if calibrate else [(None, None, None)] * len(meta)
+        pct = (self.percentiles(features, rows, scores, probs, known) if calibrate
+               else [(None, None, None)] * len(meta))
         cos = self.cosines(features, rows, scores, probs) if calibrate else [None] * len(meta)
         hits = [Hit(id=str(md["id"]), score=float(s), rank=r + 1, row=int(row), metadata=md, percentile=p[0],
                     cosine=c, percentile_low=p[1], percentile_high=p[2])
@@ -261,15 +272,16 @@ class Index:
 
     def calibration_rows(self) -> tuple[np.ndarray, bool]:
         """(rows percentiles are counted among, whether they are all live rows): every live (not deleted) row,
-        or above the manifest's calibration rows (config.CALIBRATION_ROWS) a sample of that many drawn with its
-        calibration seed. Drawn once per loaded version."""
+        or above the manifest's calibration rows (at most config.CALIBRATION_ROWS) a sample of that many drawn
+        with its calibration seed. Drawn once per loaded version."""
         if self._calibration is None:
             live = np.setdiff1d(np.arange(self.n, dtype=np.int64), self.deleted.rows)
             # indexes built before the manifest recorded it: the rows and seed used then
             cal = self.manifest.get("calibration", {"rows": CALIBRATION_ROWS, "seed": 0})
-            whole = live.size <= cal["rows"]
+            size = min(int(cal["rows"]), CALIBRATION_ROWS)  # indexes built when the sample was 8,192 rows
+            whole = live.size <= size
             if not whole:
-                live = np.sort(np.random.default_rng(cal["seed"]).choice(live, cal["rows"], replace=False))
+                live = np.sort(np.random.default_rng(cal["seed"]).choice(live, size, replace=False))
             self._calibration = (live, whole)
         return self._calibration
 
@@ -290,7 +302,8 @@ class Index:
         return lo, hi
 
     def percentiles(self, features: Features, rows: np.ndarray, scores: torch.Tensor,
-                    probs: torch.Tensor | None = None) -> list[tuple[float, float, float]]:
+                    probs: torch.Tensor | None = None, known: tuple[np.ndarray, torch.Tensor] | None = None
+                    ) -> list[tuple[float, float, float]]:
         """Calibrated scores of hits: (percentile, low, high) of each hit's exact score (calibration.py).
 
         The percentile of row i is the share of the other live rows whose exact value to the query is strictly
@@ -303,14 +316,17 @@ class Index:
         Args:
             features: the query group's features. rows: the hits' rows (m,). scores: their exact scores (m,).
             probs: the query tokens' distributions over the whole vocabulary (Tv, V), when computed already.
+            known: (rows, exact scores) computed already (the re-ranking's), not scored again.
         """
         cal, whole = self.calibration_rows()
         if cal.size == 0 or scores.numel() == 0:
             return [(None, None, None)] * scores.numel()
         s = scores.double().numpy()
         lo, hi = self.value_bounds(features, cal, probs)
-        at = np.searchsorted(cal, rows)
-        mine = (at < cal.size) & (cal[np.minimum(at, cal.size - 1)] == rows)
+        if known is not None:
+            at, found = _positions(cal, known[0])
+            lo[at[found]] = hi[at[found]] = known[1].double().numpy()[found]
+        at, mine = _positions(cal, rows)
         lo[at[mine]] = hi[at[mine]] = s[mine]  # the hits' own exact scores (a row is never below itself)
         todo = np.flatnonzero(undecided(s, lo, hi))
         if todo.size:
@@ -501,8 +517,8 @@ class Index:
                       cosines=self.row_cosines(kept, rows, values))
 
     def row_cosines(self, parts: Sequence[Features], rows: np.ndarray, values: np.ndarray) -> np.ndarray | None:
-        """value / (‖Ḡ‖·‖G_row‖) of each row (NaN where a norm is 0), Ḡ the mean G of the group whose features
-        are `parts` (score.group_norm); None on an index without stored norms."""
+        """value / (‖Ḡ‖·‖G_row‖) of each row (NaN where a norm is 0), Ḡ the mean G of the group whose
+        features are `parts` (score.group_norm); None on an index without stored norms."""
         if self.g_norm is None:
             return None
         qn = group_norm(parts, self._cpu_head)

@@ -81,7 +81,7 @@ class Hit:
         percentile: calibrated score, the share of the index's other (live) training samples whose exact
             value to this query is strictly lower than this one's, #{j != i : S_j < S_i} / (n - 1), in [0, 1]
             (1.0: the most valuable row; see `Index.percentiles`); None when not computed. Exact on indexes
-            of at most the calibration rows (8192 by default); on larger ones the share in a seeded sample.
+            of at most the calibration rows (2,048 by default); on larger ones the share in a seeded sample.
         percentile_low, percentile_high: the interval the percentile is known to lie in: both equal to it
             when it is exact, else a 99% interval of the sampled share; None when not computed (or from a
             server that predates them).

@@ -8,8 +8,9 @@ percentile of its row among all live rows, from exact For-Value of every row (`I
 - "mid-rank": (#{j : S_j < S_i} + #{j : S_j = S_i} / 2) / n, the definition it had before.
 
 Reports the mean and max absolute error against each, the errors by rank (1..5), the displayed and exact
-percentiles of the first query's top 5 (most), the interval widths (0 when exact) and the p50 search time with
-and without calibration (same features). On the example data (10 sentence transformations, 240 training rows)
+percentiles of the first query's top 5 (most), the interval widths (0 when exact), the p50 search time with
+and without calibration (same features), and the time to bound CALIBRATION_ROWS rows (the largest index whose
+percentiles are exact; the index's rows repeated to that many). On the example data (10 sentence transformations, 240 training rows)
 or `--index/--valuation`:
 
     python tools/bench_percentile.py --json [--model M] [--index DIR --valuation FILE] [--queries 20]
@@ -69,6 +70,17 @@ def main() -> None:
                 first = {"shown": [round(h.percentile, 4) for h in res.hits[:5]],
                          "exact_share_lower": [round(exact_percentiles(values, pos[h.row])[0], 4)
                                                for h in res.hits[:5]]}
+    # the cost of exactness: certified bounds of CALIBRATION_ROWS rows (the index's rows repeated to that many)
+    from forvalue.indexer.config import CALIBRATION_ROWS
+
+    f = idx.encode([(queries[0].prompt, queries[0].response)])
+    probs = idx._cpu_head.probs(f.h, f.lse)
+    rows = np.resize(live, CALIBRATION_ROWS)
+    bound_s = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        idx.value_bounds(f, rows, probs)
+        bound_s.append(time.perf_counter() - t0)
     tmp.cleanup()
     p50 = statistics.median
     print(json.dumps({
@@ -82,6 +94,7 @@ def main() -> None:
         "first_query_top5_most": first,
         "interval_width_max": round(float(np.max(widths)), 4),
         "search_p50_ms": round(p50(t_cal) * 1000, 1), "search_uncalibrated_p50_ms": round(p50(t_plain) * 1000, 1),
+        "bounds_rows": CALIBRATION_ROWS, "bounds_ms_min_of_3": round(min(bound_s) * 1000, 1),
     }))
 
 

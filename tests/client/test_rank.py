@@ -227,4 +227,5 @@ def test_summary_lists_the_first_rows_with_percentile_cosine_and_text(sources, v
     for line, t in zip(lines[at + 2 :], top):
         rank, score, pct, cos, id_, *rest = line.split()
         assert (int(rank), id_) == (t["rank"], t["id"]) and pct == f"{100 * t['percentile']:.1f}%"
-        assert cos == f"{t['cosine']:+.3f}" and " ".join(rest) == ("-" if t["text"] is None else " ".join(t["text"].split()))
+        assert cos == f"{t['cosine']:+.3f}"
+        assert " ".join(rest) == ("-" if t["text"] is None else " ".join(t["text"].split()))

@@ -237,13 +237,14 @@ def test_rank_html_report(sources, tmp_path, lowest):
     first_ids = re.findall(r"<code>([^<]*)</code>", text.split('id="ends"')[1])[:10]
     assert first_ids == [rec["id"] for rec in records[:10]]
     # each listed row with its percentile (as in --out), cosine and text (a server without --data: none)
-    cells = re.findall(r'<td class="num pct">([^<]*)</td><td class="num cos">([^<]*)</td><td class="text">([^<]*)</td>',
-                       text.split('id="ends"')[1])
+    cells = re.findall(r'<td class="num pct">([^<]*)</td><td class="num cos">([^<]*)</td>'
+                       r'<td class="text">([^<]*)</td>', text.split('id="ends"')[1])
     assert len(cells) == 20
     for (p, c, t), rec in zip(cells[:10], records[:10]):
         assert p == f"{100 * rec['percentile']:.1f}%" and -1 <= float(c) <= 1 and t == "-"
     top = {t["id"]: t for t in summary["top"]}
-    assert all(float(c) == pytest.approx(top[rec["id"]]["cosine"], abs=1e-3) for (_, c, _), rec in zip(cells, records[:5]))
+    assert all(float(c) == pytest.approx(top[rec["id"]]["cosine"], abs=1e-3)
+               for (_, c, _), rec in zip(cells, records[:5]))
 
 
 def test_rank_html_must_be_its_own_file(sources, tmp_path):

@@ -123,6 +123,14 @@ def test_percentile_scores_only_rows_the_bounds_leave_undecided(index, built, ex
     res = index.search([queries[0]], k=3)
     assert res.hits[0].percentile == 1.0
     assert sum(scored) < len(samples) // 2  # the bounds decide most rows
+    # every row the bounds leave undecided is among the candidates the re-ranking scored exactly (its
+    # bounds reach the k-th hit's score): with every row a candidate, nothing is scored twice
+    monkeypatch.setattr("forvalue.indexer.index.pruning_pays", lambda *a, **kw: True)  # bound first, always
+    for direction in ("most", "least"):
+        scored.clear()
+        res = index.search([queries[1]], k=4, direction=direction, rerank=len(samples))
+        assert scored == [] and res.exact_scored < len(samples)
+        assert [h.percentile for h in res.hits] == pytest.approx([share_lower(S[1].numpy(), h.row) for h in res.hits])
 
 
 def test_percentile_without_top_probabilities_scores_every_row(index, built, exact):
@@ -145,7 +153,7 @@ def test_calibrate_false_and_old_index_without_norms(index, exact):
 def test_percentile_on_large_indexes_counts_in_a_fixed_sample_with_an_interval(built, lm, exact):
     root, samples = built
     idx = Index.open(str(root), lm)
-    assert idx.manifest["calibration"] == {"rows": 8192, "seed": CFG.sketch.seed}  # recorded by the build
+    assert idx.manifest["calibration"] == {"rows": 2048, "seed": CFG.sketch.seed}  # recorded by the build
     idx.manifest["calibration"] = {"rows": 20, "seed": 3}  # as an index of more than 20 rows would have it
     queries, S, _ = exact
     res = idx.search([queries[2]], k=10, rerank=len(samples))
@@ -160,6 +168,16 @@ def test_percentile_on_large_indexes_counts_in_a_fixed_sample_with_an_interval(b
         assert h.percentile_high - h.percentile_low > 0.05  # 20 rows say little: an honest, wide interval
         true = share_lower(values, h.row)
         assert h.percentile_low <= true <= h.percentile_high
+
+
+def test_an_older_manifests_larger_sample_is_cut_to_the_calibration_rows(built, lm, monkeypatch):
+    root, samples = built
+    idx = Index.open(str(root), lm)
+    idx.manifest["calibration"] = {"rows": 8192, "seed": 3}  # as built when the sample was 8,192 rows
+    monkeypatch.setattr("forvalue.indexer.index.CALIBRATION_ROWS", 20)  # ... on an index of more rows than now
+    rows = np.sort(np.random.default_rng(3).choice(np.arange(len(samples)), 20, replace=False))
+    got, whole = idx.calibration_rows()
+    assert np.array_equal(got, rows) and not whole
 
 
 def test_scores_carry_each_rows_cosine_to_the_group_mean(index, built, exact):
