@@ -43,6 +43,16 @@ def _pairs(samples: Sequence[Sample | tuple[str, str]]) -> list[tuple[str, str]]
     return out
 
 
+@dataclasses.dataclass
+class Known:
+    """What a search knows of some rows' values already: certified bounds lo <= S <= hi, (r,) float64 each,
+    lo = hi = S where it scored them exactly."""
+
+    rows: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+
 def _positions(sorted_rows: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(position of each of `rows` in `sorted_rows`, whether it is there at all)."""
     rows = np.asarray(rows, dtype=np.int64)
@@ -147,10 +157,9 @@ class Index:
                           torch.from_numpy(np.asarray(d["tail_l2"], dtype=np.float32)))
 
     def rerank(self, features: Features, cand: np.ndarray, k: int, direction: str, prune: bool = True,
-               probs: torch.Tensor | None = None
-               ) -> tuple[np.ndarray, torch.Tensor, int, tuple[np.ndarray, torch.Tensor]]:
+               probs: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor, int, Known]:
         """The exact top-k of candidate rows `cand` → (rows best first, their exact scores, rows scored exactly,
-        (every row scored exactly, its exact score): what the percentiles need not score again).
+        what is known of every candidate's value: what the percentiles need not compute again).
 
         With `prune` (and top probabilities in the index), certified bounds rule out the candidates that
         cannot be in the answer first (rerank.py); the answer is the same as scoring all of them.
@@ -158,11 +167,12 @@ class Index:
         Args:
             probs: the query tokens' distributions over the whole vocabulary (Tv, V), when computed already.
         """
-        keep = None
+        keep, bounds = None, None
         if prune and self.rerank_top and k < cand.size:
             c = self.candidates(cand)
             if pruning_pays(features, c.feats.h.shape[0], self._cpu_head, self.query_top):
                 lo, hi = score_bounds(features, c, self._cpu_head, self.query_top, probs=probs)
+                bounds = (lo.double().mean(0).numpy(), hi.double().mean(0).numpy())
                 keep = torch.nonzero(must_score(lo.mean(0), hi.mean(0), k, direction)).flatten()
                 ft = c.feats.select(keep)
             else:
@@ -172,8 +182,13 @@ class Index:
         exact = exact_scores(features, ft, self._cpu_head, pv=probs).mean(0)
         order = torch.argsort(exact, descending=(direction == "most"), stable=True)[:k]
         pos = order if keep is None else keep[order]
-        every = cand if keep is None else cand[keep.numpy()]
-        return cand[pos.numpy()], exact[order], int(exact.numel()), (every, exact)
+        ex = exact.double().numpy()
+        if bounds is None:  # every candidate scored exactly
+            known = Known(cand, ex, ex.copy())
+        else:
+            known = Known(cand, *bounds)
+            known.lo[keep.numpy()] = known.hi[keep.numpy()] = ex
+        return cand[pos.numpy()], exact[order], int(exact.numel()), known
 
     def search(self, samples: Sequence[Sample | tuple[str, str]], k: int = DEFAULT_K, direction: str = "most",
                rerank: int = DEFAULT_RERANK, features: Features | None = None, prune: bool = True, explain: int = 0,
@@ -302,7 +317,7 @@ class Index:
         return lo, hi
 
     def percentiles(self, features: Features, rows: np.ndarray, scores: torch.Tensor,
-                    probs: torch.Tensor | None = None, known: tuple[np.ndarray, torch.Tensor] | None = None
+                    probs: torch.Tensor | None = None, known: Known | None = None
                     ) -> list[tuple[float, float, float]]:
         """Calibrated scores of hits: (percentile, low, high) of each hit's exact score (calibration.py).
 
@@ -316,16 +331,19 @@ class Index:
         Args:
             features: the query group's features. rows: the hits' rows (m,). scores: their exact scores (m,).
             probs: the query tokens' distributions over the whole vocabulary (Tv, V), when computed already.
-            known: (rows, exact scores) computed already (the re-ranking's), not scored again.
+            known: bounds and exact scores computed already (the re-ranking's), not computed again.
         """
         cal, whole = self.calibration_rows()
         if cal.size == 0 or scores.numel() == 0:
             return [(None, None, None)] * scores.numel()
         s = scores.double().numpy()
-        lo, hi = self.value_bounds(features, cal, probs)
+        lo, hi = np.full(cal.size, np.nan), np.full(cal.size, np.nan)
         if known is not None:
-            at, found = _positions(cal, known[0])
-            lo[at[found]] = hi[at[found]] = known[1].double().numpy()[found]
+            at, found = _positions(cal, known.rows)
+            lo[at[found]], hi[at[found]] = known.lo[found], known.hi[found]
+        rest = np.flatnonzero(np.isnan(lo))
+        if rest.size:
+            lo[rest], hi[rest] = self.value_bounds(features, cal[rest], probs)
         at, mine = _positions(cal, rows)
         lo[at[mine]] = hi[at[mine]] = s[mine]  # the hits' own exact scores (a row is never below itself)
         todo = np.flatnonzero(undecided(s, lo, hi))

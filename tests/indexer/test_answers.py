@@ -126,11 +126,23 @@ def test_percentile_scores_only_rows_the_bounds_leave_undecided(index, built, ex
     # every row the bounds leave undecided is among the candidates the re-ranking scored exactly (its
     # bounds reach the k-th hit's score): with every row a candidate, nothing is scored twice
     monkeypatch.setattr("forvalue.indexer.index.pruning_pays", lambda *a, **kw: True)  # bound first, always
+    bounded = []
+    real_bounds = Index.value_bounds
+
+    def spy_bounds(self, features, rows, *args, **kwargs):
+        bounded.append(len(rows))
+        return real_bounds(self, features, rows, *args, **kwargs)
+
+    monkeypatch.setattr(Index, "value_bounds", spy_bounds)
     for direction in ("most", "least"):
         scored.clear()
         res = index.search([queries[1]], k=4, direction=direction, rerank=len(samples))
         assert scored == [] and res.exact_scored < len(samples)
+        assert bounded == []  # ... and the re-ranking's bounds of every candidate are reused too
         assert [h.percentile for h in res.hits] == pytest.approx([share_lower(S[1].numpy(), h.row) for h in res.hits])
+    res = index.search([queries[1]], k=4, rerank=10)
+    assert bounded == [len(samples) - 10]  # only the rows that were not candidates are bounded now
+    assert [h.percentile for h in res.hits] == pytest.approx([share_lower(S[1].numpy(), h.row) for h in res.hits])
 
 
 def test_percentile_without_top_probabilities_scores_every_row(index, built, exact):
