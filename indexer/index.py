@@ -233,9 +233,7 @@ class Index:
         _check(check)
         rows, scores, scored, known = self.rerank(features, cand, k, direction, prune, probs)
         meta = self.version.rows(rows)
-        if calibrate:
-            _check(check)
-        pct = (self.percentiles(features, rows, scores, probs, known) if calibrate
+        pct = (self.percentiles(features, rows, scores, probs, known, check) if calibrate
                else [(None, None, None)] * len(meta))
         cos = self.cosines(features, rows, scores, probs) if calibrate else [None] * len(meta)
         hits = [Hit(id=str(md["id"]), score=float(s), rank=r + 1, row=int(row), metadata=md, percentile=p[0],
@@ -301,12 +299,13 @@ class Index:
         return self._calibration
 
     def value_bounds(self, features: Features, rows: np.ndarray, probs: torch.Tensor | None = None,
-                     block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+                     block: int = 256, check: Check | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Certified bounds lo <= S <= hi of the group-mean value of training rows `rows` → ((r,), (r,)) float64:
         rerank.score_bounds from the stored top probabilities, or exact scores (lo = hi) on an index without
-        them or a query whose distributions do not fit in memory."""
+        them or a query whose distributions do not fit in memory (`check`: called before each block)."""
         lo, hi = np.empty(rows.size), np.empty(rows.size)
         for a in range(0, rows.size, block):
+            _check(check)
             part = rows[a : a + block]
             if self.rerank_top and probs is not None:
                 bl, bh = score_bounds(features, self.candidates(part), self._cpu_head, self.query_top, probs=probs)
@@ -317,7 +316,7 @@ class Index:
         return lo, hi
 
     def percentiles(self, features: Features, rows: np.ndarray, scores: torch.Tensor,
-                    probs: torch.Tensor | None = None, known: Known | None = None
+                    probs: torch.Tensor | None = None, known: Known | None = None, check: Check | None = None
                     ) -> list[tuple[float, float, float]]:
         """Calibrated scores of hits: (percentile, low, high) of each hit's exact score (calibration.py).
 
@@ -332,6 +331,7 @@ class Index:
             features: the query group's features. rows: the hits' rows (m,). scores: their exact scores (m,).
             probs: the query tokens' distributions over the whole vocabulary (Tv, V), when computed already.
             known: bounds and exact scores computed already (the re-ranking's), not computed again.
+            check: called between blocks of rows (raises to stop the work).
         """
         cal, whole = self.calibration_rows()
         if cal.size == 0 or scores.numel() == 0:
@@ -343,12 +343,12 @@ class Index:
             lo[at[found]], hi[at[found]] = known.lo[found], known.hi[found]
         rest = np.flatnonzero(np.isnan(lo))
         if rest.size:
-            lo[rest], hi[rest] = self.value_bounds(features, cal[rest], probs)
+            lo[rest], hi[rest] = self.value_bounds(features, cal[rest], probs, check=check)
         at, mine = _positions(cal, rows)
         lo[at[mine]] = hi[at[mine]] = s[mine]  # the hits' own exact scores (a row is never below itself)
         todo = np.flatnonzero(undecided(s, lo, hi))
         if todo.size:
-            ex = self.score_rows(features, cal[todo], probs=probs).double().mean(0).numpy()
+            ex = self.score_rows(features, cal[todo], check=check, probs=probs).double().mean(0).numpy()
             lo[todo] = hi[todo] = ex
         counts = count_lower(s, lo, hi)
         return percentiles_of(counts, cal.size - mine.astype(np.int64), whole)

@@ -207,3 +207,20 @@ def test_scores_carry_each_rows_cosine_to_the_group_mean(index, built, exact):
     plain = Index.__new__(Index)
     plain.__dict__.update(index.__dict__, g_norm=None)
     assert plain.scores([queries[0]]).cosines is None
+
+
+def test_a_deadline_stops_the_percentile_work(index, exact):
+    queries = exact[0]
+
+    def stop_at(n):
+        calls = []
+
+        def check():
+            calls.append(1)
+            if len(calls) >= n:
+                raise TimeoutError("deadline")
+        return check
+
+    index.search([queries[0]], k=3, rerank=10, calibrate=False, check=stop_at(2))  # one check: the first stage
+    with pytest.raises(TimeoutError):
+        index.search([queries[0]], k=3, rerank=10, check=stop_at(2))  # the percentiles' rows are checked too
