@@ -1005,8 +1005,9 @@ def query_cmd(server, index_dir, model_path, device, prompt, response, valuation
               fields):
     """Which training samples drove this response? The top k by exact For-Value, from a server or an index.
 
-    Each hit also carries calibrated scores: pct, the estimated share of the index's training samples with a
-    lower value to this query, and cos, the score normalised by both gradients' norms (-1..1)."""
+    Each hit also carries calibrated scores: pct, the share of the index's other training samples with a lower
+    value to this query (exact; an interval lo–hi% on indexes above 2,048 rows), and cos, the score normalised
+    by both gradients' norms (-1..1)."""
     server, index_dir = _one_source(server, index_dir)
     if (response is None) == (valuation_path is None):
         _fail("give exactly one of --response TEXT (with --prompt) or --valuation FILE")
@@ -1078,8 +1079,8 @@ Examples:
               help="With --select: write the selected training rows, rank order, as .jsonl in the training-data "
                    "format (what `forvalue index build --data` reads).")
 @click.option("--data", "data_path", default=None,
-              help="With --server and --selected-out: the training corpus the server's index was built from "
-                   "(rows matched by id).")
+              help="With --server: the training corpus the server's index was built from (rows matched by id), "
+                   "for --selected-out and the texts of the rows the summary lists.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON summary object on stdout.")
 @click.option("--html", "html_path", default=None, metavar="PATH",
               help="Also write a self-contained HTML report: a histogram of the values with the --select cut-off.")
@@ -1107,8 +1108,8 @@ def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, split
             _fail("--selected-out and --out name the same file; give each its own")
         if server is not None and data_path is None:
             _fail("--selected-out with --server needs --data TRAIN: the corpus the server's index was built from")
-    if data_path is not None and (server is None or selected_out is None):
-        _fail("--data is only read with --server and --selected-out (with --index the rows come from the index)")
+    if data_path is not None and server is None:
+        _fail("--data is only read with --server (with --index the rows come from the index)")
     inputs = {os.path.abspath(p) for p in (valuation_path, data_path) if p is not None}
     for option, path in (("--out", out_path), ("--selected-out", selected_out), ("--html", html_path)):
         if path is not None and os.path.abspath(path) in inputs:
@@ -1132,6 +1133,7 @@ def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, split
             scores = source.scores(samples, where=_where(where_items), batch=batch)
         ids = scores.ids
         chosen, order, ranks, percentiles = _rank_and_select(ids, scores.values, select_spec, lowest)
+        shown = _shown_rows(source, scores, order, ranks, percentiles, corpus)
         if selected_out is None:
             subset = None
         elif corpus is not None:  # a server's rows: from the corpus it was built from
@@ -1142,11 +1144,12 @@ def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, split
         click.echo(render.cut_warning(scores.cut_samples), err=True)
     summary = _write_ranking(out_path, selected_out, ids, scores.values, chosen, order, ranks, percentiles, subset)
     summary = {"source": name, "version": scores.version, "n_valuation": len(samples), "n_scored": len(ids),
-               "direction": "lowest" if lowest else "highest", **summary}
+               "direction": "lowest" if lowest else "highest", **summary,
+               "top": [shown[int(i)] for i in order[: render.RANK_TOP]]}
     if html_path is not None:
         from forvalue.client.report import rank_report, write_html
 
-        write_html(html_path, rank_report(ids, scores.values, order, ranks, chosen, summary))
+        write_html(html_path, rank_report(ids, scores.values, order, ranks, chosen, summary, details=shown))
         summary["html"] = str(html_path)
     if as_json:
         click.echo(render.dumps(summary))
@@ -1177,6 +1180,24 @@ def _rank_and_select(ids, scores, select_spec, lowest):
     order, ranks, percentiles = rank_scores(ids, scores, lowest=lowest)
     k = parse_select(select_spec, len(ids)) if select_spec is not None else 0
     return order[:k], order, ranks, percentiles
+
+
+def _shown_rows(source, scores, order, ranks, percentiles, corpus, show: int = 10) -> dict:
+    """The rows `rank` reports (its first and last `show`, by position in scores.ids) as render.ranked_rows,
+    with their text from the index's stored rows, or from the --data corpus (a server), else none."""
+    which = sorted({int(i) for i in [*order[:show], *order[-show:]]})
+    version = getattr(source, "version", None)  # an in-process Index; a client has none
+    if corpus is not None:
+        found = [corpus.get(scores.ids[i]) for i in which]
+        md = [None if s is None else {"prompt": getattr(s, "prompt", ""), "response": getattr(s, "response", "")}
+              for s in found]
+    elif version is not None:
+        md = version.rows([scores.rows[i] for i in which])
+    else:
+        md = [None] * len(which)
+    texts = {i: render.snippet(m) for i, m in zip(which, md) if m is not None}
+    rows = render.ranked_rows(scores.ids, scores.rows, scores.values, ranks, percentiles, scores.cosines, texts, which)
+    return dict(zip(which, rows))
 
 
 def _corpus_rows(corpus: dict, chosen_ids: list[str], data_path: str) -> list:

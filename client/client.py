@@ -232,8 +232,9 @@ class InfluenceClient:
             raise ConfigError(f"batch must be >= 1, got {batch}")
         if not samples:
             raise ConfigError("scores needs at least one valuation sample")
-        first, total, cut = None, None, []
+        first, total, cut, calls = None, None, [], 0
         for a in range(0, len(samples), batch):
+            calls += 1
             part = self._score_all(samples[a : a + batch], 0, where)
             cut += [a + j for j in part.cut_samples]
             if first is None:
@@ -243,7 +244,9 @@ class InfluenceClient:
                 raise ServerError(self.address, None, f"the index changed between calls ({first.version} → "
                                                       f"{part.version}); run again")
             total = total + part.values * len(samples[a : a + batch])
-        return Scores(first.ids, first.rows, total / len(samples), first.version, tuple(cut))
+        # a row's cosine is to the whole group's mean G: known from one call only (it is not a mean of calls')
+        return Scores(first.ids, first.rows, total / len(samples), first.version, tuple(cut),
+                      cosines=first.cosines if calls == 1 else None)
 
     def _score_all(self, samples, chunk_size: int, where: WhereLike) -> Scores:
         request = pb.ScoreAllRequest(samples=convert.samples_to_pb(samples), chunk_size=chunk_size,
@@ -251,6 +254,7 @@ class InfluenceClient:
         ids: list[str] = []
         rows: list[int] = []
         scores: list[float] = []
+        cosines: list[float] = []
         cut: list[int] = []
         versions = set()
         try:
@@ -262,12 +266,16 @@ class InfluenceClient:
                 rows.extend(chunk.rows)
                 cut.extend(chunk.cut_samples)
                 scores.extend(chunk.scores)
+                cosines.extend(chunk.cosines)
                 versions.add(chunk.index_version)
         except grpc.RpcError as exc:
             raise self._error(exc) from None
         if len(versions) > 1:
             raise ServerError(self.address, None, f"ScoreAll mixed index versions {', '.join(sorted(versions))}")
-        return Scores(ids, rows, np.asarray(scores, dtype=np.float64), next(iter(versions), ""), tuple(cut))
+        # cosines: every entry's, or none (an index without norms; through a router, a shard without them)
+        cos = np.asarray(cosines, dtype=np.float64) if ids and len(cosines) == len(ids) else None
+        return Scores(ids, rows, np.asarray(scores, dtype=np.float64), next(iter(versions), ""), tuple(cut),
+                      cosines=cos)
 
     def info(self) -> dict:
         """The serving index: index_version, model_name, model_fingerprint, tokens, n_samples, sketch_dim,

@@ -83,15 +83,16 @@ def color_hits(result, source: str, n_queries: int, explain: bool, width: int | 
              + click.style(f" · {result.candidates} candidates, {scored(result)} exact", dim=True)]
     scores = [f"{h.score:.5g}" for h in result.hits]
     # calibrated scores (Hit.percentile, Hit.cosine), as columns when any hit has them
-    calibrated = [(pct(h.percentile), cos(h.cosine)) for h in result.hits]
+    calibrated = [(hit_pct(h), cos(h.cosine)) for h in result.hits]
     show_cal = any(p != "-" or c != "-" for p, c in calibrated)
     sw = max([5] + [len(s) for s in scores])
     iw = max([2] + [len(h.id) for h in result.hits])
     rw = max(1, len(str(len(result.hits))))
-    cal_head = f"{'pct':>6}  {'cos':>6}  " if show_cal else ""
+    pw = max([6] + [len(p) for p, _ in calibrated])
+    cal_head = f"{'pct':>{pw}}  {'cos':>6}  " if show_cal else ""
     lines.append(click.style(f"{'#':>{rw}}  {'score':>{sw}}  {cal_head}{'id':<{iw}}  training sample", dim=True))
     for h, s, (p, c) in zip(result.hits, scores, calibrated):
-        cal = f"{p:>6}  {c:>6}  " if show_cal else ""
+        cal = f"{p:>{pw}}  {c:>6}  " if show_cal else ""
         text = snippet(h.metadata, width - (rw + sw + iw + len(cal) + 6))
         lines.append(f"{click.style(f'{h.rank:>{rw}}', dim=True)}  "
                      f"{click.style(f'{s:>{sw}}', fg='green' if h.score >= 0 else 'red', bold=True)}  "
@@ -102,11 +103,13 @@ def color_hits(result, source: str, n_queries: int, explain: bool, width: int | 
 
 
 def color_rank_summary(plain: str) -> str:
-    """The rank summary (stderr) with its "forvalue:" prefixes dimmed and the rest bold."""
+    """The rank summary (stderr) with its "forvalue:" prefixes dimmed and the rest bold (the table of rows
+    under it stays plain)."""
     out = []
     for line in plain.split("\n"):
         head, sep, rest = line.partition(": ")
-        out.append(click.style(head + sep, dim=True) + click.style(rest, bold=True) if sep else line)
+        out.append(click.style(head + sep, dim=True) + click.style(rest, bold=True)
+                   if sep and line.startswith("forvalue:") else line)
     return "\n".join(out)
 
 
@@ -134,6 +137,19 @@ def metric(x) -> str:
 
 def pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def hit_pct(hit) -> str:
+    """A hit's percentile as shown: "98.3%" when exact, "97.1–99.2%" when only an interval is known (a sample
+    of a large index), "~98.3%" when neither is said (a router, an older server), "-" when not computed."""
+    p, low, high = hit.percentile, getattr(hit, "percentile_low", None), getattr(hit, "percentile_high", None)
+    if p is None:
+        return "-"
+    if low is None or high is None:
+        return f"~{pct(p)}"
+    if low == high:
+        return pct(p)
+    return f"{100 * low:.1f}–{pct(high)}"
 
 
 def cos(x) -> str:
@@ -224,8 +240,9 @@ def hits_json(result, source: str, n_queries: int, explain: bool = False) -> dic
 
     hits = []
     for h in result.hits:
-        d = {"rank": h.rank, "score": h.score, "percentile": h.percentile, "cosine": h.cosine, "id": h.id,
-             "row": h.row, "metadata": h.metadata}
+        d = {"rank": h.rank, "score": h.score, "percentile": h.percentile, "percentile_low": h.percentile_low,
+             "percentile_high": h.percentile_high, "cosine": h.cosine, "id": h.id, "row": h.row,
+             "metadata": h.metadata}
         if explain:
             d["explanation"] = None if h.explanation is None else dataclasses.asdict(h.explanation)
         hits.append(d)
@@ -239,10 +256,11 @@ def hits_text(result, source: str, n_queries: int, explain: bool = False) -> str
     lines = [f"{source}, version {result.version}: the {len(result.hits)} {result.direction} valuable training "
              f"samples for {group} ({result.candidates} candidates, {scored(result)} scored exactly)"]
     id_width = max([len("id")] + [len(h.id) for h in result.hits])
-    lines.append(f"{'rank':>4}  {'score':>12}  {'pct':>6}  {'cos':>6}  {'id':<{id_width}}  "
+    pw = max([6] + [len(hit_pct(h)) for h in result.hits])
+    lines.append(f"{'rank':>4}  {'score':>12}  {'pct':>{pw}}  {'cos':>6}  {'id':<{id_width}}  "
                  "training sample (prompt → response)")
     for h in result.hits:
-        lines.append(f"{h.rank:>4}  {h.score:>12.6g}  {pct(h.percentile):>6}  {cos(h.cosine):>6}  "
+        lines.append(f"{h.rank:>4}  {h.score:>12.6g}  {hit_pct(h):>{pw}}  {cos(h.cosine):>6}  "
                      f"{h.id:<{id_width}}  {snippet(h.metadata)}")
     text = "\n".join(lines)
     return with_pairs(text, result, n_queries > 1) if explain else text
@@ -270,8 +288,35 @@ def groups_text(result, source: str) -> str:
     return "\n".join(lines)
 
 
+RANK_TOP = 5  # rows listed by `rank`'s summary
+
+
+def ranked_rows(ids, rows, values, ranks, percentiles, cosines, texts: dict, which) -> list[dict]:
+    """The rows `which` (positions in ids, rank order) as `rank` reports them: rank, id, row, score,
+    percentile (share of the other rows with a lower value), cosine (None when unknown) and text (the
+    prompt → response snippet, None when unknown)."""
+    out = []
+    for i in which:
+        c = None if cosines is None or not math.isfinite(float(cosines[i])) else float(cosines[i])
+        out.append({"rank": int(ranks[i]), "id": str(ids[i]), "row": int(rows[i]), "score": float(values[i]),
+                    "percentile": float(percentiles[i]), "cosine": c, "text": texts.get(int(i))})
+    return out
+
+
+def ranked_rows_text(rows: list[dict]) -> list[str]:
+    """`rank`'s table of rows (indented lines under the summary)."""
+    iw = max([2] + [len(r["id"]) for r in rows])
+    lines = [f"  {'rank':>6}  {'score':>12}  {'pct':>6}  {'cos':>6}  {'id':<{iw}}  "
+             "training sample (prompt → response)"]
+    for r in rows:
+        text = "-" if r["text"] is None else r["text"]
+        lines.append(f"  {r['rank']:>6}  {r['score']:>12.6g}  {pct(r['percentile']):>6}  {cos(r['cosine']):>6}  "
+                     f"{r['id']:<{iw}}  {text}")
+    return lines
+
+
 def rank_summary_text(s: dict) -> str:
-    """`rank`'s summary (stderr)."""
+    """`rank`'s summary (stderr), with its first rows (`top`) as a table."""
     lines = [f"forvalue: {s['source']}, version {s['version']}: scored {s['n_scored']} training rows by their mean "
              f"value to {s['n_valuation']} valuation samples"]
     if s["n_selected"]:
@@ -281,6 +326,10 @@ def rank_summary_text(s: dict) -> str:
                  + (f" and the selected rows to {s['selected_out']}" if s["selected_out"] else ""))
     if s.get("html"):
         lines.append(f"forvalue: wrote the report to {s['html']}")
+    if s.get("top"):
+        lines.append(f"forvalue: the first {len(s['top'])} rows, {s['direction']} value first (pct: share of the "
+                     "other rows with a lower value; cos: -1..1)")
+        lines.extend(ranked_rows_text(s["top"]))
     return "\n".join(lines)
 
 

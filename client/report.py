@@ -38,6 +38,7 @@ h3 { font-size: 1rem; margin: 0 0 .4rem; }
 .tok.special { font-style: italic; opacity: .85; }
 .member { display: block; }
 .rank { color: #777; } .score { font-family: ui-monospace, monospace; } .hit-id { font-size: .95rem; }
+.pct, .cos { font-family: ui-monospace, monospace; font-size: .85rem; color: #555; font-weight: normal; }
 table { border-collapse: collapse; font-size: .85rem; margin-top: .4rem; }
 th, td { padding: .15rem .6rem; text-align: left; border-bottom: 1px solid #eee; }
 td.num, th.num { text-align: right; font-family: ui-monospace, monospace; }
@@ -123,11 +124,22 @@ def _pairs_table(pairs, group: bool, scale: float) -> str:
             "<th class=\"num\">contribution</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
 
 
+def _calibrated(percentile_text: str, cosine) -> str:
+    """The percentile and cosine spans of a hit or a ranked row (percentile_text: render.hit_pct's)."""
+    from forvalue.client.render import cos
+
+    return (f"<span class=\"pct\" title=\"percentile: share of the other training rows with a lower value\">"
+            f"percentile {escape(percentile_text)}</span> <span class=\"cos\" title=\"cosine: score / "
+            f"(|G query| |G training row|), -1..1\">cosine {escape(cos(cosine))}</span>")
+
+
 def _hit(hit, direction: str, group: bool) -> str:
+    from forvalue.client.render import hit_pct
+
     md = hit.metadata
     e = hit.explanation
     head = (f"<h3><span class=\"rank\">#{hit.rank}</span> <code class=\"hit-id\">{escape(hit.id)}</code> "
-            f"<span class=\"score\">score {_num(hit.score)}</span></h3>")
+            f"<span class=\"score\">score {_num(hit.score)}</span> {_calibrated(hit_pct(hit), hit.cosine)}</h3>")
     prompt = f"<div class=\"prompt\">{escape(str(md.get('prompt', '')))}</div>"
     if e is None:
         body = f"{prompt}<div class=\"response\">{escape(str(md.get('response', '')))}</div>"
@@ -140,8 +152,11 @@ def _hit(hit, direction: str, group: bool) -> str:
                 f"{_pairs_table(e.top_pairs, group, scale)}"
                 f"<div class=\"note\">colour scale: ±{_num(scale)} (full colour); tokens sum to "
                 f"{_num(e.total)}</div>")
+    data = "".join(f" data-{name}=\"{_num(v)}\"" for name, v in (
+        ("percentile", hit.percentile), ("percentile-low", hit.percentile_low),
+        ("percentile-high", hit.percentile_high), ("cosine", hit.cosine)) if v is not None)
     return (f"<article class=\"hit\" id=\"{direction}-{hit.rank}\" data-id=\"{escape(hit.id)}\" "
-            f"data-score=\"{_num(hit.score)}\">{head}{body}</article>")
+            f"data-score=\"{_num(hit.score)}\"{data}>{head}{body}</article>")
 
 
 def query_report(samples: Sequence[tuple[str, str]], results: Sequence, source: str) -> str:
@@ -248,14 +263,30 @@ def histogram_svg(scores, selected=None, cutoff: float | None = None, bins: int 
     return "".join(out)
 
 
-def _rows_table(title: str, ids, scores, ranks, rows) -> str:
-    body = "".join(f"<tr><td class=\"num\">{int(ranks[r])}</td><td><code>{escape(str(ids[r]))}</code></td>"
-                   f"<td class=\"num\">{_num(float(scores[r]))}</td></tr>" for r in rows)
-    return (f"<h3>{escape(title)}</h3><table><thead><tr><th class=\"num\">rank</th><th>id</th>"
-            f"<th class=\"num\">value</th></tr></thead><tbody>{body}</tbody></table>")
+def _rows_table(title: str, ids, scores, ranks, rows, details: dict | None = None) -> str:
+    """A table of ranked rows; with `details` (render.ranked_rows by position) their percentile, cosine and
+    text too."""
+    from forvalue.client.render import cos, pct
+
+    extra = details is not None
+    body = []
+    for r in rows:
+        cells = (f"<td class=\"num\">{int(ranks[r])}</td><td><code>{escape(str(ids[r]))}</code></td>"
+                 f"<td class=\"num\">{_num(float(scores[r]))}</td>")
+        if extra:
+            d = details.get(int(r), {})
+            cells += (f"<td class=\"num pct\">{escape(pct(d.get('percentile')))}</td>"
+                      f"<td class=\"num cos\">{escape(cos(d.get('cosine')))}</td>"
+                      f"<td class=\"text\">{escape(d.get('text') or '-')}</td>")
+        body.append(f"<tr>{cells}</tr>")
+    head = ("<th class=\"num\">rank</th><th>id</th><th class=\"num\">value</th>"
+            + ("<th class=\"num\">percentile</th><th class=\"num\">cosine</th><th>training sample "
+               "(prompt → response)</th>" if extra else ""))
+    return (f"<h3>{escape(title)}</h3><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
 
 
-def rank_report(ids: Sequence[str], scores, order, ranks, chosen, summary: dict, show: int = 10) -> str:
+def rank_report(ids: Sequence[str], scores, order, ranks, chosen, summary: dict, show: int = 10,
+                details: dict | None = None) -> str:
     """The HTML page of a ranking.
 
     Args:
@@ -264,6 +295,8 @@ def rank_report(ids: Sequence[str], scores, order, ranks, chosen, summary: dict,
         summary: the rank command's summary (source, version, n_valuation, n_scored, direction, n_selected,
             cutoff_score).
         show: rows listed at each end of the ranking.
+        details: position in ids → the row as render.ranked_rows gives it (percentile, cosine, text), for
+            the listed rows; None: rank, id and value only.
     """
     import numpy as np
 
@@ -286,8 +319,9 @@ def rank_report(ids: Sequence[str], scores, order, ranks, chosen, summary: dict,
     order = np.asarray(order, dtype=np.int64)
     best = "lowest" if lowest else "highest"
     worst = "highest" if lowest else "lowest"
-    first = _rows_table(f"First {min(show, n)} ({best} value first)", ids, scores, ranks, order[:show])
-    last = _rows_table(f"Last {min(show, n)} ({worst} value last)", ids, scores, ranks, order[max(n - show, 0):])
+    first = _rows_table(f"First {min(show, n)} ({best} value first)", ids, scores, ranks, order[:show], details)
+    last = _rows_table(f"Last {min(show, n)} ({worst} value last)", ids, scores, ranks, order[max(n - show, 0):],
+                       details)
     parts.append(f"<section id=\"ends\">{first}{last}</section>")
     return _page("forvalue rank report", "\n".join(parts))
 

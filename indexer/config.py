@@ -21,9 +21,11 @@ INDEX_KINDS = ("flat-ip", "ivf-sq8", "ivf-pq")  # FAISS first stages (ann.py)
 APPROXIMATE_KINDS = ("ivf-sq8", "ivf-pq")
 FIRST_STAGE_KINDS = ("auto",) + INDEX_KINDS
 RERANK_DTYPES = ("float32", "float16")  # storage of the hidden states kept for exact re-ranking
-# percentiles (Index.percentiles) place a hit among the first-stage scores of every row, or of a seeded sample of
-# this many rows on larger indexes; the rows and the seed are in the manifest ("calibration")
-CALIBRATION_ROWS = 8192
+# percentiles (Index.percentiles) are exact on indexes of up to this many live rows (the hit's exact score among
+# certified bounds of every row: 0.7 s for 2,048 rows on one CPU thread with the default model, docs/results.md);
+# larger indexes count among a seeded sample of this many rows, with a 99% interval; the rows and the seed are in
+# the manifest ("calibration"; an older manifest's larger sample is cut to this many)
+CALIBRATION_ROWS = 2048
 
 
 @dataclass(frozen=True)

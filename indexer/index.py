@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from .calibration import count_lower, percentiles_of, undecided
 from .config import CALIBRATION_ROWS
 from .data import Sample
 from .deletion import deleted_of
@@ -26,7 +27,7 @@ from .results import (
     DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH, DIRECTIONS, GROUP, Explanation, Group, GroupedResult, Hit, Scores,
     SearchResult, check_direction, cut_texts, index_info,
 )
-from .score import exact_scores, self_scores
+from .score import exact_scores, group_norm, self_scores
 from .sketch import MAP_FILES, Sketcher
 from .store import IndexRoot, Version
 
@@ -40,6 +41,23 @@ def _pairs(samples: Sequence[Sample | tuple[str, str]]) -> list[tuple[str, str]]
         else:  # (prompt, response) or (prompt, response, image) for a VLM index
             out.append((str(s[0]), str(s[1])) + ((s[2],) if len(s) > 2 and s[2] is not None else ()))
     return out
+
+
+@dataclasses.dataclass
+class Known:
+    """What a search knows of some rows' values already: certified bounds lo <= S <= hi, (r,) float64 each,
+    lo = hi = S where it scored them exactly."""
+
+    rows: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+
+def _positions(sorted_rows: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(position of each of `rows` in `sorted_rows`, whether it is there at all)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    at = np.searchsorted(sorted_rows, rows)
+    return at, (at < sorted_rows.size) & (sorted_rows[np.minimum(at, sorted_rows.size - 1)] == rows)
 
 
 Check = Callable[[], None]  # raises to stop a piece of work between its steps (a deadline, a cancelled call)
@@ -83,7 +101,7 @@ class Index:
         self._labels = None  # token id → text, cached (explain)
         self._ids: list[str] | None = None  # ids in row order, read on first use
         self._shape: dict[str, float] | None = None  # sizes of an answer (shape()), read on first use
-        self._calibration: np.ndarray | None = None  # sketches of the rows percentiles are taken among
+        self._calibration: tuple[np.ndarray, bool] | None = None  # rows percentiles are counted among
         # flat: exact search over the (checksummed) sketch arrays, built on load; IVF: its stored file
         version.open_all()  # every file open now: serving goes on if gc deletes the version's directory
         info = m["index"]
@@ -139,8 +157,9 @@ class Index:
                           torch.from_numpy(np.asarray(d["tail_l2"], dtype=np.float32)))
 
     def rerank(self, features: Features, cand: np.ndarray, k: int, direction: str, prune: bool = True,
-               probs: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor, int]:
-        """The exact top-k of candidate rows `cand` → (rows best first, their exact scores, rows scored exactly).
+               probs: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor, int, Known]:
+        """The exact top-k of candidate rows `cand` → (rows best first, their exact scores, rows scored exactly,
+        what is known of every candidate's value: what the percentiles need not compute again).
 
         With `prune` (and top probabilities in the index), certified bounds rule out the candidates that
         cannot be in the answer first (rerank.py); the answer is the same as scoring all of them.
@@ -148,11 +167,12 @@ class Index:
         Args:
             probs: the query tokens' distributions over the whole vocabulary (Tv, V), when computed already.
         """
-        keep = None
+        keep, bounds = None, None
         if prune and self.rerank_top and k < cand.size:
             c = self.candidates(cand)
             if pruning_pays(features, c.feats.h.shape[0], self._cpu_head, self.query_top):
                 lo, hi = score_bounds(features, c, self._cpu_head, self.query_top, probs=probs)
+                bounds = (lo.double().mean(0).numpy(), hi.double().mean(0).numpy())
                 keep = torch.nonzero(must_score(lo.mean(0), hi.mean(0), k, direction)).flatten()
                 ft = c.feats.select(keep)
             else:
@@ -162,7 +182,13 @@ class Index:
         exact = exact_scores(features, ft, self._cpu_head, pv=probs).mean(0)
         order = torch.argsort(exact, descending=(direction == "most"), stable=True)[:k]
         pos = order if keep is None else keep[order]
-        return cand[pos.numpy()], exact[order], int(exact.numel())
+        ex = exact.double().numpy()
+        if bounds is None:  # every candidate scored exactly
+            known = Known(cand, ex, ex.copy())
+        else:
+            known = Known(cand, *bounds)
+            known.lo[keep.numpy()] = known.hi[keep.numpy()] = ex
+        return cand[pos.numpy()], exact[order], int(exact.numel()), known
 
     def search(self, samples: Sequence[Sample | tuple[str, str]], k: int = DEFAULT_K, direction: str = "most",
                rerank: int = DEFAULT_RERANK, features: Features | None = None, prune: bool = True, explain: int = 0,
@@ -205,11 +231,13 @@ class Index:
         qs = q.numpy().astype(np.float32)
         cand = self._first_stage(qs, C, direction, scope, bool(where))
         _check(check)
-        rows, scores, scored = self.rerank(features, cand, k, direction, prune, probs)
+        rows, scores, scored, known = self.rerank(features, cand, k, direction, prune, probs)
         meta = self.version.rows(rows)
-        pct = self.percentiles(qs[0], scores) if calibrate else [None] * len(meta)
+        pct = (self.percentiles(features, rows, scores, probs, known, check) if calibrate
+               else [(None, None, None)] * len(meta))
         cos = self.cosines(features, rows, scores, probs) if calibrate else [None] * len(meta)
-        hits = [Hit(id=str(md["id"]), score=float(s), rank=r + 1, row=int(row), metadata=md, percentile=p, cosine=c)
+        hits = [Hit(id=str(md["id"]), score=float(s), rank=r + 1, row=int(row), metadata=md, percentile=p[0],
+                    cosine=c, percentile_low=p[1], percentile_high=p[2])
                 for r, (s, row, md, p, c) in enumerate(zip(scores.tolist(), rows.tolist(), meta, pct, cos))]
         if explain:
             _check(check)
@@ -255,33 +283,75 @@ class Index:
             out[a : a + step] = self.ann.inner_products(q, rows[a : a + step])[0]
         return out
 
-    def percentiles(self, q: np.ndarray, scores: torch.Tensor) -> list[float]:
-        """Calibrated scores: for each exact score, the estimated share of the index's (not deleted) training
-        rows whose value to the query is lower, (#below + #equal / 2) / n, in [0, 1].
-
-        The query's value to a row is estimated by the first-stage score <q, s_i> (no re-rank data); the
-        exact scores of the hits are placed among those of every row, or, above the manifest's calibration rows
-        (config.CALIBRATION_ROWS), of a sample of that many drawn with the manifest's calibration seed (the
-        sampling error is then at most ~0.5 percentage points, less in the tails, and the cost stays
-        rows · D per query at any index size). Comparable
-        across queries and indexes; its error against exact For-Value is measured in docs/results.md.
-
-        Args:
-            q: the query's (group mean) sketch (D,). scores: exact scores (m,).
-        """
+    def calibration_rows(self) -> tuple[np.ndarray, bool]:
+        """(rows percentiles are counted among, whether they are all live rows): every live (not deleted) row,
+        or above the manifest's calibration rows (at most config.CALIBRATION_ROWS) a sample of that many drawn
+        with its calibration seed. Drawn once per loaded version."""
         if self._calibration is None:
             live = np.setdiff1d(np.arange(self.n, dtype=np.int64), self.deleted.rows)
             # indexes built before the manifest recorded it: the rows and seed used then
             cal = self.manifest.get("calibration", {"rows": CALIBRATION_ROWS, "seed": 0})
-            if live.size > cal["rows"]:
-                live = np.sort(np.random.default_rng(cal["seed"]).choice(live, cal["rows"], replace=False))
-            self._calibration = np.ascontiguousarray(self.version.take("sketch", live), dtype=np.float32)
-        if self._calibration.shape[0] == 0 or scores.numel() == 0:
-            return [None] * scores.numel()
-        ref = np.sort((self._calibration @ np.asarray(q, dtype=np.float32)).astype(np.float64))
+            size = min(int(cal["rows"]), CALIBRATION_ROWS)  # indexes built when the sample was 8,192 rows
+            whole = live.size <= size
+            if not whole:
+                live = np.sort(np.random.default_rng(cal["seed"]).choice(live, size, replace=False))
+            self._calibration = (live, whole)
+        return self._calibration
+
+    def value_bounds(self, features: Features, rows: np.ndarray, probs: torch.Tensor | None = None,
+                     block: int = 256, check: Check | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Certified bounds lo <= S <= hi of the group-mean value of training rows `rows` → ((r,), (r,)) float64:
+        rerank.score_bounds from the stored top probabilities, or exact scores (lo = hi) on an index without
+        them or a query whose distributions do not fit in memory (`check`: called before each block)."""
+        lo, hi = np.empty(rows.size), np.empty(rows.size)
+        for a in range(0, rows.size, block):
+            _check(check)
+            part = rows[a : a + block]
+            if self.rerank_top and probs is not None:
+                bl, bh = score_bounds(features, self.candidates(part), self._cpu_head, self.query_top, probs=probs)
+                lo[a : a + part.size], hi[a : a + part.size] = bl.double().mean(0).numpy(), bh.double().mean(0).numpy()
+            else:
+                ex = exact_scores(features, self.candidate_features(part), self._cpu_head, pv=probs)
+                lo[a : a + part.size] = hi[a : a + part.size] = ex.double().mean(0).numpy()
+        return lo, hi
+
+    def percentiles(self, features: Features, rows: np.ndarray, scores: torch.Tensor,
+                    probs: torch.Tensor | None = None, known: Known | None = None, check: Check | None = None
+                    ) -> list[tuple[float, float, float]]:
+        """Calibrated scores of hits: (percentile, low, high) of each hit's exact score (calibration.py).
+
+        The percentile of row i is the share of the other live rows whose exact value to the query is strictly
+        lower, #{j != i : S_j < S_i} / (n_live - 1): 1.0 for the most valuable row, 0.0 for the least, as `rank`
+        writes it. Exact (low = high = percentile) on indexes of at most the manifest's calibration rows: every
+        row is bounded (`value_bounds`) and the rows whose bounds contain a hit's score are scored exactly.
+        Larger indexes count among a seeded sample of that many rows: the share in the sample, and its 99%
+        Wilson interval (low, high).
+
+        Args:
+            features: the query group's features. rows: the hits' rows (m,). scores: their exact scores (m,).
+            probs: the query tokens' distributions over the whole vocabulary (Tv, V), when computed already.
+            known: bounds and exact scores computed already (the re-ranking's), not computed again.
+            check: called between blocks of rows (raises to stop the work).
+        """
+        cal, whole = self.calibration_rows()
+        if cal.size == 0 or scores.numel() == 0:
+            return [(None, None, None)] * scores.numel()
         s = scores.double().numpy()
-        below, upto = np.searchsorted(ref, s, "left"), np.searchsorted(ref, s, "right")
-        return ((below + upto) / (2.0 * ref.size)).tolist()
+        lo, hi = np.full(cal.size, np.nan), np.full(cal.size, np.nan)
+        if known is not None:
+            at, found = _positions(cal, known.rows)
+            lo[at[found]], hi[at[found]] = known.lo[found], known.hi[found]
+        rest = np.flatnonzero(np.isnan(lo))
+        if rest.size:
+            lo[rest], hi[rest] = self.value_bounds(features, cal[rest], probs, check=check)
+        at, mine = _positions(cal, rows)
+        lo[at[mine]] = hi[at[mine]] = s[mine]  # the hits' own exact scores (a row is never below itself)
+        todo = np.flatnonzero(undecided(s, lo, hi))
+        if todo.size:
+            ex = self.score_rows(features, cal[todo], check=check, probs=probs).double().mean(0).numpy()
+            lo[todo] = hi[todo] = ex
+        counts = count_lower(s, lo, hi)
+        return percentiles_of(counts, cal.size - mine.astype(np.int64), whole)
 
     def query_norm(self, features: Features, probs: torch.Tensor | None = None) -> float:
         """‖Ḡ‖ of the query group, Ḡ = mean of its members' G: sqrt(mean_vv' S(v, v'))."""
@@ -304,16 +374,16 @@ class Index:
             out.append(None if qn <= 0 or g <= 0 else max(-1.0, min(1.0, s / (qn * g))))
         return out
 
-    def score_rows(self, features: Features, rows: np.ndarray, block: int = 512, check: Check | None = None
-                   ) -> torch.Tensor:
+    def score_rows(self, features: Features, rows: np.ndarray, block: int = 512, check: Check | None = None,
+                   probs: torch.Tensor | None = None) -> torch.Tensor:
         """Exact For-Value of training rows `rows` for each query row → (nq, len(rows)), streaming over the store
-        (`check` is called before each block of rows)."""
+        (`check` is called before each block of rows; `probs`: the query tokens' distributions, if known)."""
         rows = np.asarray(rows, dtype=np.int64)
         out = torch.empty(features.n, rows.size)
         for a in range(0, rows.size, block):
             _check(check)
             part = rows[a : a + block]
-            out[:, a : a + part.size] = exact_scores(features, self.candidate_features(part), self._cpu_head)
+            out[:, a : a + part.size] = exact_scores(features, self.candidate_features(part), self._cpu_head, pv=probs)
         return out
 
     def group_by(self, samples: Sequence[Sample | tuple[str, str]], field: str, k: int = 3, direction: str = "most",
@@ -440,7 +510,8 @@ class Index:
                batch: int = DEFAULT_SCORE_BATCH, features: Features | None = None, check: Check | None = None
                ) -> Scores:
         """The exact value of every training row in scope (matching `where`, not deleted) to the group
-        `samples` (the mean over its members), `batch` samples per forward pass (or their `features`)."""
+        `samples` (the mean over its members), `batch` samples per forward pass (or their `features`), and
+        each row's cosine, value / (‖Ḡ‖·‖G_row‖) with Ḡ the group's mean G (`row_cosines`)."""
         if batch < 1:
             raise ConfigError(f"batch must be >= 1, got {batch}")
         if features is None and not samples:
@@ -450,15 +521,29 @@ class Index:
         total = np.zeros(rows.size, dtype=np.float64)
         parts = [features] if features is not None else (
             self.encode(samples[a : a + batch]) for a in range(0, len(samples), batch))
-        n, cut = 0, []
+        n, cut, kept = 0, [], []
         for f in parts:
             if rows.size:
                 total += self.score_rows(f, rows, check=check).double().sum(0).numpy()
             cut += [n + j for j in f.cut_samples]
             n += f.n
+            kept.append(f)
         ids = self.ids()
-        return Scores([ids[r] for r in rows.tolist()], rows.tolist(), total / max(n, 1), self.version.name,
-                      tuple(cut))
+        values = total / max(n, 1)
+        _check(check)
+        return Scores([ids[r] for r in rows.tolist()], rows.tolist(), values, self.version.name, tuple(cut),
+                      cosines=self.row_cosines(kept, rows, values))
+
+    def row_cosines(self, parts: Sequence[Features], rows: np.ndarray, values: np.ndarray) -> np.ndarray | None:
+        """value / (‖Ḡ‖·‖G_row‖) of each row (NaN where a norm is 0), Ḡ the mean G of the group whose
+        features are `parts` (score.group_norm); None on an index without stored norms."""
+        if self.g_norm is None:
+            return None
+        qn = group_norm(parts, self._cpu_head)
+        g = self.g_norm[torch.as_tensor(rows, dtype=torch.int64)].double().numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cos = np.where((g > 0) & (qn > 0), values / (qn * g), np.nan)
+        return np.clip(cos, -1.0, 1.0)
 
     def score_all(self, samples: Sequence[Sample | tuple[str, str]], chunk_size: int = 0,
                   return_version: bool = False, where: Where | None = None

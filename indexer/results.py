@@ -78,8 +78,13 @@ class Hit:
     Attributes:
         id: the training sample's id. score: exact For-Value to the query (group mean).
         rank: 1-based rank in this answer. row: row number in the index version. metadata: stored row.
-        percentile: calibrated score, the estimated share of the index's training samples whose value
-            to this query is lower (0..1; see `Index.percentiles`); None when not computed.
+        percentile: calibrated score, the share of the index's other (live) training samples whose exact
+            value to this query is strictly lower than this one's, #{j != i : S_j < S_i} / (n - 1), in [0, 1]
+            (1.0: the most valuable row; see `Index.percentiles`); None when not computed. Exact on indexes
+            of at most the calibration rows (2,048 by default); on larger ones the share in a seeded sample.
+        percentile_low, percentile_high: the interval the percentile is known to lie in: both equal to it
+            when it is exact, else a 99% interval of the sampled share; None when not computed (or from a
+            server that predates them).
         cosine: calibrated score, score / (‖G_query‖·‖G_row‖) in [-1, 1] (exact); None when the index
             stores no norms (built before they were stored).
         explanation: which token pairs make the score (`Index.search(..., explain=P)`); None when not asked.
@@ -93,6 +98,13 @@ class Hit:
     percentile: float | None = None
     cosine: float | None = None
     explanation: Explanation | None = None
+    percentile_low: float | None = None
+    percentile_high: float | None = None
+
+    @property
+    def percentile_exact(self) -> bool:
+        """The percentile is exact (its interval is one point)."""
+        return self.percentile_low is not None and self.percentile_low == self.percentile_high
 
 
 @dataclass(frozen=True)
@@ -157,6 +169,9 @@ class Scores:
         ids: training sample ids, in row order. rows: their row numbers in the index version.
         values: exact For-Value of each row to the group (the mean over its members), float64.
         version: the index version that answered ("" for an empty answer from a server).
+        cosines: each row's value / (‖Ḡ‖·‖G_row‖), Ḡ the mean G of the valuation group: numpy float64 (n,) in
+            [-1, 1], NaN where a norm is 0; None when unknown (an index without stored norms; from a server,
+            a valuation set sent in more than one request).
     """
 
     ids: list[str]
@@ -164,6 +179,7 @@ class Scores:
     values: Any  # numpy float64 array (n,)
     version: str
     cut_samples: tuple[int, ...] = ()  # as SearchResult.cut_samples
+    cosines: Any = None
 
 
 def check_direction(direction: str, both: bool = False) -> str:

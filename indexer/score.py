@@ -20,6 +20,8 @@ stays bounded by `memory_mb` whatever the corpus size. The Emb baseline sets α 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .config import ScoreConfig
@@ -259,6 +261,22 @@ def self_scores(feats: Features, head: Head, chunk: int = 16384) -> torch.Tensor
             a += p @ p.T
         out[j] = ((h @ h.T) * a).sum()
     return out
+
+
+def group_norm(parts: Sequence[Features], head: Head, chunk: int = 4096) -> float:
+    """‖Ḡ‖ of a group of samples given in parts, Ḡ = (1/n) Σ_v G_v, G_v = Σ_k (e_{y_k} − π_k) h_kᵀ.
+
+    Σ_v G_v is Σ over every token of every part of (e_y − π) h^T: built `chunk` vocabulary columns at a time
+    (a (chunk, d) block, summed over the parts), so the cost is (Σ T)·|V|·d and never n² sample pairs.
+    """
+    n = sum(f.n for f in parts)
+    if n == 0:
+        return 0.0
+    total = 0.0
+    for cols in _vocab_chunks(head, None, chunk):
+        acc = sum(_residual(f, head, cols).T @ f.h for f in parts if f.n)
+        total += float(acc.double().square().sum())
+    return total ** 0.5 / n
 
 
 # --------------------------------------------------------------------------------------------------

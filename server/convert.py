@@ -314,6 +314,8 @@ def hit_to_pb(hit: Hit, max_text_chars: int = 0) -> pb.Hit:
         msg.percentile = hit.percentile
     if hit.cosine is not None:
         msg.cosine = hit.cosine
+    if hit.percentile_low is not None:
+        msg.percentile_low, msg.percentile_high = hit.percentile_low, hit.percentile_high
     return msg
 
 
@@ -350,16 +352,18 @@ def topk_response(answers: Sequence[tuple[int, SearchResult | GroupedResult]], v
 
 
 def score_chunks(ids: Sequence[str], scores: Sequence[float], chunk_size: int, version: str,
-                 rows: Sequence[int] | None = None, cut_samples: Sequence[int] = ()) -> Iterator[pb.ScoreAllChunk]:
-    """ScoreAll's stream: consecutive chunks of (ids, scores, rows), each with its offset (entries before
-    it) and the version; rows default to 0..n-1; the first chunk also names the valuation samples that were
-    shortened to the model's max_length."""
-    assert len(ids) == len(scores)
+                 rows: Sequence[int] | None = None, cut_samples: Sequence[int] = (),
+                 cosines: Sequence[float] | None = None) -> Iterator[pb.ScoreAllChunk]:
+    """ScoreAll's stream: consecutive chunks of (ids, scores, rows, cosines), each with its offset (entries
+    before it) and the version; rows default to 0..n-1, cosines to none; the first chunk also names the
+    valuation samples that were shortened to the model's max_length."""
+    assert len(ids) == len(scores) and (cosines is None or len(cosines) == len(ids))
     rows = list(range(len(ids))) if rows is None else list(rows)
+    cos = [] if cosines is None else list(cosines)
     for a in range(0, len(ids), chunk_size):
         yield pb.ScoreAllChunk(offset=a, ids=ids[a : a + chunk_size], scores=scores[a : a + chunk_size],
                                rows=rows[a : a + chunk_size], index_version=version,
-                               cut_samples=cut_samples if a == 0 else ())
+                               cut_samples=cut_samples if a == 0 else (), cosines=cos[a : a + chunk_size])
 
 
 def delete_response(result) -> pb.DeleteResponse:
@@ -458,7 +462,9 @@ def hit_from_pb(msg: pb.Hit) -> Hit:
     metadata = {"id": msg.id, "prompt": msg.prompt, "response": msg.response, **struct_to_dict(msg.metadata)}
     hit = Hit(id=msg.id, score=msg.score, rank=msg.rank, row=msg.row, metadata=metadata,
               percentile=msg.percentile if msg.HasField("percentile") else None,
-              cosine=msg.cosine if msg.HasField("cosine") else None)
+              cosine=msg.cosine if msg.HasField("cosine") else None,
+              percentile_low=msg.percentile_low if msg.HasField("percentile_low") else None,
+              percentile_high=msg.percentile_high if msg.HasField("percentile_high") else None)
     if msg.HasField("explanation"):
         hit = dataclasses.replace(hit, explanation=explanation_from_pb(msg.explanation))
     return hit

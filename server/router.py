@@ -8,7 +8,8 @@ set none), to every shard at once, and merges:
   candidates), so the top-k of the union of the shards' answers, by score, is the exact top-k of those
   candidates: ranks are renumbered, `candidates` and `exact_scored` summed, groups (`group_by`) merged
   by key (counts and totals summed, mean = total / count, hits merged the same way). A hit's `row` is
-  its row in the shard that answered (ids are the corpus's own); a `percentile` stays the shard's own.
+  its row in the shard that answered (ids are the corpus's own); a `percentile` stays the shard's own
+  (its exact interval, percentile_low/high, is dropped: it says nothing about the whole corpus).
   The candidates of a sharded index are a superset of one index's (every row of the global top-C by
   sketch score is in its shard's top-C), so with the same `rerank` a routed answer is at least as good.
 - ScoreAll: the shards' streams one after the other, in shard order; `offset` and `rows` continue from
@@ -116,6 +117,8 @@ def _merged_hits(per_shard: list[tuple[int, list[pb.Hit]]], k: int, least: bool)
         hit = pb.Hit()
         hit.CopyFrom(h)
         hit.rank = rank
+        hit.ClearField("percentile_low")  # exact within its shard only
+        hit.ClearField("percentile_high")
         out.append(hit)
     return out
 

@@ -128,8 +128,9 @@ class InfluenceServicer(pb_grpc.InfluenceServicer):
         query = convert.score_all_query(request, self._config, accepts_images=images)
         version, scores = await self.batcher.call(
             functools.partial(score_all, samples=query.samples, where=query.where), deadline_of(context))
+        cosines = None if getattr(scores, "cosines", None) is None else scores.cosines.tolist()
         for chunk in convert.score_chunks(scores.ids, scores.values.tolist(), query.chunk_size, version, scores.rows,
-                                          scores.cut_samples):
+                                          scores.cut_samples, cosines):
             yield chunk
 
     @rpc(pb.DeleteRequest)

@@ -3,8 +3,9 @@
 On the example data (10 sentence-transformation classes, 240 training rows; `label` is the metadata field
 filtered and grouped on) or on `--index/--valuation` (then `--field` names the field):
 
-- calibration: for each query and direction, every hit's estimated percentile (`Hit.percentile`) against
-  its exact percentile among all rows (from exact For-Value of every row): mean and max absolute error;
+- calibration: for each query and direction, every hit's percentile (`Hit.percentile`) against its exact
+  percentile among all rows (share of the other rows with a strictly lower exact value, from exact For-Value
+  of every row): mean and max absolute error (tools/bench_percentile.py looks closer);
   and the cosine of the top hit of each direction.
 - filters: a filter on one value of the field, searched with the first stage restricted to the matching
   rows; the answer against brute force (exact top-k of the matching rows), and its p50 search time
@@ -53,7 +54,7 @@ def main() -> None:
         for d in ("most", "least"):
             res = idx.search([], args.k, d, args.rerank, features=f)
             for h in res.hits:
-                true = (np.sum(exact < h.score) + 0.5 * np.sum(exact == h.score)) / exact.size
+                true = np.sum(exact < exact[h.row]) / (exact.size - 1)
                 pct_err.append(abs(h.percentile - true))
             top_cos[d].append(res.hits[0].cosine)
         # a filter on the query's own value of the field (or a random one when it has none)

@@ -163,7 +163,6 @@ def test_human_summary_on_stderr(sources, valuation, local_index, tmp_path):
     (["SERVER", "--selected-out", "OUTDIR/subset.jsonl"], "--selected-out needs --select", "scores.jsonl"),
     (["SERVER", "--select", "3", "--selected-out", "OUTDIR/subset.parquet"], "--selected-out", "scores.jsonl"),
     (["SERVER", "--select", "3", "--selected-out", "OUTDIR/subset.jsonl"], "needs --data", "scores.jsonl"),
-    (["SERVER", "--data", "DATA"], "--data is only read", "scores.jsonl"),
     (["INDEX", "--data", "DATA", "--select", "3", "--selected-out", "OUTDIR/subset.jsonl"], "--data is only read",
      "scores.jsonl"),
     (["SERVER", "INDEX"], "exactly one of --server", "scores.jsonl"),
@@ -195,3 +194,38 @@ def test_errors_are_one_line_exit_2_and_leave_out_untouched(sources, valuation, 
     assert [s.id for s in read_samples(partial)] == [s.id for s in served_index[1] if s.id != top]
     assert not (tmp_path / "subset.jsonl").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+@pytest.mark.parametrize("where", ["index", "server", "server+data"])
+@pytest.mark.parametrize("lowest", [False, True])
+def test_summary_lists_the_first_rows_with_percentile_cosine_and_text(sources, valuation, reference, local_index,
+                                                                      tmp_path, where, lowest):
+    from forvalue.client.render import snippet
+
+    ids, scores = reference
+    n = len(ids)
+    r = run(*sources[where], "--valuation", valuation[0], "--out", str(tmp_path / "s.jsonl"), "--json",
+            *(["--lowest"] if lowest else []))
+    assert r.exit_code == 0, r.output
+    top = json.loads(r.stdout)["top"]
+    want = _best(scores, 5, lowest)
+    assert [t["row"] for t in top] == want and [t["rank"] for t in top] == [1, 2, 3, 4, 5]
+    assert [t["id"] for t in top] == [ids[i] for i in want]
+    cosines = local_index.scores(valuation[1]).cosines
+    stored = local_index.version.rows(want)
+    for t, i, md in zip(top, want, stored):
+        assert t["score"] == pytest.approx(scores[i], rel=1e-5, abs=1e-6)
+        assert t["percentile"] == pytest.approx(np.sum(scores < scores[i]) / (n - 1), abs=1e-12)
+        assert t["cosine"] == pytest.approx(cosines[i], rel=1e-4, abs=1e-6) and -1 <= t["cosine"] <= 1
+        # the row's text: from the index, or from --data for a server (which sends ids and scores only)
+        assert t["text"] == (None if where == "server" else snippet(md)) and (t["text"] is None or "→" in t["text"])
+    text = run(*sources[where], "--valuation", valuation[0], "--out", str(tmp_path / "s.jsonl"),
+               *(["--lowest"] if lowest else [])).stderr
+    lines = text.splitlines()
+    at = next(j for j, line in enumerate(lines) if line.startswith("forvalue: the first 5 rows"))
+    assert lines[at + 1].split()[:5] == ["rank", "score", "pct", "cos", "id"]
+    for line, t in zip(lines[at + 2 :], top):
+        rank, score, pct, cos, id_, *rest = line.split()
+        assert (int(rank), id_) == (t["rank"], t["id"]) and pct == f"{100 * t['percentile']:.1f}%"
+        assert cos == f"{t['cosine']:+.3f}"
+        assert " ".join(rest) == ("-" if t["text"] is None else " ".join(t["text"].split()))

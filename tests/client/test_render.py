@@ -11,7 +11,7 @@ from forvalue.indexer.results import Group, GroupedResult, Hit, SearchResult
 
 def _result(exact_scored=None):
     hits = [Hit(id="s12", score=0.5, rank=1, row=12, metadata={"prompt": "Upper: sky ->", "response": " SKY"},
-                percentile=0.875, cosine=0.25),
+                percentile=0.875, cosine=0.25, percentile_low=0.875, percentile_high=0.875),
             Hit(id="s3", score=-0.0125, rank=2, row=3, metadata={"prompt": "Reverse: a b ->", "response": " b a"})]
     return SearchResult(hits=hits, version="v000002", direction="most", candidates=8, exact_scored=exact_scored)
 
@@ -36,6 +36,22 @@ def test_hits_json():
     assert [(h["rank"], h["id"], h["row"], h["score"], h["percentile"], h["cosine"]) for h in d["hits"]] == [
         (1, "s12", 12, 0.5, 0.875, 0.25), (2, "s3", 3, -0.0125, None, None)]
     assert "explanation" not in d["hits"][0]
+    assert (d["hits"][0]["percentile_low"], d["hits"][0]["percentile_high"]) == (0.875, 0.875)
+
+
+def test_percentile_shown_exact_as_an_interval_or_as_an_estimate():
+    from forvalue.client.render import color_hits, hit_pct
+
+    def hit(p, low=None, high=None):
+        return Hit(id="a", score=1.0, rank=1, row=0, metadata={}, percentile=p, percentile_low=low, percentile_high=high)
+
+    assert hit_pct(hit(0.984375, 0.984375, 0.984375)) == "98.4%"
+    assert hit_pct(hit(0.99, 0.9712, 0.9968)) == "97.1–99.7%"
+    assert hit_pct(hit(0.99)) == "~99.0%"  # a router or an older server: not said to be exact
+    assert hit_pct(hit(None)) == "-"
+    result = SearchResult(hits=[hit(0.99, 0.9712, 0.9968)], version="v1", direction="most", candidates=1)
+    assert hits_text(result, "x", 1).split("\n")[2].split()[2] == "97.1–99.7%"
+    assert "97.1–99.7%" in color_hits(result, "x", 1, False, width=120)
 
 
 def _grouped():

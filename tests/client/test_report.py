@@ -154,6 +154,15 @@ def test_query_html_report(sources, local_index, tmp_path, where):
         for h in ref.hits:
             a = hits[f"{direction}-{h.rank}"]
             assert a["data-id"] == h.id and float(a["data-score"]) == pytest.approx(h.score, rel=1e-5)
+            # calibrated scores: exact percentile (low = high) and cosine, as data and as text
+            assert float(a["data-percentile"]) == float(a["data-percentile-low"]) == float(a["data-percentile-high"])
+            assert float(a["data-percentile"]) == pytest.approx(h.percentile, abs=1e-6)
+            assert float(a["data-cosine"]) == pytest.approx(h.cosine, rel=1e-4, abs=1e-6)
+    from forvalue.client.render import cos, hit_pct
+
+    top = refs["most"].hits[0]
+    assert top.percentile == 1.0 and f"percentile {hit_pct(top)}</span>" in text
+    assert f"cosine {cos(top.cosine)}</span>" in text
     spans = [a for t, a in tags if t == "span" and "tok" in a.get("class", "").split()]
     train = [float(a["data-contribution"]) for a in spans if "train" in a["class"].split()]
     # one span per scored training token (a character each here, and the EOS), in hit order
@@ -227,6 +236,15 @@ def test_rank_html_report(sources, tmp_path, lowest):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     first_ids = re.findall(r"<code>([^<]*)</code>", text.split('id="ends"')[1])[:10]
     assert first_ids == [rec["id"] for rec in records[:10]]
+    # each listed row with its percentile (as in --out), cosine and text (a server without --data: none)
+    cells = re.findall(r'<td class="num pct">([^<]*)</td><td class="num cos">([^<]*)</td>'
+                       r'<td class="text">([^<]*)</td>', text.split('id="ends"')[1])
+    assert len(cells) == 20
+    for (p, c, t), rec in zip(cells[:10], records[:10]):
+        assert p == f"{100 * rec['percentile']:.1f}%" and -1 <= float(c) <= 1 and t == "-"
+    top = {t["id"]: t for t in summary["top"]}
+    assert all(float(c) == pytest.approx(top[rec["id"]]["cosine"], abs=1e-3)
+               for (_, c, _), rec in zip(cells, records[:5]))
 
 
 def test_rank_html_must_be_its_own_file(sources, tmp_path):

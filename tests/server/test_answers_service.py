@@ -40,6 +40,8 @@ def test_filtered_search_equals_in_process(influence_server, local_index, served
             for r, loc in zip(remote.hits, local.hits):
                 assert r.percentile == pytest.approx(loc.percentile) and r.cosine == pytest.approx(loc.cosine)
                 assert 0 <= r.percentile <= 1 and -1 <= r.cosine <= 1
+                assert r.percentile_low == r.percentile_high == pytest.approx(loc.percentile)  # exact: 36 rows
+                assert r.percentile_exact
 
 
 def test_group_by_and_score_all_with_where(influence_server, local_index):
@@ -55,6 +57,18 @@ def test_group_by_and_score_all_with_where(influence_server, local_index):
         want = local_index.scores([], Where.of([("source", "b")]), features=local_index.encode(QUERIES))
         assert len(ids) == 18 and ids == [local_index.version.rows([r])[0]["id"] for r in want.rows]
         np.testing.assert_allclose(scores, want.values, rtol=1e-5, atol=1e-6)
+
+
+def test_scores_carry_cosines_in_one_call_only(influence_server, local_index):
+    with InfluenceClient(influence_server.address, timeout=60) as c:
+        remote = c.scores(QUERIES, where={"source": "a"})
+        local = local_index.scores(QUERIES, Where.of([("source", "a")]))
+        assert remote.rows == local.rows and remote.cosines is not None
+        np.testing.assert_allclose(remote.cosines, local.cosines, rtol=1e-5, atol=1e-6)
+        assert np.all(np.abs(remote.cosines) <= 1)
+        # two calls (batch=1) each know only their own sample's mean G: no cosine rather than a wrong one
+        split = c.scores(QUERIES, batch=1)
+        assert split.cosines is None and len(split.values) == 36
 
 
 @pytest.mark.parametrize("request_kwargs, field", [

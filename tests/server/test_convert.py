@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from forvalue.indexer.errors import ConfigError, ForValueError
@@ -79,6 +81,10 @@ def test_hit_round_trip_keeps_metadata_and_truncates():
     assert not msg.truncated
     assert convert.hit_from_pb(pb.Hit.FromString(msg.SerializeToString())) == hit
 
+    calibrated = dataclasses.replace(hit, percentile=0.75, cosine=0.5, percentile_low=0.7, percentile_high=0.8)
+    back = convert.hit_from_pb(pb.Hit.FromString(convert.hit_to_pb(calibrated).SerializeToString()))
+    assert back == calibrated and (back.percentile_low, back.percentile_high) == (0.7, 0.8)
+
     short = convert.hit_to_pb(hit, max_text_chars=4)
     assert (short.prompt, short.response, short.truncated) == ("Reve", " b a", True)
 
@@ -96,6 +102,10 @@ def test_answers_and_chunks():
     chunks = list(convert.score_chunks(ids, scores, 4, "v1"))
     assert [c.offset for c in chunks] == [0, 4, 8] and [len(c.ids) for c in chunks] == [4, 4, 2]
     assert [s for c in chunks for s in c.scores] == scores and {c.index_version for c in chunks} == {"v1"}
+    assert all(not c.cosines for c in chunks)
+    cos = [i / 10 for i in range(10)]
+    with_cos = list(convert.score_chunks(ids, scores, 4, "v1", cosines=cos))
+    assert [x for c in with_cos for x in c.cosines] == pytest.approx(cos)
 
 
 def test_direction_names():

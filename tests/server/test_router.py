@@ -194,7 +194,7 @@ def test_a_slow_shard_and_the_callers_deadline(router, shards):
 def test_merge_is_exact_on_ties_and_groups():
     """merge_answers against a plain sort: scores, then shard order, then the shard's rank; groups summed."""
     def hit(i, score, rank):
-        return pb.Hit(id=f"x{i}", score=score, rank=rank)
+        return pb.Hit(id=f"x{i}", score=score, rank=rank, percentile=0.5, percentile_low=0.5, percentile_high=0.5)
 
     a = pb.Answer(direction=pb.MOST, candidates=3, exact_scored=2, hits=[hit(0, 3.0, 1), hit(1, 1.0, 2)],
                   groups=[pb.Group(key="a", count=2, total=4.0, mean=2.0, hits=[hit(0, 3.0, 1)])])
@@ -204,6 +204,9 @@ def test_merge_is_exact_on_ties_and_groups():
     m = merge_answers([(0, a), (1, b)], k=3)
     assert [h.id for h in m.hits] == ["x0", "x2", "x3"] and [h.rank for h in m.hits] == [1, 2, 3]
     assert (m.candidates, m.exact_scored) == (7, 6)
+    # a shard's percentile stays, but not its claim to be exact: that was among the shard's rows only
+    assert all(h.percentile == 0.5 and not h.HasField("percentile_low") and not h.HasField("percentile_high")
+               for h in m.hits)
     assert [(g.key, g.count, g.total, g.mean) for g in m.groups] == [("b", 1, 5.0, 5.0), ("a", 3, 3.0, 1.0)]
     least = merge_answers([(0, pb.Answer(direction=pb.LEAST, hits=[hit(0, -1.0, 1)])),
                            (1, pb.Answer(direction=pb.LEAST, hits=[hit(1, -2.0, 1)]))], k=5)
