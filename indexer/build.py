@@ -23,7 +23,7 @@ import torch
 
 from . import __version__
 from .config import CALIBRATION_ROWS, BuildConfig, FirstStageConfig, SketchConfig
-from .data import Sample, stored_row
+from .data import Sample, sample_of_row, stored_row
 from .deletion import DELETED_FILE, current_takedowns, deleted_json, hidden_rows, takedown_lock
 from .errors import DataError, IndexMismatchError
 from .features import Features, ForwardConfig, Head, token_rows
@@ -275,18 +275,9 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
         _check_compatible(base.manifest, params)
         base_ids = _row_ids(base)
         old_ids = set(base_ids)
-        # a row without an id column that the index holds already (same content id): skipped, so adding a file
-        # twice, or one that overlaps, adds only its new rows
-        known = sum(1 for s in samples if s.auto_id and s.id in old_ids)
-        if known:
-            log.warning("skipped %d row(s) already in index version %s (same content)", known, base.name)
-            samples = [s for s in samples if not (s.auto_id and s.id in old_ids)]
-            if not samples:
-                return base.name
-        dup = next((s for s in samples if s.id in old_ids), None)
-        if dup is not None:
-            raise DataError(f"id {dup.id!r} is already in index version {base.name}; give new samples new ids "
-                            "(or delete the old sample first)", path=dup.source or None, row=dup.row if dup.row >= 0 else None)
+        samples = _new_rows(base, base_ids, samples)
+        if not samples:
+            return base.name
     corpus = corpus_fingerprint(samples)
     key_src = json.dumps({"params": params, "corpus": corpus,
                           "base": base.name if base is not None else None}, sort_keys=True)
@@ -394,6 +385,29 @@ def _write_shards(build: Build, lm: LoadedModel, head: Head, sk: Sketcher, sampl
             if bar is not None:
                 bar.close()
     return first + n_new
+
+
+def _new_rows(base: Version, base_ids: list[str], samples: Sequence[Sample]) -> list[Sample]:
+    """The samples `index add` appends to `base`: a row the index holds already, with the same content (the same
+    content id, or the same explicit id and the same scored content), is skipped, so adding a file twice, or one
+    that overlaps, adds only its new rows; an explicit id the index holds with other content is refused.
+
+    Raises:
+        DataError: naming the first such id.
+    """
+    where = {i: r for r, i in enumerate(base_ids)}
+    dups = [s for s in samples if s.id in where]
+    if not dups:
+        return list(samples)
+    stored = base.rows([where[s.id] for s in dups])
+    for s, row in zip(dups, stored):
+        if not s.auto_id and sample_of_row(row).content_key() != s.content_key():
+            raise DataError(f"id {s.id!r} is already in index version {base.name} with other content; give new "
+                            "samples new ids, or update changed rows with forvalue index sync",
+                            path=s.source or None, row=s.row if s.row >= 0 else None)
+    log.warning("skipped %d row(s) already in index version %s (same id and content)", len(dups), base.name)
+    skip = {s.id for s in dups}
+    return [s for s in samples if s.id not in skip]
 
 
 def _row_ids(version: Version) -> list[str]:

@@ -78,15 +78,23 @@ def test_add_appends_with_same_maps(tmp_path, lm):
     assert res.hits[0].id == "n0"  # a sample is its own most valuable training sample here
 
 
-def test_add_rejects_existing_ids(tmp_path, lm):
+def test_add_skips_rows_it_holds_and_rejects_existing_ids_with_other_content(tmp_path, lm):
+    import dataclasses
+
     from forvalue.indexer.errors import DataError
 
     root = tmp_path / "idx"
     samples = corpus(12)
     build_index(str(root), samples, lm, CFG)
-    with pytest.raises(DataError, match="s3"):
-        build_index(str(root), [samples[3]], lm, CFG, base=IndexRoot(str(root)).load())
+    changed = dataclasses.replace(samples[3], response=samples[3].response + " more")
+    with pytest.raises(DataError, match="'s3' is already in index version v000001 with other content"):
+        build_index(str(root), [changed], lm, CFG, base=IndexRoot(str(root)).load())
     assert IndexRoot(str(root)).load().n == 12
+    # the same row again: nothing to add, no new version
+    assert build_index(str(root), [samples[3]], lm, CFG, base=IndexRoot(str(root)).load()) == "v000001"
+    new = corpus(14)[12:]
+    name = build_index(str(root), [samples[3]] + new, lm, CFG, base=IndexRoot(str(root)).load())
+    assert (name, IndexRoot(str(root)).load().n) == ("v000002", 14)
 
 
 def test_storage_summary(built60):
