@@ -1,0 +1,190 @@
+"""`index sync` (indexer/sync.py): equal to a fresh build with the same maps, no forward pass for unchanged rows,
+resumable, safe against a concurrent add; the plan and the row merge against simple references."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from forvalue.indexer import sync as sync_mod
+from forvalue.indexer.build import build_index
+from forvalue.indexer.config import SyncConfig
+from forvalue.indexer.data import Sample
+from forvalue.indexer.errors import IndexChangedError
+from forvalue.indexer.index import Index
+from forvalue.indexer.sketch import MAP_FILES, Sketcher
+from forvalue.indexer.store import IndexRoot
+from forvalue.indexer.sync import merge_rows, plan_sync, sync_index
+
+from indexes import CFG, plain_corpus
+
+
+def edited_corpus(old: list[Sample]) -> list[Sample]:
+    """`old` with rows removed (5..9), edited (20: response, 33: prompt), a metadata-only change (40), and rows
+    added in the middle and at the end."""
+    new = [s for i, s in enumerate(old) if not 5 <= i < 10]
+    new = [dataclasses.replace(s, response=s.response + " again") if s.id == "s20" else s for s in new]
+    new = [dataclasses.replace(s, prompt=s.prompt + "?") if s.id == "s33" else s for s in new]
+    new = [dataclasses.replace(s, meta={**s.meta, "source": "c"}) if s.id == "s40" else s for s in new]
+    added = [dataclasses.replace(s, id=f"n{i}") for i, s in enumerate(plain_corpus(6, seed=5))]
+    return new[:25] + added[:3] + new[25:] + added[3:]
+
+
+@pytest.fixture()
+def synced(tmp_path, lm):
+    """(root, new corpus, SyncResult) of a 60-row index synced to `edited_corpus`."""
+    root = str(tmp_path / "idx")
+    old = plain_corpus(60)
+    build_index(root, old, lm, CFG)
+    new = edited_corpus(old)
+    return root, new, sync_index(root, new, lm, batch_tokens=4096)
+
+
+def maps_of(root: str) -> Sketcher:
+    with IndexRoot(root).load() as v:
+        return Sketcher.from_arrays({n: np.array(v.global_array(n)) for n in MAP_FILES}, v.manifest["sketch"]["buckets"])
+
+
+def test_sync_equals_a_fresh_build_with_the_same_maps(synced, tmp_path, lm):
+    root, new, r = synced
+    assert (r.before, r.after, r.rows) == ("v000001", "v000002", len(new))
+    assert (r.encoded, r.dropped, r.metadata_updated) == (2 + 6, 5, 1)  # 2 edited + 6 added; 5 removed
+    assert r.reused == len(new) - r.encoded and r.linked_shards >= 1
+    ref_root = str(tmp_path / "ref")
+    build_index(ref_root, new, lm, CFG, maps=maps_of(root))
+    a, b = IndexRoot(root).load(), IndexRoot(ref_root).load()
+    assert a.n == b.n == len(new)
+    assert a.rows(np.arange(a.n)) == b.rows(np.arange(b.n))  # same ids, order and metadata
+    for name in ("sketch", "g_norm"):
+        np.testing.assert_allclose(a.array(name), b.array(name), rtol=1e-4, atol=1e-5)
+    ta, tb = a.token_rows(np.arange(a.n)), b.token_rows(np.arange(b.n))
+    np.testing.assert_array_equal(ta["offsets"], tb["offsets"])
+    np.testing.assert_array_equal(ta["y"], tb["y"])
+    np.testing.assert_allclose(ta["h"], tb["h"], rtol=1e-4, atol=1e-5)
+    ia, ib = Index.open(root, lm), Index.open(ref_root, lm)
+    for q in (new[0], new[26], plain_corpus(3, seed=11)[2]):
+        for direction in ("most", "least"):
+            ra, rb = ia.search([q], k=8, direction=direction, rerank=20), ib.search([q], k=8, direction=direction,
+                                                                                   rerank=20)
+            assert [h.id for h in ra.hits] == [h.id for h in rb.hits]
+            np.testing.assert_allclose([h.score for h in ra.hits], [h.score for h in rb.hits], rtol=1e-4, atol=1e-6)
+        qs = ia.query_sketches(ia.encode([q])).numpy()
+        assert set(ia.ann.search(qs, 20, "most")[1][0]) == set(ib.ann.search(qs, 20, "most")[1][0])
+
+
+def test_an_unchanged_corpus_encodes_nothing_and_publishes_nothing(synced, lm, monkeypatch):
+    root, new, _ = synced
+    calls = []
+    monkeypatch.setattr(sync_mod, "encode_shard", lambda *a, **kw: calls.append(a) or pytest.fail("encoded"))
+    r = sync_index(root, new, lm, batch_tokens=4096)
+    assert not r.published and r.after == "v000002" and (r.reused, r.encoded, r.dropped) == (len(new), 0, 0)
+    assert IndexRoot(root).versions() == ["v000001", "v000002"]
+    # metadata alone changed: a new version, still no forward pass
+    meta = [dataclasses.replace(s, meta={"source": "z"}) if i == 3 else s for i, s in enumerate(new)]
+    r = sync_index(root, meta, lm, batch_tokens=4096)
+    assert r.published and (r.encoded, r.metadata_updated) == (0, 1) and not calls
+    with IndexRoot(root).load() as v:
+        assert v.rows([3])[0]["meta"] == {"source": "z"}
+
+
+def test_a_killed_sync_resumes_with_its_finished_shards(tmp_path, lm, monkeypatch):
+    root = str(tmp_path / "idx")
+    old = plain_corpus(60)
+    build_index(root, old, lm, CFG)
+    new = [dataclasses.replace(s, response=s.response + " x") if i % 9 == 0 else s for i, s in enumerate(old)]
+    real = sync_mod.encode_shard
+    calls = []
+
+    def dying(*a, **kw):
+        calls.append(len(a[3]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sync_mod, "encode_shard", dying)
+    with pytest.raises(KeyboardInterrupt):
+        sync_index(root, new, lm, batch_tokens=4096)
+    assert IndexRoot(root).current() == "v000001"
+    calls.clear()
+    monkeypatch.setattr(sync_mod, "encode_shard", lambda *a, **kw: calls.append(len(a[3])) or real(*a, **kw))
+    r = sync_index(root, new, lm, batch_tokens=4096)
+    assert r.resumed_shards == 2 and len(calls) == 2 and r.encoded_now < r.encoded == 7
+    ref_root = str(tmp_path / "ref")
+    build_index(ref_root, new, lm, CFG, maps=maps_of(root))
+    a, b = IndexRoot(root).load(), IndexRoot(ref_root).load()
+    assert a.rows(np.arange(a.n)) == b.rows(np.arange(b.n))
+    np.testing.assert_allclose(a.array("sketch"), b.array("sketch"), rtol=1e-4, atol=1e-5)
+
+
+def test_a_sync_racing_an_add_loses_nothing(tmp_path, lm, monkeypatch):
+    root = str(tmp_path / "idx")
+    old = plain_corpus(40)
+    build_index(root, old, lm, CFG)
+    first, second = ([dataclasses.replace(s, id=f"{p}{i}") for i, s in enumerate(plain_corpus(5, seed=8))]
+                     for p in ("a", "b"))
+    new = [dataclasses.replace(s, response=s.response + " y") if s.id == "s2" else s for s in old] + first + second
+    real = sync_mod.encode_shard
+    landed = []
+    adds = [first, second]
+
+    def an_add_lands_meanwhile(*a, **kw):
+        if len(landed) < len(adds) and len(landed) < an_add_lands_meanwhile.rounds:
+            landed.append(build_index(root, adds[len(landed)], lm, CFG, base=IndexRoot(root).load()))
+        return real(*a, **kw)
+
+    an_add_lands_meanwhile.rounds = 1
+    monkeypatch.setattr(sync_mod, "encode_shard", an_add_lands_meanwhile)
+    with pytest.raises(IndexChangedError, match="moved to v000002"):
+        sync_index(root, new, lm, SyncConfig(retries=0), batch_tokens=4096)
+    with IndexRoot(root).load() as v:  # nothing published over the add: its rows are all there
+        assert v.name == landed[0] and [r["id"] for r in v.rows(np.arange(v.n))] == [s.id for s in old + first]
+    an_add_lands_meanwhile.rounds = 2
+    r = sync_index(root, new, lm, batch_tokens=4096)  # raced by the second add, started again from its version
+    assert r.retries == 1 and r.before == landed[1] == "v000003" and r.after == "v000004"
+    with IndexRoot(root).load() as v:
+        assert [row["id"] for row in v.rows(np.arange(v.n))] == [s.id for s in new]
+    assert (r.reused, r.encoded) == (len(new) - 1, 1)  # the added rows came from the adds: no second pass
+
+
+def test_plan_links_whole_unchanged_shards_and_cuts_the_rest():
+    rows = [{"id": f"r{i}", "prompt": "", "response": f"t{i}"} for i in range(10)]
+    starts = np.array([0, 4, 8, 10])
+    new = rows[:4] + [{"id": "x", "prompt": "", "response": "new"}] + rows[5:8] + rows[8:]
+    new[5] = {**new[5], "meta": {"k": 1}}  # metadata of r5 changed
+    plan = plan_sync(rows, starts, new, ("s", "s"), shard_size=3)
+    assert [(s.positions.tolist(), s.link) for s in plan.shards] == [
+        ([0, 1, 2, 3], 0), ([4, 5, 6], None), ([7], None), ([8, 9], 2)]
+    assert plan.src.tolist() == [0, 1, 2, 3, -1, 5, 6, 7, 8, 9]
+    assert (plan.dropped, plan.metadata_updated, plan.encoded) == (1, 1, 1)
+    assert not plan.unchanged(3) and plan_sync(rows, starts, rows, ("s", "s"), 3).unchanged(3)
+    # other scoring settings (e.g. a forward dtype): every row is encoded again
+    assert plan_sync(rows, starts, rows, ("s", "t"), 3).encoded == 10
+
+
+def test_merge_rows_against_a_per_row_reference():
+    g = torch.Generator().manual_seed(0)
+    lens = [[2, 0, 3], [1, 4]]
+    parts, ref = [], {}
+    for j, (pos, ls) in enumerate(zip(([4, 0, 2], [1, 3]), lens)):
+        off = np.concatenate([[0], np.cumsum(ls)]).astype(np.int64)
+        h = torch.randn(int(off[-1]), 3, generator=g).numpy()
+        sk = torch.randn(len(ls), 2, generator=g).numpy()
+        parts.append((np.array(pos), {"sketch": sk}, {"h": h}, off))
+        for i, p in enumerate(pos):
+            ref[p] = (sk[i], h[off[i] : off[i + 1]])
+    arrays, tokens, offsets = merge_rows(parts, {"sketch": "<f4", "h": "<f2"})
+    assert tokens["h"].dtype == np.float16
+    for p in range(5):
+        np.testing.assert_array_equal(arrays["sketch"][p], ref[p][0])
+        np.testing.assert_array_equal(tokens["h"][offsets[p] : offsets[p + 1]], ref[p][1].astype(np.float16))
+
+
+def test_refit_rebuilds_with_new_maps(synced, lm):
+    root, new, _ = synced
+    before = maps_of(root).projection
+    r = sync_index(root, new[:40], lm, SyncConfig(refit=True), batch_tokens=4096)
+    assert r.refit and r.published and r.encoded == 40 and r.reused == 0
+    assert not torch.equal(maps_of(root).projection, before)
