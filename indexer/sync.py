@@ -446,10 +446,11 @@ def _sync_once(idx_root: IndexRoot, samples: Sequence[Sample], lm: LoadedModel, 
             return _refit(idx_root, base, samples, lm, bconf, config, progress)
         plan = plan_sync(base.rows(np.arange(base.n)), base.row_starts, rows,
                          (scoring_settings(base.manifest), scoring_settings(params)), bconf.shard_size)
-        if plan.unchanged(base.n_shards):
-            return SyncResult(base.name, base.name, base.n, base.n, 0, 0, 0, base.n_shards,
-                              changed_share=_changed_share(base.manifest, 0, base.n),
-                              recall=(base.manifest.get("sync") or {}).get("recall"))
+        if plan.unchanged(base.n_shards):  # the advice from what the base's sync measured
+            share, recall = _changed_share(base.manifest, 0, base.n), (base.manifest.get("sync") or {}).get("recall")
+            reasons = _advice(recall, share, config)
+            return SyncResult(base.name, base.name, base.n, base.n, 0, 0, 0, base.n_shards, recall=recall,
+                              changed_share=share, refit_advised=bool(reasons), reasons=reasons)
         digest = hashlib.sha256(b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in rows)).hexdigest()
         key_src = json.dumps({"op": "sync", "params": params, "base": base.name, "rows": digest}, sort_keys=True)
         build = idx_root.open_build(SYNC_PREFIX + hashlib.sha256(key_src.encode()).hexdigest()[:24])

@@ -188,3 +188,62 @@ def test_refit_rebuilds_with_new_maps(synced, lm):
     r = sync_index(root, new[:40], lm, SyncConfig(refit=True), batch_tokens=4096)
     assert r.refit and r.published and r.encoded == 40 and r.reused == 0
     assert not torch.equal(maps_of(root).projection, before)
+
+
+def _write(path, samples):
+    import json
+
+    path.write_text("".join(json.dumps(s.to_dict()) + "\n" for s in samples))
+    return str(path)
+
+
+def test_cli_summary_json_metrics_and_bad_input(tmp_path, served_lm, served_model_dir):
+    import json
+
+    from click.testing import CliRunner
+
+    from forvalue.client.cli import main
+
+    def run(*args):
+        return CliRunner().invoke(main, ["index", "sync", *args], catch_exceptions=False)
+
+    root = str(tmp_path / "idx")
+    old = plain_corpus(24)
+    build_index(root, old, served_lm, CFG)
+    data = _write(tmp_path / "new.jsonl", old[:20] + [dataclasses.replace(old[21], response="changed text")])
+    prom = tmp_path / "sync.prom"
+    common = ["--index", root, "--model", served_model_dir, "--no-progress", "--metrics-file", str(prom)]
+    r = run("--data", data, "--json", *common)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert (rep["before"], rep["after"], rep["reused"], rep["encoded"], rep["dropped"]) == (
+        "v000001", "v000002", 20, 1, 3)
+    assert set(rep) >= {"seconds", "recall", "refit_advised", "reasons", "changed_share", "metadata_updated"}
+    text = prom.read_text()
+    assert 'forvalue_index_job_success{job="sync",index="%s"} 1.0' % root in text
+    assert 'forvalue_index_job_rows{job="sync",index="%s",kind="encoded"} 1.0' % root in text
+    r = run("--data", data, *common, "--max-changed", "0.01")  # the summary line; 1 of 21 rows encoded: > 1%
+    assert r.exit_code == 0 and r.stdout.count("\n") == 1
+    assert "sync v000002: unchanged, nothing published" in r.stdout and "refit advised" in r.stdout
+    bad = _write(tmp_path / "dup.jsonl", old[:3] + old[:1])
+    r = run("--data", bad, *common)
+    assert r.exit_code == 2 and "duplicate id 's0'" in r.stderr and r.stderr.count("\n") == 1
+    assert "forvalue_index_job_failures_total" in prom.read_text() and ' 1.0\n' in prom.read_text()
+    assert 'forvalue_index_job_success{job="sync",index="%s"} 0.0' % root in prom.read_text()
+    assert "forvalue_index_job_last_success_timestamp_seconds" in prom.read_text()
+    r = run("--index", str(tmp_path / "none"), "--data", data, "--model", served_model_dir)
+    assert r.exit_code == 2 and "no published index" in r.stderr
+
+
+def test_metrics_file_carries_failures_and_last_success(tmp_path):
+    from forvalue.indexer.jobmetrics import _previous, write_job_metrics
+
+    p = tmp_path / "m.prom"
+    write_job_metrics(p, "build", "/i", True, 1.5, {"total": 10})
+    ok_at = _previous(p, "job_last_success_timestamp_seconds")
+    write_job_metrics(p, "build", "/i", False, 0.2)
+    write_job_metrics(p, "build", "/i", False, 0.2)
+    assert _previous(p, "job_failures_total") == 2 and _previous(p, "job_success") == 0
+    assert _previous(p, "job_last_success_timestamp_seconds") == ok_at > 0
+    lines = [ln for ln in p.read_text().splitlines() if not ln.startswith("#")]
+    assert all(len(ln.rsplit(" ", 1)) == 2 and float(ln.rsplit(" ", 1)[1]) >= 0 for ln in lines)
