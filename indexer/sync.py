@@ -292,7 +292,9 @@ def _build_rows(build: Build, n_shards: int, rows: np.ndarray) -> tuple[Features
     cache: dict[int, dict[str, np.ndarray]] = {}
     h, y, lse, lengths, sk = [], [], [], [], []
     for s, j in zip(shard.tolist(), local.tolist()):
-        arr = cache.setdefault(s, {n: build.read_shard_array(s, n) for n in ("h", "y", "lse", "offsets", "sketch")})
+        if s not in cache:
+            cache[s] = {n: build.read_shard_array(s, n) for n in ("h", "y", "lse", "offsets", "sketch")}
+        arr = cache[s]
         a, b = int(arr["offsets"][j]), int(arr["offsets"][j + 1])
         h.append(np.asarray(arr["h"][a:b], dtype=np.float32))
         y.append(np.asarray(arr["y"][a:b], dtype=np.int64))
