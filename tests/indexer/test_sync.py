@@ -247,3 +247,31 @@ def test_metrics_file_carries_failures_and_last_success(tmp_path):
     assert _previous(p, "job_last_success_timestamp_seconds") == ok_at > 0
     lines = [ln for ln in p.read_text().splitlines() if not ln.startswith("#")]
     assert all(len(ln.rsplit(" ", 1)) == 2 and float(ln.rsplit(" ", 1)[1]) >= 0 for ln in lines)
+
+
+def test_a_sync_killed_by_sigkill_resumes(tmp_path, served_lm, served_model_dir):
+    """`forvalue index sync` killed (kill -9, FORVALUE_FAULT at the second shard's _DONE.json) publishes nothing;
+    the same command then resumes from the finished shard and publishes the corpus."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = str(tmp_path / "idx")
+    old = plain_corpus(40)
+    build_index(root, old, served_lm, CFG)
+    new = [dataclasses.replace(s, response=s.response + " z") if i % 8 == 0 else s for i, s in enumerate(old)]
+    data = _write(tmp_path / "new.jsonl", new)
+    cmd = [sys.executable, "-m", "forvalue.client.cli", "index", "sync", "--index", root, "--data", data, "--model",
+           served_model_dir, "--no-progress", "--json"]
+    env = {**os.environ, "FORVALUE_FAULT": "shard-done:2"}
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    assert IndexRoot(root).current() == "v000001"
+    env.pop("FORVALUE_FAULT")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rep = json.loads(done.stdout)
+    assert rep["after"] == "v000002" and rep["resumed_shards"] == 1 and rep["encoded_now"] < rep["encoded"] == 5
+    with IndexRoot(root).load() as v:
+        assert [r["response"] for r in v.rows(np.arange(v.n))] == [s.response for s in new]
