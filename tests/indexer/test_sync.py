@@ -275,3 +275,26 @@ def test_a_sync_killed_by_sigkill_resumes(tmp_path, served_lm, served_model_dir)
     assert rep["after"] == "v000002" and rep["resumed_shards"] == 1 and rep["encoded_now"] < rep["encoded"] == 5
     with IndexRoot(root).load() as v:
         assert [r["response"] for r in v.rows(np.arange(v.n))] == [s.response for s in new]
+
+
+def test_build_and_add_write_the_metrics_file(tmp_path, served_model_dir):
+    from click.testing import CliRunner
+
+    from forvalue.client.cli import main
+
+    prom = tmp_path / "build.prom"
+    data = _write(tmp_path / "c.jsonl", plain_corpus(12))
+    root = str(tmp_path / "idx")
+    r = CliRunner().invoke(main, ["index", "build", "--data", data, "--out", root, "--model", served_model_dir,
+                                  "--no-progress", "--dim", "64", "--rank", "2", "--shard-size", "8",
+                                  "--metrics-file", str(prom)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert 'forvalue_index_job_rows{job="build",index="%s",kind="total"} 12.0' % root in prom.read_text()
+    more = _write(tmp_path / "m.jsonl", [dataclasses.replace(s, id=f"m{i}") for i, s in enumerate(plain_corpus(3))])
+    r = CliRunner().invoke(main, ["index", "add", "--index", root, "--data", more, "--model", served_model_dir,
+                                  "--no-progress", "--metrics-file", str(prom)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert 'forvalue_index_job_rows{job="add",index="%s",kind="total"} 15.0' % root in prom.read_text()
+    r = CliRunner().invoke(main, ["index", "add", "--index", root, "--data", more, "--model", served_model_dir,
+                                  "--no-progress", "--metrics-file", str(prom)], catch_exceptions=False)
+    assert r.exit_code == 2 and 'forvalue_index_job_success{job="add",index="%s"} 0.0' % root in prom.read_text()
