@@ -7,7 +7,11 @@ fresh with the same sketch maps (`build_index(..., maps=...)`, the reference the
 fit of new maps, so the fresh build is timed at its cheapest). Target: sync seconds / fresh seconds <= 0.15, and
 both versions answer every query (most and least, top-k) with the same ids and the same scores.
 
-    python tools/bench_sync.py --json [--model DIR|random:ARCH] [--rows 2000] [--changed 0.05] [--queries 8]
+    python tools/bench_sync.py --json [--model DIR|random:ARCH|tiny] [--rows 2000] [--changed 0.05] [--queries 8]
+
+--model tiny is the tests' model (tests/factories.py: a random 2-layer Llama, d = 32, |V| = 128, a character
+tokenizer): seconds instead of minutes, but its forward pass is so cheap that the sync's fixed costs (reading
+and verifying the base, copying the reused rows, the recall) weigh more than with a real model.
 """
 
 from __future__ import annotations
@@ -68,9 +72,23 @@ def compare_answers(a: Index, b: Index, queries: list[Sample], k: int, rerank: i
             "rerank": rerank}
 
 
+def tiny_model():
+    """The tests' tiny model and tokenizer (tests/factories.py) as a LoadedModel named "tiny"."""
+    import sys
+    from pathlib import Path
+
+    from forvalue.indexer.model import LoadedModel, model_fingerprint, tokenizer_fingerprint
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from factories import make_model, make_tokenizer
+
+    model, tok = make_model(seed=0), make_tokenizer()
+    return LoadedModel(model, tok, "tiny", model_fingerprint(model), tokenizer_fingerprint(tok))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="HF directory, .gguf or random:ARCH [default: SmolLM2-135M]")
+    ap.add_argument("--model", default=None, help="HF directory, .gguf, random:ARCH or tiny [default: SmolLM2-135M]")
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--changed", type=float, default=0.05)
     ap.add_argument("--queries", type=int, default=8)
@@ -82,7 +100,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    lm = load_model(args.model)
+    lm = tiny_model() if args.model == "tiny" else load_model(args.model)
     cfg = BuildConfig()
     old = corpus(args.rows)
     new, changes = changed_corpus(old, args.changed)
