@@ -58,15 +58,19 @@ def handle_errors(fn):
 
 def field_options(fn):
     """--prompt-field ... --image-field: the column names of the input rows, one option per `FieldMap` field
-    (its help string); the command gets them as one `fields` argument (a FieldMap)."""
+    (its help string); the command gets them as one `fields` argument (a FieldMap). Also --format, --template
+    and --turns (how rows become tokens, formats.py), which `_data_options` reads back: an index remembers all
+    of them, so later commands on it leave them out."""
     import dataclasses
 
     from forvalue.indexer.data import FieldMap
+    from forvalue.indexer.formats import FORMAT_CHOICES, TURN_SCOPES
 
     names = [f.name for f in dataclasses.fields(FieldMap)]
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        click.get_current_context().meta[_SCHEMA_KEY] = {n: kwargs.pop(n) for n in ("format", "template", "turns")}
         try:
             kwargs["fields"] = FieldMap(**{n: kwargs.pop(f"{n}_field") for n in names})
         except ValueError as exc:
@@ -76,7 +80,41 @@ def field_options(fn):
     for f in reversed(dataclasses.fields(FieldMap)):
         wrapper = click.option(f"--{f.name}-field", f"{f.name}_field", default=f.default, show_default=True,
                                help=f.metadata["help"])(wrapper)
+    wrapper = click.option("--turns", type=click.Choice(TURN_SCOPES), default=None,
+                           help="Conversations: score every assistant turn (all) or the last one [default: all; an "
+                                "index keeps its own].")(wrapper)
+    wrapper = click.option("--template", default=None, metavar="plain|chat|FORMAT",
+                           help="How prompt + response rows become tokens: plain (prompt, response, EOS), chat (the "
+                                "model's chat template, as a user and an assistant turn), or a format string of the "
+                                "prompt such as '### Question:\\n{prompt}\\n### Answer:\\n' [default: plain; an "
+                                "index keeps its own]. Conversations always use the chat template.")(wrapper)
+    wrapper = click.option("--format", "format", type=click.Choice(FORMAT_CHOICES), default=None,
+                           help="Fine-tuning format of the rows: messages, prompt-completion, instruction (Alpaca) "
+                                "or prompt-response [default: auto, detected from the first row; an index keeps "
+                                "its own].")(wrapper)
     return wrapper
+
+
+_SCHEMA_KEY = "forvalue.schema"
+
+
+def _data_options(fields, kept=None, queries: bool = False):
+    """(fields, formats.Schema) to read a file with: what an index remembers (`kept`, its manifest's "data"),
+    checked against the options given, or the options alone (data.remembered)."""
+    from forvalue.indexer.data import remembered
+    from forvalue.indexer.errors import ConfigError
+
+    ctx = click.get_current_context(silent=True)
+    given = ctx.meta.get(_SCHEMA_KEY, {}) if ctx is not None else {}
+    try:
+        return remembered(kept, fields, given, queries=queries)
+    except ValueError as exc:  # an invalid --template
+        raise ConfigError(f"--template: {exc}") from exc
+
+
+def _kept_schema(source) -> dict | None:
+    """The "data" an index (or a server's index) keeps in its manifest; None for indexes built before it did."""
+    return source.info()["manifest"].get("data")
 
 
 _DTYPE_KEY = "forvalue.dtype"
@@ -279,7 +317,8 @@ def eval_cmd(data, train_path, model_path, tokens, max_length, batch_tokens, dev
         _eval_through_index(data, index_dir, model_path, device, rerank, as_json, no_progress, fields)
         return
     score = ScoreConfig(method=method, memory_mb=memory_mb)
-    valuation, train = load_eval_sets(data, train_path, fields)
+    fields, schema = _data_options(fields)
+    valuation, train = load_eval_sets(data, train_path, fields, schema=schema)
     t0 = time.perf_counter()
     lm = _load_model(model_path, device)
     load_seconds = time.perf_counter() - t0
@@ -295,11 +334,12 @@ def _eval_through_index(data, index_dir, model_path, device, rerank, as_json, no
     from forvalue.indexer.evaluate import run_index_eval
     from forvalue.indexer.index import Index
 
-    valuation = load_valuation_set(data, fields, require=("label",))
     t0 = time.perf_counter()
     lm = _load_model(model_path, device)
     index = Index.open(index_dir, lm)
     load_seconds = time.perf_counter() - t0
+    fields, schema = _data_options(fields, _kept_schema(index), queries=True)
+    valuation = load_valuation_set(data, fields, require=("label",), schema=schema)
     report = {"data": str(data), "index": str(index_dir),
               **run_index_eval(index, valuation, rerank=rerank, progress=not no_progress), "load_seconds": load_seconds}
     click.echo(render.dumps(report) if as_json else render.index_eval_text(report))
@@ -345,16 +385,18 @@ def _build_config(tokens, max_length, batch_tokens, dim, rank, shard_size, reran
                        max_length=max_length, batch_tokens=batch_tokens)
 
 
-def _train_rows(data, fields, split):
-    from forvalue.indexer.data import read_samples
+def _train_rows(data, fields, split, kept=None):
+    """(the training rows of `data` (those of `split`), the schema they were read with (format found))."""
+    from forvalue.indexer.data import read_corpus
     from forvalue.indexer.errors import DataError
 
-    samples = read_samples(data, fields)
+    fields, schema = _data_options(fields, kept)
+    samples, schema = read_corpus(data, fields, schema=schema)
     if split is not None:
         samples = [s for s in samples if s.split == split]
         if not samples:
             raise DataError(f"no rows with split {split!r}", path=str(data))
-    return samples
+    return samples, schema
 
 
 def first_stage_options(fn):
@@ -467,8 +509,8 @@ def index_build_cmd(data, out_dir, split, model_path, tokens, max_length, batch_
     from forvalue.indexer.store import IndexRoot
     config = _build_config(tokens, max_length, 4096 if batch_tokens == "auto" else batch_tokens, dim, rank, shard_size,
                            rerank_dtype, fit_samples, seed, rerank_top)
-    config = dataclasses.replace(config, first_stage=first_stage)
-    samples = _train_rows(data, fields, split)
+    samples, schema = _train_rows(data, fields, split)
+    config = dataclasses.replace(config, first_stage=first_stage, schema=schema)
     lm = _load_model(model_path, device)
     batch_tokens, max_batch = batch_sizes(batch_tokens, lm.model, max_length)
     config = dataclasses.replace(config, batch_tokens=batch_tokens, max_batch=max_batch)
@@ -513,7 +555,8 @@ def index_add_cmd(index_dir, data, split, model_path, device, batch_tokens, no_p
         sketch=SketchConfig(rank=sk["rank"], buckets=sk["buckets"], dedicated=sk["dedicated"], seed=sk["seed"],
                             fit_samples=sk["fit_samples"]),
     )
-    samples = _train_rows(data, fields, split)
+    samples, schema = _train_rows(data, fields, split, m.get("data"))
+    config = dataclasses.replace(config, schema=schema)
     lm = _load_model(model_path, device)
     batch_tokens, max_batch = batch_sizes(batch_tokens, lm.model, m["max_length"])
     config = dataclasses.replace(config, batch_tokens=batch_tokens, max_batch=max_batch)
@@ -554,7 +597,9 @@ def index_sync_cmd(index_dir, data, split, model_path, device, batch_tokens, min
     if not os.path.isdir(index_dir) or IndexRoot(index_dir).current() is None:
         _fail(f"{index_dir}: no published index here; build one first (forvalue index build)")
     config = SyncConfig(min_recall=min_recall, max_changed=max_changed, refit=refit, retries=retries)
-    samples = _train_rows(data, fields, split)
+    with IndexRoot(index_dir).load(verify=False) as v:  # the corpus is read as the index reads its rows
+        kept = v.manifest.get("data")
+    samples, _ = _train_rows(data, fields, split, kept)
     lm = _load_model(model_path, device)
     result = sync_index(index_dir, samples, lm, config, batch_tokens=batch_tokens, progress=not no_progress)
     report = {"index": str(index_dir), "data": str(data), **result.as_dict()}
@@ -814,13 +859,8 @@ def query_cmd(server, index_dir, model_path, device, prompt, response, valuation
     lower value to this query, and cos, the score normalised by both gradients' norms (-1..1)."""
     if (response is None) == (valuation_path is None):
         _fail("give exactly one of --response TEXT (with --prompt) or --valuation FILE")
-    if valuation_path is not None:
-        from forvalue.indexer.data import load_valuation_set
-        samples = [s.as_input() for s in load_valuation_set(valuation_path, fields)]
-    else:
-        if not response.strip():
-            _fail("--response must not be empty or whitespace only")
-        samples = [(prompt, response)]
+    if response is not None and not response.strip():
+        _fail("--response must not be empty or whitespace only")
     if html_path is not None and valuation_path is not None and os.path.abspath(html_path) == os.path.abspath(
             valuation_path):
         _fail(f"--html {html_path!r} is an input of this command; write to another file")
@@ -830,6 +870,7 @@ def query_cmd(server, index_dir, model_path, device, prompt, response, valuation
     where = _where(where_items)
     pairs = explain_pairs if explain or html_path is not None else 0
     with open_source(server, index_dir, model_path, device, token_file, tls, tls_ca) as (source, name):
+        samples = _valuation(source, valuation_path, prompt, response, fields)
         if group_by is not None:
             grouped = source.group_by(samples, group_by, k=k, direction=direction, where=where)
         elif html_path is not None:  # the report shows both ends: one call (one forward pass) answers both
@@ -921,11 +962,15 @@ def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, out_p
     if select_spec is not None:
         parse_select(select_spec, sys.maxsize)  # a malformed spec fails now; a count above n once n is known
 
-    from forvalue.indexer.data import load_valuation_set, read_samples, sample_of_row
+    from forvalue.indexer.data import read_samples, sample_of_row
 
-    samples = [s.as_input() for s in load_valuation_set(valuation_path, fields)]
-    corpus = {s.id: s for s in read_samples(data_path, fields)} if data_path is not None else None
     with open_source(server, index_dir, model_path, device, token_file, tls, tls_ca) as (source, name):
+        samples = _valuation(source, valuation_path, None, None, fields)
+        if data_path is not None:
+            corpus_fields, schema = _data_options(fields, _kept_schema(source))
+            corpus = {s.id: s for s in read_samples(data_path, corpus_fields, schema=schema)}
+        else:
+            corpus = None
         scores = source.scores(samples, where=_where(where_items), batch=batch)
         ids = scores.ids
         chosen, order, ranks, percentiles = _rank_and_select(ids, scores.values, select_spec, lowest)
@@ -953,6 +998,17 @@ def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, out_p
         click.echo(render.color_rank_summary(text), err=True, color=True)
     else:
         click.echo(text, err=True)
+
+
+def _valuation(source, valuation_path, prompt, response, fields, require=()) -> list[tuple]:
+    """The valuation samples of --valuation FILE (or --prompt/--response), read as the index (`source`) reads
+    its rows: its field names, template and turn scope."""
+    from forvalue.indexer.data import flat_sample, load_valuation_set
+
+    fields, schema = _data_options(fields, _kept_schema(source), queries=True)
+    if valuation_path is None:
+        return [flat_sample(prompt, response, schema).as_input()]
+    return [s.as_input() for s in load_valuation_set(valuation_path, fields, require=require, schema=schema)]
 
 
 def _rank_and_select(ids, scores, select_spec, lowest):
@@ -985,7 +1041,7 @@ def _write_ranking(out_path, selected_out, ids, scores, chosen, order, ranks, pe
     selected = np.zeros(len(ids), dtype=bool)
     selected[chosen] = True
     if subset is not None:  # first: a failure here leaves an existing --out as it was
-        write_jsonl(selected_out, subset)
+        write_jsonl(selected_out, [s.original() for s in subset])  # the rows as read, for fine-tuning
     write_scores(out_path, [ids[i] for i in order], order, scores[order], ranks[order], percentiles[order],
                  selected[order])
     return {"n_selected": int(chosen.size), "cutoff_score": float(scores[chosen[-1]]) if chosen.size else None,

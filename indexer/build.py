@@ -43,6 +43,8 @@ def corpus_fingerprint(samples: Sequence[Sample]) -> str:
     h = hashlib.sha256()
     for s in samples:
         parts = (s.id, s.prompt, s.response)
+        if s.chat is not None:
+            parts += ("\0chat", json.dumps(s.chat.to_json(), sort_keys=True))
         if s.image is not None:
             from .images import file_sha256
 
@@ -69,6 +71,7 @@ def _params(lm: LoadedModel, config: BuildConfig) -> dict:
         "tokens": config.tokens, "max_length": config.max_length, "add_eos": True,
         "sketch": _sketch_params(config.sketch), "rerank_dtype": config.rerank_dtype,
         "rerank_top": config.rerank_top,
+        "data": config.schema.to_json(),
     }
     if lm.dtype != torch.float32:  # a half-precision pass gives slightly other features: a build of its own
         params["forward_dtype"] = lm.dtype_name
@@ -285,6 +288,14 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
         _check_compatible(base.manifest, params)
         base_ids = _row_ids(base)
         old_ids = set(base_ids)
+        # a row without an id column that the index holds already (same content id): skipped, so adding a file
+        # twice, or one that overlaps, adds only its new rows
+        known = sum(1 for s in samples if s.auto_id and s.id in old_ids)
+        if known:
+            log.warning("skipped %d row(s) already in index version %s (same content)", known, base.name)
+            samples = [s for s in samples if not (s.auto_id and s.id in old_ids)]
+            if not samples:
+                return base.name
         dup = next((s for s in samples if s.id in old_ids), None)
         if dup is not None:
             raise DataError(f"id {dup.id!r} is already in index version {base.name}; give new samples new ids "

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
+from .formats import Schema
 
 TOKEN_SCOPES = ("response", "all")  # scored positions: the response (+EOS), or every position
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # precision of the forward pass (model.DTYPES)
@@ -156,6 +157,8 @@ class BuildConfig:
         first_stage: which FAISS index retrieves the candidates (flat, or IVF above a size threshold) and
             the recall it must reach (firststage.py). Not part of the build key: changing it reuses the
             finished shards and rebuilds only the first stage.
+        schema: how the corpus's rows became samples (format, field names, template, turns: formats.py); kept in
+            the manifest ("data") so that index add, query, rank and eval --index read their files the same way.
     """
 
     tokens: str = "response"
@@ -167,6 +170,7 @@ class BuildConfig:
     max_batch: int = CPU_MAX_BATCH
     rerank_top: int = 32
     first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
+    schema: Schema = field(default_factory=Schema)
 
     def __post_init__(self) -> None:
         if self.tokens not in TOKEN_SCOPES:

@@ -10,6 +10,8 @@ Supported inputs of `read_samples`:
   so an editor shows it as line row + 1). A `.json` file whose content starts with `[` is read as one
   JSON array of objects instead (`row` = index in the array).
 - `*.parquet` / `*.pq`: read with pyarrow.
+- `*.csv`: a header line, then one row per record (an empty cell is a missing value; a cell holding a JSON
+  list or object, such as a `messages` column, is read as that value).
 - `*.arrow`: one Arrow IPC file (stream format, as written by `datasets`, or file format).
 - a directory (`X.hf`, as written by `datasets.Dataset.save_to_disk`) holding `data-*.arrow` shards, read
   in name order; `row` counts across shards.
@@ -36,7 +38,9 @@ as aliases of "test" (the valuation side). Clean flags: JSON booleans, 0/1, or t
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields as dc_fields, replace
@@ -45,10 +49,16 @@ from typing import Any
 
 from forvalue.indexer.errors import DataError
 from forvalue.indexer.files import write_atomic
+from forvalue.indexer.formats import (
+    Chat, Schema, flat_prompt, matches, messages_of, scored_turns, text_columns_unused,
+)
+
+log = logging.getLogger("forvalue.indexer.data")
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 ARROW_SUFFIXES = (".arrow",)
+CSV_SUFFIXES = (".csv",)
 SPLITS = ("train", "test")
 SPLIT_ALIASES = {
     "train": "train",
@@ -92,6 +102,24 @@ class Sample:
     row: int = -1
     source: str = ""
     image: str | None = None
+    chat: Chat | None = None
+    raw: dict[str, Any] | None = field(default=None, compare=False)
+    auto_id: bool = field(default=False, compare=False)
+
+    def original(self) -> dict[str, Any]:
+        """The row exactly as it was read (same columns, same nesting); `to_dict` for a sample not read from a file."""
+        return dict(self.raw) if self.raw is not None else self.to_dict()
+
+    def content_key(self) -> str:
+        """sha256 of what is scored: the prompt and response, the conversation, the image file's content."""
+        parts = {"prompt": self.prompt, "response": self.response}
+        if self.chat is not None:
+            parts["chat"] = self.chat.to_json()
+        if self.image is not None:
+            from .images import file_sha256
+
+            parts["image"] = file_sha256(self.image)
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
         """A flat JSON-able row (id, prompt, response, label, split, clean, image, then meta); None fields left out."""
@@ -105,7 +133,10 @@ class Sample:
         return out
 
     def as_input(self) -> tuple:
-        """What the forward pass takes: (prompt, response), or (prompt, response, vision.ImageRef) with an image."""
+        """What the forward pass takes: (prompt, response), (prompt, response, formats.Chat) for a conversation, or
+        (prompt, response, vision.ImageRef) with an image."""
+        if self.chat is not None:
+            return (self.prompt, self.response, self.chat)
         if self.image is None:
             return (self.prompt, self.response)
         from .images import ImageRef
@@ -128,6 +159,12 @@ def stored_row(s: Sample) -> dict[str, Any]:
         row["image_sha256"] = file_sha256(s.image)
     if s.meta:
         row["meta"] = s.meta
+    if s.chat is not None:
+        row["chat"] = s.chat.to_json()
+    if s.raw is not None:
+        row["raw"] = s.raw
+    if s.auto_id:
+        row["auto_id"] = True
     return row
 
 
@@ -135,7 +172,8 @@ def sample_of_row(row: Mapping[str, Any]) -> Sample:
     """The Sample a stored row (`stored_row`) was made from."""
     return Sample(id=str(row["id"]), prompt=row["prompt"], response=row["response"], label=row.get("label"),
                   split=row.get("split"), clean=row.get("clean"), meta=dict(row.get("meta") or {}),
-                  image=row.get("image"))
+                  image=row.get("image"), chat=Chat.from_json(row["chat"]) if row.get("chat") else None,
+                  raw=row.get("raw"), auto_id=bool(row.get("auto_id")))
 
 
 @dataclass(frozen=True)
@@ -158,24 +196,98 @@ class FieldMap:
                 raise ValueError(f"FieldMap.{f.name} must be a non-empty column name, got {name!r}")
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"FieldMap maps several fields to the same column {dupes}; give each its own")
+            flags = ", ".join(f"--{f.name}-field" for f, n in zip(dc_fields(self), names) if n in dupes)
+            raise ValueError(f"{flags} name the same column {dupes[0]!r}; give each field its own column")
+
+    def changed(self) -> dict[str, str]:
+        """The fields whose column is not the default one (what an index remembers)."""
+        default = FieldMap()
+        return {f.name: getattr(self, f.name) for f in dc_fields(self) if getattr(self, f.name) != getattr(default, f.name)}
+
+
+def remembered(kept: Mapping[str, Any] | None, fields: FieldMap, given: Mapping[str, str | None],
+               queries: bool = False) -> tuple[FieldMap, Schema]:
+    """The field names and schema a command reads its file with: an index's (`kept`, its manifest's "data"),
+    or, for a new index (kept None), the options given.
+
+    Args:
+        given: the options format, template and turns as given on the command line (None: not given).
+        queries: for valuation files (query, rank, eval --index): any format is read (detected), and a flat
+            row meets a conversational index as a conversation (template "chat").
+
+    Raises:
+        ConfigError: an option given contradicts what the index remembers.
+    """
+    from .errors import ConfigError
+
+    if kept is None:
+        schema = Schema(format=given.get("format") or "auto", template=given.get("template") or "plain",
+                        turns=given.get("turns") or "all", fields=fields.changed())
+        return fields, schema
+    schema = Schema.from_json(kept)
+    for name in ("format", "template", "turns"):
+        value = given.get(name)
+        if value is not None and value != getattr(schema, name):
+            raise ConfigError(f"--{name} {value!r} differs from the index's {name} {getattr(schema, name)!r}, which "
+                              f"it keeps from index build; leave --{name} out")
+    mine = fields.changed()
+    for name, column in mine.items():
+        if schema.fields.get(name, column) != column:
+            raise ConfigError(f"--{name}-field {column!r} differs from the index's {schema.fields[name]!r}, which it "
+                              f"keeps from index build; leave --{name}-field out")
+    fields = replace(fields, **{k: v for k, v in schema.fields.items() if k not in mine})
+    if queries:
+        template = "chat" if schema.format == "messages" else schema.template
+        schema = replace(schema, format="auto", template=template)
+    return fields, schema
+
+
+def flat_sample(prompt: str, response: str, schema: Schema = Schema()) -> Sample:
+    """A valuation sample given as texts (the --prompt/--response options), made as a row of `schema` is.
+
+    Raises:
+        DataError: the response is empty, or the template names a column other than {prompt}.
+    """
+    def fail(message: str) -> DataError:
+        return DataError(message.replace("field 'response'", "--response"))
+
+    obj = {"prompt": prompt, "response": response}
+    prompt, response, chat = _flat(prompt, response, "response", obj, schema, fail)
+    return Sample(id="query", prompt=prompt, response=response, chat=chat)
 
 
 def read_samples(
     path: str | os.PathLike[str],
     fields: FieldMap = FieldMap(),
     require: Iterable[str] = ("prompt", "response"),
+    schema: Schema = Schema(),
 ) -> list[Sample]:
-    """Read and validate every row of a data file (format chosen by the path, see module docstring).
+    """Read and validate every row of a data file (see `read_corpus`, which also returns the schema found)."""
+    return read_corpus(path, fields, require, schema)[0]
+
+
+def read_corpus(
+    path: str | os.PathLike[str],
+    fields: FieldMap = FieldMap(),
+    require: Iterable[str] = ("prompt", "response"),
+    schema: Schema = Schema(),
+) -> tuple[list[Sample], Schema]:
+    """Read and validate every row of a data file (file type chosen by the path, see module docstring; the
+    fine-tuning format detected from the first row unless `schema.format` names it, see formats.py).
+
+    Rows without an id column get a content id (`content_id`); a row repeating an earlier row's content
+    exactly is skipped (one warning line counts them).
 
     Args:
         path: a .jsonl/.json, .parquet/.pq or .arrow file, a `datasets` folder, or a DataInf prefix.
         fields: column names of the Sample fields.
-        require: Sample fields every row must have. prompt and response are always required; list
-            label, split, clean or id to require them too.
+        require: Sample fields every row must have. prompt and response are always required (as the
+            format gives them); list label, split, clean or id to require them too.
+        schema: the format, template and turn scope (an index's, for its later commands).
 
     Returns:
-        The samples in file order (for a DataInf prefix: train rows, then test rows).
+        (the samples in file order (for a DataInf prefix: train rows, then test rows), the schema with the
+        format found).
 
     Raises:
         DataError: the path is missing or unreadable, or a row is invalid (message names file and row).
@@ -187,24 +299,32 @@ def read_samples(
         raise ValueError(f"require has unknown fields {unknown}; choose from {list(SAMPLE_FIELDS)}")
     p = Path(path)
     prefix = _datainf_parts(p)
+    reader = _Reader(fields, required, schema)
+    samples: list[Sample] = []
     if prefix is not None:
-        samples: list[Sample] = []
         for split, part in prefix:
-            samples.extend(
-                _parse_rows(_iter_rows(part), str(part), fields, required, split=split, id_prefix=f"{split}/")
-            )
+            samples.extend(reader.rows(_iter_rows(part), str(part), split=split, id_prefix=f"{split}/"))
     else:
-        samples = _parse_rows(_iter_rows(p), str(p), fields, required)
+        samples = reader.rows(_iter_rows(p), str(p))
     if not samples:
         raise DataError("no rows found; the file is empty", path=str(p))
+    reader.warn(str(p))
     _check_unique_ids(samples)
-    return samples
+    return samples, replace(schema, format=reader.format or "prompt-response")
+
+
+def content_id(obj: Mapping[str, Any]) -> str:
+    """The id of a row without an id column: 16 hex digits of the sha256 of the row (every column, keys
+    sorted), so it survives reordering of the file and repeats exactly when the row does."""
+    text = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def load_eval_sets(
     path: str | os.PathLike[str],
     train: str | os.PathLike[str] | None = None,
     fields: FieldMap = FieldMap(),
+    schema: Schema = Schema(),
 ) -> tuple[list[Sample], list[Sample]]:
     """Load a labelled evaluation set as (valuation samples, training samples).
 
@@ -233,11 +353,11 @@ def load_eval_sets(
     if train is not None:
         if _datainf_parts(p) is not None:
             raise DataError("a DataInf prefix holds both splits; do not pass a separate training file", path=str(p))
-        valuation = _with_split(read_samples(p, fields, require=("label",)), "test")
-        training = _with_split(read_samples(train, fields, require=("label",)), "train")
+        valuation = _with_split(read_samples(p, fields, require=("label",), schema=schema), "test")
+        training = _with_split(read_samples(train, fields, require=("label",), schema=schema), "train")
         where_val, where_train = str(p), str(train)
     else:
-        samples = read_samples(p, fields, require=("label", "split"))
+        samples = read_samples(p, fields, require=("label", "split"), schema=schema)
         valuation = [s for s in samples if s.split == "test"]
         training = [s for s in samples if s.split == "train"]
         where_val = where_train = str(p)
@@ -249,7 +369,7 @@ def load_eval_sets(
 
 
 def load_valuation_set(path: str | os.PathLike[str], fields: FieldMap = FieldMap(),
-                       require: Sequence[str] = ()) -> list[Sample]:
+                       require: Sequence[str] = (), schema: Schema = Schema()) -> list[Sample]:
     """The valuation rows of `path`: the test part of a DataInf prefix, the split test rows of a file with
     a split column, or every row of a file without one.
 
@@ -259,9 +379,9 @@ def load_valuation_set(path: str | os.PathLike[str], fields: FieldMap = FieldMap
     p = Path(path)
     parts = _datainf_parts(p)
     if parts is not None:
-        samples = _with_split(read_samples(dict(parts)["test"], fields, require=tuple(require)), "test")
+        samples = _with_split(read_samples(dict(parts)["test"], fields, require=tuple(require), schema=schema), "test")
     else:
-        samples = read_samples(p, fields, require=tuple(require))
+        samples = read_samples(p, fields, require=tuple(require), schema=schema)
         if any(s.split is not None for s in samples):
             samples = [s for s in samples if s.split == "test"]
     if not samples:
@@ -337,7 +457,9 @@ def _iter_rows(p: Path) -> Iterator[tuple[int, Any]]:
         return _iter_table(_read_parquet(p))
     if suffix in ARROW_SUFFIXES:
         return _iter_table(_read_arrow(p, p))
-    supported = ", ".join(JSONL_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES)
+    if suffix in CSV_SUFFIXES:
+        return _iter_csv(p)
+    supported = ", ".join(JSONL_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES + CSV_SUFFIXES)
     raise DataError(
         f"unsupported file type {suffix or '(no extension)'!r}; use {supported}, a datasets folder "
         "or a DataInf prefix",
@@ -376,6 +498,34 @@ def _iter_json(p: Path) -> Iterator[tuple[int, Any]]:
             raise DataError(f"invalid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object",
                             path=str(p), row=row) from exc
         yield row, obj
+
+
+def _iter_csv(p: Path) -> Iterator[tuple[int, Any]]:
+    """Rows of a CSV file with a header line; `row` counts data rows from 0. An empty cell is a missing value,
+    and a cell holding a JSON list or object (a `messages` column) is read as that value."""
+    import csv
+    import io
+
+    reader = csv.DictReader(io.StringIO(_read_text(p), newline=""))
+    try:
+        for row, obj in enumerate(reader):
+            if None in obj:
+                raise DataError(f"row has {len(reader.fieldnames or []) + len(obj[None])} cells but the header names "
+                                f"{len(reader.fieldnames or [])}; quote cells that hold commas", path=str(p), row=row)
+            yield row, {k: _csv_cell(v) for k, v in obj.items()}
+    except csv.Error as exc:
+        raise DataError(f"invalid CSV ({exc}); check the quoting", path=str(p)) from exc
+
+
+def _csv_cell(value: str | None) -> Any:
+    if value is None or value == "":
+        return None
+    if value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
 
 
 def _read_parquet(p: Path):
@@ -427,82 +577,196 @@ def _iter_table(table) -> Iterator[tuple[int, Any]]:
             row += 1
 
 
-def _parse_rows(
-    rows: Iterable[tuple[int, Any]],
-    source: str,
-    fields: FieldMap,
-    required: set[str],
-    split: str | None = None,
-    id_prefix: str = "",
-) -> list[Sample]:
-    return [_parse_row(obj, row, source, fields, required, split, id_prefix) for row, obj in rows]
+class _Reader:
+    """Parses the rows of one corpus: the format (the first row's, or the schema's), content ids, duplicates
+    skipped, and what is worth one warning line (rows matching two formats, text columns no format reads)."""
+
+    def __init__(self, fields: FieldMap, required: set[str], schema: Schema) -> None:
+        self.fields, self.required, self.schema = fields, required, schema
+        self.format: str | None = None if schema.format == "auto" else schema.format
+        if self.format is None and (fields.prompt, fields.response) != ("prompt", "response"):
+            self.format = "prompt-response"  # renamed prompt/response columns say which format it is
+        self.ambiguous: list[tuple[int, list[str]]] = []
+        self.unused: set[str] = set()
+        self.duplicates: list[int] = []
+        self.seen: set[str] = set()
+
+    def rows(self, rows: Iterable[tuple[int, Any]], source: str, split: str | None = None,
+             id_prefix: str = "") -> list[Sample]:
+        out = []
+        for row, obj in rows:
+            sample = self.row(obj, row, source, split, id_prefix)
+            if sample is not None:
+                out.append(sample)
+        return out
+
+    def row(self, obj: Any, row: int, source: str, split: str | None, id_prefix: str) -> Sample | None:
+        def fail(message: str) -> DataError:
+            return DataError(message, path=source, row=row)
+
+        if not isinstance(obj, dict):
+            raise fail(f"row is a JSON {type(obj).__name__}, not an object; write one object per row")
+        found = matches(obj, self.fields.prompt, self.fields.response)
+        if self.format is None:
+            if not found:
+                raise fail("no fine-tuning format found: give messages, prompt + completion, instruction + output, "
+                           "or prompt + response columns (or name yours with --prompt-field/--response-field)")
+            self.format = found[0]
+        if len(found) > 1:
+            self.ambiguous.append((row, found))
+        sample = _parse_row(obj, row, source, self.fields, self.required, split, id_prefix, self.format,
+                            self.schema, fail)
+        read = _bookkeeping(self.fields)
+        if self.format == "prompt-response":
+            read |= {self.fields.prompt, self.fields.response, DATAINF_TEXT}
+        self.unused.update(text_columns_unused(obj, self.format, read))
+        if sample.auto_id:
+            if sample.id in self.seen:
+                self.duplicates.append(row)
+                return None
+            self.seen.add(sample.id)
+        return sample
+
+    def warn(self, path: str) -> None:
+        if self.ambiguous:
+            row, found = self.ambiguous[0]
+            log.warning("%s: %d row(s) match several formats (row %d: %s); read as %s (--format to choose)", path,
+                        len(self.ambiguous), row, " and ".join(found), self.format)
+        if self.unused:
+            log.warning("%s: column(s) %s hold text that the %s format does not read; kept with the rows", path,
+                        ", ".join(sorted(self.unused)), self.format)
+        if self.duplicates:
+            log.warning("%s: skipped %d row(s) repeating an earlier row exactly (first: row %d)", path,
+                        len(self.duplicates), self.duplicates[0])
 
 
-def _parse_row(
-    obj: Any,
-    row: int,
-    source: str,
-    fields: FieldMap,
-    required: set[str],
-    split: str | None,
-    id_prefix: str,
-) -> Sample:
-    def fail(message: str) -> DataError:
-        return DataError(message, path=source, row=row)
+def _bookkeeping(fields: FieldMap) -> set[str]:
+    return {fields.id, fields.label, fields.split, fields.clean, fields.image}
 
-    if not isinstance(obj, dict):
-        raise fail(f"row is a JSON {type(obj).__name__}, not an object; write one object per row")
-    used = set()
-    datainf = fields.response not in obj and DATAINF_TEXT in obj
 
-    for name in sorted(required):
+def _parse_row(obj: dict, row: int, source: str, fields: FieldMap, required: set[str], split: str | None,
+               id_prefix: str, fmt: str, schema: Schema, fail) -> Sample:
+    used: set[str] = set()
+    for name in sorted(required - {"prompt", "response"}):
         column = getattr(fields, name)
-        if name == "response" and datainf:
-            continue
-        if name == "label" and datainf and column not in obj:
+        if name == "label" and column not in obj and DATAINF_TEXT in obj and fmt == "prompt-response":
             column = DATAINF_LABEL
         if obj.get(column) is None and not (name == "split" and split is not None):
-            raise fail(f"missing required field {column!r}; add it to every row or map it with FieldMap")
-
-    prompt, response = _parse_texts(obj, fields, datainf, used, fail)
-
+            raise fail(f"missing required field {column!r}; add it to every row or name the column that holds it "
+                       f"(--{name}-field)")
+    prompt, response, chat = _parse_texts(obj, fmt, fields, schema, used, fail)
+    datainf = DATAINF_TEXT in used
     label_column = fields.label
     if datainf and label_column not in obj and DATAINF_LABEL in obj:
         label_column = DATAINF_LABEL
     label = _parse_label(obj.get(label_column), label_column, fail)
-    used.add(label_column)
-
     row_split = _parse_split(obj.get(fields.split), fields.split, fail)
-    used.add(fields.split)
     if split is not None:
         if row_split is not None and row_split != split:
             raise fail(f"field {fields.split!r} is {obj[fields.split]!r} but the row is in the {split} folder; "
                        "remove the column or fix the value")
         row_split = split
-
     clean = _parse_clean(obj.get(fields.clean), fields.clean, fail)
-    used.add(fields.clean)
-
-    sample_id = _parse_id(obj.get(fields.id), fields.id, f"{id_prefix}{row}", fail)
-    used.add(fields.id)
-
+    raw_id = obj.get(fields.id)
+    auto_id = raw_id is None and not id_prefix
+    default_id = content_id(obj) if auto_id else f"{id_prefix}{row}"
+    sample_id = _parse_id(raw_id, fields.id, default_id, fail)
     image = obj.get(fields.image)
-    used.add(fields.image)
     if image is not None:
+        if chat is not None:
+            raise fail(f"field {fields.image!r}: conversations with images are not read yet; give the row as "
+                       "prompt + response with its image")
         from .images import resolve_image_path
 
         try:
             image = resolve_image_path(image, source)
         except ValueError as exc:
             raise fail(f"field {fields.image!r} {exc}") from exc
-
+    used.update((label_column, fields.split, fields.clean, fields.id, fields.image))
     meta = _parse_meta(obj, used, fail)
     return Sample(id=sample_id, prompt=prompt, response=response, label=label, split=row_split, clean=clean,
-                  meta=meta, row=row, source=source, image=image)
+                  meta=meta, row=row, source=source, image=image, chat=chat, raw=dict(obj) if not id_prefix else None,
+                  auto_id=auto_id)
 
 
-def _parse_texts(obj: dict, fields: FieldMap, datainf: bool, used: set, fail) -> tuple[str, str]:
+def _parse_texts(obj: dict, fmt: str, fields: FieldMap, schema: Schema, used: set,
+                 fail) -> tuple[str, str, Chat | None]:
+    """(prompt, response, conversation or None) of a row in format `fmt` (formats.py), under the schema's
+    template and turn scope."""
+    if fmt == "messages":
+        column = "messages" if obj.get("messages") is not None else "conversations"
+        used.add(column)
+        if obj.get(column) is None:
+            raise fail("missing field 'messages'; every row of a conversational file needs its messages")
+        try:
+            msgs = messages_of(obj[column], column)
+        except ValueError as exc:
+            raise fail(str(exc)) from exc
+        return _chat_sample(msgs, 0, schema.turns, column, fail)
+    if fmt == "prompt-completion":
+        used.update(("prompt", "completion"))
+        prompt, completion = obj.get("prompt"), obj.get("completion")
+        if prompt is None or completion is None:
+            raise fail("missing field 'prompt' or 'completion'; every row of a prompt-completion file needs both")
+        if isinstance(prompt, list) or isinstance(completion, list):
+            try:
+                p = messages_of(prompt, "prompt") if isinstance(prompt, list) else (("user", _text(prompt, "prompt",
+                                                                                                   fail)),)
+                c = (messages_of(completion, "completion") if isinstance(completion, list)
+                     else (("assistant", _text(completion, "completion", fail)),))
+            except ValueError as exc:
+                raise fail(str(exc)) from exc
+            return _chat_sample(p + c, len(p), schema.turns, "completion", fail)
+        prompt, response = _text(prompt, "prompt", fail), _text(completion, "completion", fail)
+        return _flat(prompt, response, "completion", obj, schema, fail)
+    if fmt == "instruction":
+        used.update(("instruction", "input", "output"))
+        instruction = _text(obj.get("instruction"), "instruction", fail)
+        extra = obj.get("input")
+        extra = "" if extra is None else _text(extra, "input", fail)
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        return _flat(prompt, _text(obj.get("output"), "output", fail), "output", obj, schema, fail)
+    prompt, response = _prompt_response(obj, fields, used, fail)
+    return _flat(prompt, response, DATAINF_TEXT if DATAINF_TEXT in used else fields.response, obj, schema, fail)
+
+
+def _text(value: Any, column: str, fail) -> str:
+    if value is None:
+        raise fail(f"missing required field {column!r}; add it to every row")
+    if not isinstance(value, str):
+        raise fail(f"field {column!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _chat_sample(msgs, first: int, turns: str, column: str, fail) -> tuple[str, str, Chat]:
+    chat = Chat(msgs, scored_turns(msgs, first, turns))
+    try:
+        chat.check()
+    except ValueError as exc:
+        raise fail(f"field {column!r}: {exc}; every conversation needs an assistant turn with text") from exc
+    prompt, response = chat.display()
+    return prompt, response, chat
+
+
+def _flat(prompt: str, response: str, column: str, obj: dict, schema: Schema, fail) -> tuple[str, str, Chat | None]:
+    if not response.strip():
+        raise fail(f"field {column!r} gives an empty or whitespace-only response; drop the row or fill it")
+    if schema.template == "chat":
+        msgs = ((("user", prompt),) if prompt else ()) + (("assistant", response),)
+        return prompt, response, Chat(msgs, (len(msgs) - 1,))
+    try:
+        return flat_prompt(schema.template, prompt, obj), response, None
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+
+
+def _prompt_response(obj: dict, fields: FieldMap, used: set, fail) -> tuple[str, str]:
     """(prompt, response) of a row: its prompt and response columns, or a DataInf row's text = prompt + response."""
+    datainf = fields.response not in obj and DATAINF_TEXT in obj
+    for column in (fields.prompt,) + (() if datainf else (fields.response,)):
+        if obj.get(column) is None:
+            raise fail(f"missing required field {column!r}; add it to every row or name the column that holds it "
+                       f"(--{'prompt' if column == fields.prompt else 'response'}-field)")
     prompt = obj.get(fields.prompt)
     used.add(fields.prompt)
     if not isinstance(prompt, str):
@@ -518,15 +782,11 @@ def _parse_texts(obj: dict, fields: FieldMap, datainf: bool, used: set, fail) ->
         response = text[len(prompt):]
         if response.endswith(DATAINF_EOS):
             response = response[: -len(DATAINF_EOS)]
-        response_field = DATAINF_TEXT
-    else:
-        response = obj.get(fields.response)
-        used.add(fields.response)
-        response_field = fields.response
-        if not isinstance(response, str):
-            raise fail(f"field {fields.response!r} must be a string, got {type(response).__name__}")
-    if not response.strip():
-        raise fail(f"field {response_field!r} gives an empty or whitespace-only response; drop the row or fill it")
+        return prompt, response
+    response = obj.get(fields.response)
+    used.add(fields.response)
+    if not isinstance(response, str):
+        raise fail(f"field {fields.response!r} must be a string, got {type(response).__name__}")
     return prompt, response
 
 

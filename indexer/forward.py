@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .chat import chat_tokens
 from .config import CPU_MAX_BATCH
 from .errors import ModelError
+from .formats import Chat
 from .features import (
     Features, ForwardConfig, Head, capture_unembedding_input, model_device, model_lock, pad_batch, plan_batches,
     scored_features,
@@ -31,11 +33,40 @@ GPU_MAX_BATCH = 1024
 
 @dataclass(frozen=True)
 class Encoded:
-    """One tokenised sample: ids = prompt ids + response ids (+ EOS); positions ≥ score_from are scored."""
+    """One tokenised sample: ids = prompt ids + response ids (+ EOS); positions ≥ score_from are scored, or
+    exactly `positions` when given (a conversation's assistant turns). Position p predicts ids[p + 1]."""
 
     ids: list[int]
     score_from: int
     truncated: bool = False
+    positions: tuple[int, ...] | None = None
+
+    def scored(self) -> torch.Tensor:
+        if self.positions is None:
+            return torch.arange(self.score_from, len(self.ids) - 1)
+        return torch.tensor(self.positions, dtype=torch.long)
+
+
+def encode_input(tokenizer, sample: tuple, config: ForwardConfig) -> Encoded:
+    """`encode` of a (prompt, response) pair, or `encode_chat` of a (prompt, response, formats.Chat) sample."""
+    if len(sample) > 2 and isinstance(sample[2], Chat):
+        return encode_chat(tokenizer, sample[2], config)
+    return encode(tokenizer, sample[0], sample[1], config)
+
+
+def encode_chat(tokenizer, chat: Chat, config: ForwardConfig) -> Encoded:
+    """A conversation tokenised by the model's chat template (chat.py); the assistant turns are scored (every
+    position with tokens="all"). Longer than max_length: cut from the right, as SFT truncates."""
+    ids, targets = chat_tokens(tokenizer, chat)
+    truncated = len(ids) > config.max_length
+    ids = ids[: config.max_length]
+    if config.tokens == "all":
+        positions = tuple(range(len(ids) - 1))
+    else:
+        positions = tuple(t - 1 for t in targets if 0 < t < len(ids))
+    if not positions:
+        raise ValueError(f"no assistant token is left within max_length {config.max_length}; raise --max-length")
+    return Encoded(ids, positions[0], truncated, positions)
 
 
 def encode(tokenizer, prompt: str, response: str, config: ForwardConfig) -> Encoded:
@@ -132,7 +163,7 @@ def forward_batch(model: nn.Module, head: Head, batch: Sequence[Encoded], config
     with capture_unembedding_input(model) as probe:
         model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device), use_cache=False)
     assert probe.captured is not None
-    positions = [torch.arange(e.score_from, len(e.ids) - 1) for e in batch]
+    positions = [e.scored() for e in batch]
     return scored_features(probe.captured, seqs, positions, starts, head, config, with_lse,
                            [e.truncated for e in batch])
 
@@ -160,7 +191,7 @@ def iter_features(
     own_pass = getattr(tokenizer, "iter_features", None)  # a VisionProcessor runs the vision pass (vision.py)
     if own_pass is None:
         refuse_images(samples)
-        encoded = [encode(tokenizer, s[0], s[1], config) for s in samples]
+        encoded = [encode_input(tokenizer, s, config) for s in samples]
         batches = plan_batches([len(e.ids) for e in encoded], config.batch_tokens, config.max_batch)
     bar = None
     if progress:
@@ -184,7 +215,7 @@ def iter_features(
 def refuse_images(samples: Sequence[tuple], model_name: str = "") -> None:
     """Raises ModelError naming the first sample that has an image: a text-only model cannot take it."""
     for i, s in enumerate(samples):
-        if len(s) > 2 and s[2] is not None:
+        if len(s) > 2 and s[2] is not None and not isinstance(s[2], Chat):
             where = getattr(s[2], "source", "") or ""
             row = getattr(s[2], "row", None)
             if where:

@@ -45,6 +45,7 @@ from .data import Sample, stored_row
 from .deletion import DELETED_FILE, deleted_json, deleted_of, hidden_rows, takedown_lock
 from .errors import DataError, IndexChangedError
 from .features import Features, Head
+from .formats import Schema
 from .forward import batch_sizes, refuse_images
 from .model import LoadedModel
 from .score import exact_scores
@@ -61,20 +62,23 @@ SYNC_PREFIX = "sync-"  # build keys of syncs
 
 
 def scoring_settings(manifest: Mapping[str, Any]) -> str:
-    """What decides a row's features besides its text and image, from a manifest (or build params), as one
-    canonical string: model and tokenizer fingerprints, token scope, max_length, EOS, forward dtype."""
+    """What decides a row's features besides its content, from a manifest (or build params), as one canonical
+    string: model and tokenizer fingerprints (the chat template is the tokenizer's), token scope, max_length,
+    EOS, forward dtype, and how rows become tokens (the kept schema's template and turns, formats.py)."""
     m = manifest["model"]
+    schema = Schema.from_json(manifest.get("data"))
     return json.dumps({"model": m["fingerprint"], "tokenizer": m["tokenizer_fingerprint"],
                        "tokens": manifest["tokens"], "max_length": manifest["max_length"],
-                       "add_eos": manifest.get("add_eos", True), "forward_dtype": manifest.get("forward_dtype")},
-                      sort_keys=True)
+                       "add_eos": manifest.get("add_eos", True), "forward_dtype": manifest.get("forward_dtype"),
+                       "template": schema.template, "turns": schema.turns}, sort_keys=True)
 
 
 def content_key(row: Mapping[str, Any], settings: str) -> str:
-    """sha256 of what is scored of a stored row (`data.stored_row`: prompt, response, image sha256) under
-    `settings` (`scoring_settings`); equal keys give equal features."""
+    """sha256 of what is scored of a stored row (`data.stored_row`: prompt, response, conversation, image
+    sha256) under `settings` (`scoring_settings`); equal keys give equal features."""
+    chat = json.dumps(row["chat"], sort_keys=True) if row.get("chat") is not None else ""
     h = hashlib.sha256()
-    for part in (settings, row["prompt"], row["response"], row.get("image_sha256") or ""):
+    for part in (settings, row["prompt"], row["response"], chat, row.get("image_sha256") or ""):
         b = str(part).encode("utf-8")
         h.update(len(b).to_bytes(8, "little"))
         h.update(b)
@@ -377,7 +381,8 @@ class SyncResult:
 
 def build_config_of(manifest: Mapping[str, Any], batch_tokens: int, max_batch: int) -> BuildConfig:
     """The BuildConfig a version was built with, as far as its manifest says (its largest shard as the shard
-    size; an approximate first stage with automatic nlist and nprobe, its refine and min_recall)."""
+    size; an approximate first stage with automatic nlist and nprobe, its refine and min_recall; the kept data
+    schema)."""
     m, sk, info = manifest, manifest["sketch"], manifest.get("index", {})
     fs: dict[str, Any] = {"kind": "auto" if info.get("auto") else info.get("kind", "auto")}
     if info.get("auto"):
@@ -391,7 +396,8 @@ def build_config_of(manifest: Mapping[str, Any], batch_tokens: int, max_batch: i
         rerank_top=int(m.get("rerank_top", 0)), shard_size=max(m.get("shard_sizes") or [BuildConfig.shard_size]),
         sketch=SketchConfig(rank=sk["rank"], buckets=sk["buckets"], dedicated=sk["dedicated"], seed=sk["seed"],
                             fit_samples=sk["fit_samples"]),
-        batch_tokens=batch_tokens, max_batch=max_batch, first_stage=FirstStageConfig(**fs))
+        batch_tokens=batch_tokens, max_batch=max_batch, first_stage=FirstStageConfig(**fs),
+        schema=Schema.from_json(m.get("data")))
 
 
 def sync_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: SyncConfig = SyncConfig(),

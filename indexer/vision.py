@@ -40,6 +40,7 @@ from torch import nn
 
 from .errors import DataError, ModelError
 from .features import Features, ForwardConfig, Head, capture_unembedding_input, pad_batch, plan_batches, scored_features
+from .formats import Chat
 from .images import ImageRef
 
 # samples whose images are decoded and preprocessed at once: bounds the pixel tensors held in memory
@@ -395,6 +396,9 @@ def iter_features(model: nn.Module, processor: VisionProcessor, samples: Sequenc
         samples: (prompt, response) or (prompt, response, image) tuples; image: an `ImageRef`, a path, bytes
             or None.
     """
+    if any(len(s) > 2 and isinstance(s[2], Chat) for s in samples):
+        raise ModelError("conversations (the messages format, or --template chat) are not read for vision-language "
+                         "models yet; give the rows as prompt + response with an image column")
     for a in range(0, len(samples), ENCODE_CHUNK):
         chunk = range(a, min(a + ENCODE_CHUNK, len(samples)))
         encoded = [processor.encode(samples[i][0], samples[i][1], _image_of(samples[i]), config,

@@ -22,6 +22,7 @@ from google.protobuf import json_format
 from forvalue.indexer.data import Sample
 from forvalue.indexer.errors import ConfigError, InvalidRequestError, ResourceExhaustedError
 from forvalue.indexer.filters import Where, check_field
+from forvalue.indexer.formats import ROLES, Chat
 from forvalue.indexer.results import (
     Explanation, Group, GroupedResult, Hit, PairContribution, SearchResult, TokenContribution, check_direction,
     index_info,
@@ -113,7 +114,7 @@ def _samples(items: Sequence[pb.ValuationSample], config: ServerConfig, accepts_
         raise InvalidRequestError("samples", f"at most {config.max_samples} per request, got {len(items)}")
     out = []
     for i, s in enumerate(items):
-        if not s.response.strip():
+        if not s.response.strip() and not s.messages:
             raise InvalidRequestError(f"samples[{i}].response", "must not be empty or whitespace only")
         for name in ("prompt", "response"):
             n = len(getattr(s, name))
@@ -126,11 +127,34 @@ def _samples(items: Sequence[pb.ValuationSample], config: ServerConfig, accepts_
             raise InvalidRequestError(f"samples[{i}].image_mime_type", "required with an image")
         if s.image_mime_type and not s.image:
             raise InvalidRequestError(f"samples[{i}].image_mime_type", "set without an image")
-        if s.image:  # decoded here, so that a bad image is the caller's INVALID_ARGUMENT, not a failed batch
+        if s.messages:
+            out.append((s.prompt, s.response, _chat(s, i, config)))
+        elif s.image:  # decoded here, so that a bad image is the caller's INVALID_ARGUMENT, not a failed batch
             out.append((s.prompt, s.response, _image(s, f"samples[{i}].image")))
         else:
             out.append((s.prompt, s.response))
     return out
+
+
+def _chat(s: pb.ValuationSample, i: int, config: ServerConfig):
+    """The sample's conversation as a `formats.Chat`, after checking roles, sizes and the scored turns."""
+    if s.image:
+        raise InvalidRequestError(f"samples[{i}].image", "a conversation cannot carry an image yet; send one or the "
+                                                         "other")
+    total = 0
+    for j, m in enumerate(s.messages):
+        if m.role not in ROLES:
+            raise InvalidRequestError(f"samples[{i}].messages[{j}].role", f"{m.role!r} is not one of {', '.join(ROLES)}")
+        total += len(m.content)
+    if total > config.max_sample_chars:
+        raise InvalidRequestError(f"samples[{i}].messages", f"at most {config.max_sample_chars} characters in all "
+                                  f"(the server's --max-sample-chars), got {total}")
+    chat = Chat(tuple((m.role, m.content) for m in s.messages), tuple(s.scored_turns))
+    try:
+        chat.check()
+    except ValueError as exc:
+        raise InvalidRequestError(f"samples[{i}].scored_turns", str(exc)) from exc
+    return chat
 
 
 def _image(s: pb.ValuationSample, name: str):
@@ -157,8 +181,14 @@ def estimate_tokens(samples: list[tuple]) -> int:
     An estimate on purpose (no tokenizer call on the event loop): it only bounds how much work one shared
     pass takes on; the pass itself splits its model calls by exact token counts (ForwardConfig.batch_tokens).
     """
-    return sum(-(-(len(s[0]) + len(s[1])) // CHARS_PER_TOKEN) + 1
-               + (IMAGE_TOKENS if len(s) > 2 and s[2] is not None else 0) for s in samples)
+    def chars(s: tuple) -> int:
+        if len(s) > 2 and isinstance(s[2], Chat):  # the template's markup: about 8 tokens a turn
+            return sum(len(c) + 8 * CHARS_PER_TOKEN for _, c in s[2].messages)
+        return len(s[0]) + len(s[1])
+
+    return sum(-(-chars(s) // CHARS_PER_TOKEN) + 1
+               + (IMAGE_TOKENS if len(s) > 2 and s[2] is not None and not isinstance(s[2], Chat) else 0)
+               for s in samples)
 
 
 def check_topk_cost(query: TopKQuery, config: ServerConfig, shape: dict) -> None:
@@ -359,8 +389,12 @@ def samples_to_pb(samples: Sequence[Sample | tuple[str, str]]) -> list[pb.Valuat
     """
     out = []
     for i, s in enumerate(samples):
-        prompt, response = (s.prompt, s.response) if isinstance(s, Sample) else (str(s[0]), str(s[1]))
-        image = s.as_input()[2:] if isinstance(s, Sample) else tuple(x for x in s[2:3] if x is not None)
+        if isinstance(s, Sample):
+            s = s.as_input()
+        prompt, response = str(s[0]), str(s[1])
+        third = tuple(x for x in s[2:3] if x is not None)
+        chat = third[0] if third and isinstance(third[0], Chat) else None
+        image = () if chat is not None else third
         for name, text in (("prompt", prompt), ("response", response)):
             try:
                 text.encode("utf-8")
@@ -368,6 +402,9 @@ def samples_to_pb(samples: Sequence[Sample | tuple[str, str]]) -> list[pb.Valuat
                 raise InvalidRequestError(f"samples[{i}].{name}", f"not valid UTF-8 text ({exc.reason} at "
                                                                   f"character {exc.start})") from exc
         msg = pb.ValuationSample(prompt=prompt, response=response)
+        if chat is not None:
+            msg.messages.extend(pb.ChatMessage(role=r, content=c) for r, c in chat.messages)
+            msg.scored_turns.extend(chat.scored)
         if image:  # for a VLM index: the image's bytes and type (read from a path when given one)
             data, mime = _image_payload(image[0], f"samples[{i}].image")
             msg.image, msg.image_mime_type = data, mime

@@ -11,9 +11,10 @@ HIDDEN = 32
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer over printable ASCII: ids 0-3 special, then one id per character."""
-    chars = [chr(c) for c in range(32, 127)]
+def make_tokenizer(extra: str = "") -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII: ids 0-3 special, then one id per character (then the
+    characters of `extra`, e.g. a newline)."""
+    chars = [chr(c) for c in range(32, 127)] + list(extra)
     vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
     assert len(vocab) <= VOCAB_SIZE
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -37,3 +38,16 @@ def make_model(seed: int = 0, vocab_size: int = VOCAB_SIZE, hidden: int = HIDDEN
     model = LlamaForCausalLM(cfg)
     model.eval()
     return model
+
+
+# a chatml-like template over the tokenizer's own special tokens: "<s>role: content</s> " per turn (the
+# tokenizer has no newline)
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s> {% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+
+
+def make_chat_tokenizer() -> PreTrainedTokenizerFast:
+    """`make_tokenizer` with a chat template (CHAT_TEMPLATE), as a fine-tuned chat model's tokenizer has."""
+    tok = make_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    return tok

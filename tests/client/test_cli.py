@@ -217,7 +217,7 @@ def test_field_options_build_one_field_map(tmp_path):
     data.write_text('{"q": "p", "a": " r", "label": "x", "split": "train"}\n')
     r = CliRunner().invoke(main, ["index", "build", "--data", str(data), "--out", str(tmp_path / "i"),
                                   "--prompt-field", "q", "--response-field", "q"])
-    assert r.exit_code == 2 and "same column ['q']" in r.output
+    assert r.exit_code == 2 and "same column 'q'" in r.output and "--response-field" in r.output
     r = CliRunner().invoke(main, ["index", "build", "--help"])
     assert "--image-field" in r.output and "--prompt-field" in r.output
 

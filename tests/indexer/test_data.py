@@ -12,7 +12,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 
-from forvalue.indexer.data import FieldMap, Sample, load_eval_sets, read_samples, write_jsonl
+from forvalue.indexer.data import FieldMap, Sample, content_id, load_eval_sets, read_samples, write_jsonl
 from forvalue.indexer.errors import DataError
 
 DATAINF = Path("/work/shared/eval/datainf")
@@ -64,8 +64,8 @@ ROWS = [
 def test_jsonl_fields_meta_ids(tmp_path):
     path = write_lines(tmp_path / "d.jsonl", ROWS)
     s = read_samples(path)
-    assert [x.id for x in s] == ["0", "1"]
-    assert s[0] == Sample(id="0", prompt="p0", response=" r0", label="x", split="train", clean=True,
+    assert [x.id for x in s] == [content_id(ROWS[0]), content_id(ROWS[1])]
+    assert s[0] == Sample(id=content_id(ROWS[0]), prompt="p0", response=" r0", label="x", split="train", clean=True,
                           meta={"extra": [1, 2]}, row=0, source=str(path))
     assert s[0].meta == {"extra": [1, 2]}
     assert s[1].clean is False and s[1].split == "test" and s[1].meta == {}
@@ -77,7 +77,7 @@ def test_jsonl_blank_lines_keep_line_numbers(tmp_path):
     path.write_text(json.dumps(ROWS[0]) + "\n\n   \n" + json.dumps(ROWS[1]) + "\n")
     s = read_samples(path)
     assert [x.row for x in s] == [0, 3]
-    assert [x.id for x in s] == ["0", "3"]
+    assert [x.id for x in s] == [content_id(ROWS[0]), content_id(ROWS[1])]
 
 
 def test_id_field_converted_to_str(tmp_path):
@@ -119,18 +119,19 @@ def test_field_map_validation():
 
 
 def test_hf_directory(tmp_path):
-    folder = write_arrow_dir(tmp_path / "x.hf", [{"prompt": "p", "response": "r", "label": "l"}] * 3)
+    rows = [{"prompt": "p", "response": f"r{i}", "label": "l"} for i in range(3)]
+    folder = write_arrow_dir(tmp_path / "x.hf", rows)
     s = read_samples(folder)
-    assert [x.id for x in s] == ["0", "1", "2"]
+    assert [x.id for x in s] == [content_id(r) for r in rows]
     assert s[2].source == str(folder) and s[2].row == 2
 
 
 def test_hf_directory_shards_continue_row_numbers(tmp_path):
     folder = tmp_path / "x.hf"
-    write_arrow_dir(folder, [{"prompt": "p", "response": "a"}] * 2, "data-00000-of-00002.arrow")
-    write_arrow_dir(folder, [{"prompt": "p", "response": "b"}] * 2, "data-00001-of-00002.arrow")
+    write_arrow_dir(folder, [{"prompt": "p", "response": r} for r in "ab"], "data-00000-of-00002.arrow")
+    write_arrow_dir(folder, [{"prompt": "p", "response": r} for r in "cd"], "data-00001-of-00002.arrow")
     s = read_samples(folder)
-    assert [(x.row, x.response) for x in s] == [(0, "a"), (1, "a"), (2, "b"), (3, "b")]
+    assert [(x.row, x.response) for x in s] == [(0, "a"), (1, "b"), (2, "c"), (3, "d")]
 
 
 def test_datainf_prefix(tmp_path):
@@ -280,10 +281,10 @@ def test_bad_id(tmp_path):
 
 
 def test_unsupported_extension(tmp_path):
-    path = tmp_path / "d.csv"
+    path = tmp_path / "d.tsv"
     path.write_text("prompt,response\np,r\n")
     err = error_of(read_samples, path)
-    assert str(path) in str(err) and "unsupported file type '.csv'" in str(err) and ".jsonl" in str(err)
+    assert str(path) in str(err) and "unsupported file type '.tsv'" in str(err) and ".jsonl" in str(err)
 
 
 def test_empty_file(tmp_path):
@@ -398,7 +399,7 @@ def test_write_jsonl_roundtrip_and_atomic(tmp_path):
     again = read_samples(path)
     assert [(s.prompt, s.response, s.label, s.split, s.clean, s.meta) for s in again] == \
            [(s.prompt, s.response, s.label, s.split, s.clean, s.meta) for s in samples]
-    assert [s.id for s in again] == ["0", "1"]
+    assert [s.id for s in again] == [s.id for s in samples]
 
     def rows():
         yield {"ok": 1}

@@ -63,6 +63,19 @@ def test_score_all_chunks_equal_group_mean(client, local_index, served_index):
     assert {c.index_version for c in chunks} == {local_index.version.name}
 
 
+def test_conversation_query_equals_in_process(client, local_index):
+    """A conversation travels as messages and is tokenised on the server as in process (chat.py)."""
+    from forvalue.indexer.formats import Chat
+
+    chat = Chat((("system", "Be brief."), ("user", QUERIES[0][0]), ("assistant", QUERIES[0][1]),
+                 ("user", "again"), ("assistant", QUERIES[1][1])), (2, 4))
+    q = [("shown", "only", chat)]
+    remote, local = client.search(q, k=5, rerank=RERANK), local_index.search(q, k=5, rerank=RERANK)
+    assert_same(remote, local)
+    last = local_index.search([("shown", "only", Chat(chat.messages, (4,)))], k=5, rerank=RERANK)
+    assert [h.score for h in last.hits] != [h.score for h in local.hits]
+
+
 def test_info(client, local_index):
     info = client.info()
     m = local_index.manifest
@@ -83,6 +96,10 @@ BAD = [
     ("TopK", pb.TopKRequest(samples=[pb.ValuationSample(response=" r", image=b"\x89PNG", image_mime_type="image/png")],
                             k=3), "samples[0].image"),
     ("ScoreAll", pb.ScoreAllRequest(samples=pb_samples(("p", ""))), "samples[0].response"),
+    ("TopK", pb.TopKRequest(samples=[pb.ValuationSample(messages=[pb.ChatMessage(role="user", content="hi")],
+                                                        scored_turns=[0])], k=3), "samples[0].scored_turns"),
+    ("TopK", pb.TopKRequest(samples=[pb.ValuationSample(messages=[pb.ChatMessage(role="bot", content="hi")],
+                                                        scored_turns=[0])], k=3), "samples[0].messages[0].role"),
     ("ScoreAll", pb.ScoreAllRequest(samples=pb_samples(("p", " r")), chunk_size=-2), "chunk_size"),
 ]
 
