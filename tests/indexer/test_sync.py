@@ -298,3 +298,20 @@ def test_build_and_add_write_the_metrics_file(tmp_path, served_model_dir):
     r = CliRunner().invoke(main, ["index", "add", "--index", root, "--data", more, "--model", served_model_dir,
                                   "--no-progress", "--metrics-file", str(prom)], catch_exceptions=False)
     assert r.exit_code == 2 and 'forvalue_index_job_success{job="add",index="%s"} 0.0' % root in prom.read_text()
+
+
+def test_content_key_covers_what_is_scored_and_nothing_else():
+    from forvalue.indexer.sync import content_key, scoring_settings
+
+    m = {"model": {"fingerprint": "f", "tokenizer_fingerprint": "t"}, "tokens": "response", "max_length": 64}
+    plain = scoring_settings(m)
+    row = {"id": "a", "prompt": "p", "response": "r", "meta": {"x": 1}}
+    key = content_key(row, plain)
+    assert content_key({**row, "id": "b", "meta": {"x": 2}, "label": "l"}, plain) == key  # metadata: not scored
+    assert content_key({**row, "response": "r2"}, plain) != key
+    assert content_key({**row, "prompt": "p", "response": "", "chat": None}, plain) != key
+    assert content_key({**row, "chat": {"messages": [{"role": "user", "content": "hi"}]}}, plain) != key
+    assert content_key({**row, "image_sha256": "0" * 64}, plain) != key
+    assert content_key(row, scoring_settings({**m, "data": {"template": "chat"}})) != key
+    assert content_key(row, scoring_settings({**m, "forward_dtype": "bfloat16"})) != key
+    assert scoring_settings({**m, "data": {"template": "plain", "fields": {"prompt": "q"}}}) == plain
