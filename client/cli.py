@@ -23,7 +23,7 @@ import click
 from forvalue.client import render
 from forvalue.indexer.config import (
     DTYPE_CHOICES, FIRST_STAGE_KINDS, METHODS, RERANK_DTYPES, TOKEN_SCOPES, BuildConfig, FirstStageConfig, ScoreConfig,
-    SketchConfig,
+    SketchConfig, SyncConfig,
 )
 from forvalue.indexer.results import DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH
 from forvalue.server.config import ServerConfig
@@ -638,11 +638,53 @@ def first_stage_options(fn):
     return wrapper
 
 
+_JOB_KEY = "forvalue.job"  # what a job command leaves for --metrics-file: {"rows": {kind: n}, "sync": {...}}
+
+
+def metrics_file_option(job: str):
+    """--metrics-file PATH: after the command, write its metrics for a scheduler (indexer/jobmetrics.py): success,
+    seconds, rows, failures, last success time. Put it right below the command decorator (above handle_errors, so
+    that it sees a failure's exit code)."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, metrics_file=None, **kwargs):
+            if metrics_file is None:
+                return fn(*args, **kwargs)
+            ctx, t0, ok = click.get_current_context(), time.perf_counter(), False
+            try:
+                out = fn(*args, **kwargs)
+                ok = True
+                return out
+            except SystemExit as exc:
+                ok = exc.code in (0, None)
+                raise
+            finally:
+                from forvalue.indexer.jobmetrics import write_job_metrics
+
+                info = ctx.meta.get(_JOB_KEY, {}) if ok else {}
+                index = kwargs.get("index_dir") or kwargs.get("index_alias_out") or ""
+                try:
+                    write_job_metrics(metrics_file, job, str(index), ok, time.perf_counter() - t0, info.get("rows"),
+                                      info.get("sync"))
+                except OSError as exc:
+                    click.echo(f"forvalue: warning: cannot write --metrics-file {metrics_file}: "
+                               f"{exc.strerror or exc}", err=True)
+
+        return click.option("--metrics-file", "metrics_file", default=None, metavar="PATH",
+                            help="Write the run's metrics (success, seconds, rows, failures, last success time) to "
+                                 "this Prometheus text file (node-exporter textfile collector: name it *.prom), "
+                                 "atomically.")(wrapper)
+
+    return decorate
+
+
 @index_group.command("build", epilog="""\b
 Examples:
   forvalue index build --data train.jsonl --index idx
   forvalue index build --data example.jsonl --split train --index idx --tokens all
   forvalue index build --data big.parquet --index idx --device cuda --index-kind ivf-sq8 --json""")
+@metrics_file_option("build")
 @click.option("--data", required=True, help="Training corpus: JSONL, Parquet or one *.hf directory.")
 @index_option("Index directory (created; new versions go beside old ones).", aliases=("--out",))
 @click.option("--split", default=None, help="Index only the rows with this split value (e.g. train).")
@@ -693,6 +735,7 @@ Examples:
   forvalue index add --index idx --data more.jsonl
   forvalue index add --index idx --data example.jsonl --split test --json
   FORVALUE_INDEX=idx forvalue index add --data more.jsonl --device cuda""")
+@metrics_file_option("add")
 @index_option("Index directory to extend (its CURRENT version).")
 @click.option("--data", required=True, help="New samples: JSONL, Parquet or one *.hf directory.")
 @click.option("--split", default=None, help="Add only the rows with this split value.")
@@ -732,6 +775,54 @@ def index_add_cmd(index_dir, data, split, model_path, device, batch_tokens, as_j
     config = dataclasses.replace(config, batch_tokens=batch_tokens, max_batch=max_batch)
     name = build_index(index_dir, samples, lm, config, progress=_progress(), base=base)
     _print_summary(root.load(name, verify=False).manifest, name, as_json, index_dir)
+
+
+@index_group.command("sync", epilog="""\b
+Examples:
+  forvalue index sync --index idx --data corpus.jsonl
+  forvalue index sync --index idx --data corpus.jsonl --json --metrics-file /var/lib/node_exporter/forvalue.prom
+  forvalue index sync --index idx --data corpus.jsonl --refit""")
+@metrics_file_option("sync")
+@index_option("Index directory whose CURRENT is brought to the corpus.")
+@click.option("--data", required=True, help="The whole corpus as it is now: JSONL, Parquet or one *.hf directory.")
+@click.option("--split", default=None, help="Index only the rows with this split value.")
+@model_option()
+@click.option("--device", default="cpu", show_default=True, help="torch device for the forward pass.")
+@click.option("--batch-tokens", type=BatchTokens(), default="auto", show_default=True,
+              help="Padded tokens per forward batch; auto: 4096 on a CPU, sized to the free memory on a GPU.")
+@click.option("--min-recall", type=click.FloatRange(0, 1), default=SyncConfig.min_recall, show_default=True,
+              help="Advise a refit when the sketch recall@10 measured on the new version is below this.")
+@click.option("--max-changed", type=click.FloatRange(0, 1), default=SyncConfig.max_changed, show_default=True,
+              help="Advise a refit when more than this share of the rows was encoded since the maps were fit.")
+@click.option("--refit", is_flag=True, help="Rebuild in full with new sketch maps (a build of the corpus) instead.")
+@click.option("--retries", type=click.IntRange(0), default=SyncConfig.retries, show_default=True,
+              help="Times to start again from the new CURRENT when another update published first.")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
+@progress_option
+@dtype_option
+@field_options
+@handle_errors
+def index_sync_cmd(index_dir, data, split, model_path, device, batch_tokens, min_recall, max_changed, refit, retries,
+                   as_json, fields):
+    """Bring an index to a corpus by content: reuse the rows whose scored content is unchanged, encode only new
+    and changed rows, drop rows that left, publish one version (the same answers as a fresh build with the
+    index's sketch maps). Says when a refit (--refit) is worth it. Exit 0: done or nothing to do; 2: bad input,
+    or CURRENT kept moving."""
+    from forvalue.indexer.store import IndexRoot
+    from forvalue.indexer.sync import sync_index
+
+    if not os.path.isdir(index_dir) or IndexRoot(index_dir).current() is None:
+        _fail(f"{index_dir}: no published index here; build one first (forvalue index build)")
+    config = SyncConfig(min_recall=min_recall, max_changed=max_changed, refit=refit, retries=retries)
+    with IndexRoot(index_dir).load(verify=False) as v:  # the corpus is read as the index reads its rows
+        kept = v.manifest.get("data")
+    samples, _ = _train_rows(data, fields, split, kept)
+    lm = _load_model(model_path, device)
+    result = sync_index(index_dir, samples, lm, config, batch_tokens=batch_tokens, progress=_progress())
+    report = {"index": str(index_dir), "data": str(data), **result.as_dict()}
+    click.get_current_context().meta[_JOB_KEY] = {
+        "rows": {k: report[k] for k in ("rows", "reused", "encoded", "dropped", "metadata_updated")}, "sync": report}
+    click.echo(render.dumps(report) if as_json else render.sync_text(report))
 
 
 @index_group.command("info", epilog="""\b
@@ -816,6 +907,7 @@ def index_gc_cmd(index_dir, keep):
 def _print_summary(m: dict, name: str, as_json: bool, index_dir: str) -> None:
     from forvalue.indexer.build import storage_summary
 
+    click.get_current_context().meta[_JOB_KEY] = {"rows": {"total": int(m["n_samples"])}}  # for --metrics-file
     summary = render.build_summary(m, name, storage_summary(m))
     click.echo(render.dumps(summary) if as_json else render.build_summary_text(summary, index_dir,
                                                                                 m.get("base_version")))

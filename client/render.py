@@ -339,3 +339,20 @@ def cut_warning(cut_samples) -> str:
     return (f"forvalue: warning: valuation sample(s) {shown} (0-based) were longer than the index's max_length "
             "and were cut to it: the answer values only the first max_length tokens; shorten them, or build the "
             "index with a larger --max-length")
+
+
+def sync_text(r: dict) -> str:
+    """The one-line summary of `forvalue index sync` (r: its JSON report, `SyncResult.as_dict()` and more)."""
+    if r["published"]:
+        head = (f"sync {r['before']} -> {r['after']}: {r['rows']} rows ({r['reused']} reused, {r['encoded']} encoded, "
+                f"{r['dropped']} dropped, {r['metadata_updated']} metadata updated)")
+    else:
+        head = f"sync {r['before']}: unchanged, nothing published ({r['rows']} rows)"
+    if r.get("refit"):
+        head += ", refit: new sketch maps"
+    rec = r.get("recall")
+    recall = (f"sketch recall@{rec['k']} {rec['most']:.3f}/{rec['least']:.3f} (most/least)" if rec
+              else "sketch recall not measured")
+    advice = ("refit advised: " + "; ".join(r["reasons"]) + " (run with --refit)") if r["refit_advised"] \
+        else "refit not needed"
+    return f"{head}, {r['seconds']:.2f} s; {recall}; {r['changed_share']:.1%} encoded since the maps were fit; {advice}"

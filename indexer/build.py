@@ -101,6 +101,16 @@ def fit_maps(lm: LoadedModel, head: Head, samples: Sequence[Sample], config: Bui
     return fit_sketcher(Features.concat(parts), head, config.sketch), cache
 
 
+def maps_digest(sk: Sketcher) -> str:
+    """sha256 over the sketch maps' arrays (names, dtypes, shapes, bytes): what a build with given maps is keyed by."""
+    h = hashlib.sha256()
+    for name, arr in sorted(sk.arrays().items()):
+        a = np.ascontiguousarray(arr)
+        h.update(f"{name}|{a.dtype.str}|{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def _save_maps(build: Build, sk: Sketcher) -> None:
     for name, arr in sk.arrays().items():
         build.put_array(name, arr)
@@ -243,7 +253,8 @@ def _first_stage_info(build: Build, n_shards: int, config: FirstStageConfig) -> 
 
 
 def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: BuildConfig = BuildConfig(),
-                progress: bool = False, base: Version | None = None, write_shards=None) -> str:
+                progress: bool = False, base: Version | None = None, write_shards=None, maps: Sketcher | None = None
+                ) -> str:
     """Builds (or resumes) an index version over `samples` and publishes it; returns the version name.
 
     Args:
@@ -252,6 +263,8 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
             todo = [(shard index, its samples)] of the shards not done yet, once the maps are saved in the
             build; it has other processes write them (`store.ShardWriter`). A shard still missing
             afterwards is written here, so the version is never published with a hole.
+        maps: sketch maps to use instead of fitting them (a new build only): e.g. those of another version,
+            the reference an `index sync` equals (sync.py).
     """
     idx_root = IndexRoot(root)
     # what this update starts from: publishing is refused if CURRENT moved meanwhile (another build or add
@@ -279,12 +292,16 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
         if not samples:
             return base.name
     corpus = corpus_fingerprint(samples)
-    key_src = json.dumps({"params": params, "corpus": corpus,
-                          "base": base.name if base is not None else None}, sort_keys=True)
+    key = {"params": params, "corpus": corpus, "base": base.name if base is not None else None}
+    if maps is not None:
+        if base is not None:
+            raise ValueError("maps are those of the base when adding to it; pass one or the other")
+        key["maps"] = maps_digest(maps)
+    key_src = json.dumps(key, sort_keys=True)
     build = idx_root.open_build(hashlib.sha256(key_src.encode()).hexdigest()[:24])
     try:
         return _build(idx_root, build, samples, lm, config, params, corpus, progress, base, base_ids, write_shards,
-                      started_from)
+                      started_from, maps)
     except BaseException:
         build.close()  # unpublished: its finished shards stay for a rerun, its lock goes
         raise
@@ -292,14 +309,14 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
 
 def _build(idx_root: IndexRoot, build: Build, samples: Sequence[Sample], lm: LoadedModel, config: BuildConfig,
            params: dict, corpus: str, progress: bool, base: Version | None, base_ids: list[str], write_shards,
-           started_from: str | None) -> str:
+           started_from: str | None, maps: Sketcher | None = None) -> str:
     """The body of `build_index` once the build is open: maps, shards, first stage, publication."""
     device = next(lm.model.parameters()).device
     head = Head.from_model(lm.model).to(device)
     t0 = time.perf_counter()
     # ‖G‖ per sample: always in a new index; in an added-to one only if its first shards have it
     norms = base is None or "g_norm" in base.manifest["arrays"]
-    sk, fitted, first = _open_maps(build, base, lm, head, samples, config, progress)
+    sk, fitted, first = _open_maps(build, base, lm, head, samples, config, progress, maps)
     n_shards = _write_shards(build, lm, head, sk, samples, config, first, fitted, norms, write_shards, progress)
     counts = [int(build.read_shard_array(i, "offsets").shape[0] - 1) for i in range(n_shards)]
     manifest = {
@@ -326,7 +343,8 @@ def _build(idx_root: IndexRoot, build: Build, samples: Sequence[Sample], lm: Loa
 
 
 def _open_maps(build: Build, base: Version | None, lm: LoadedModel, head: Head, samples: Sequence[Sample],
-               config: BuildConfig, progress: bool) -> tuple[Sketcher, dict[int, Features], int]:
+               config: BuildConfig, progress: bool, maps: Sketcher | None = None
+               ) -> tuple[Sketcher, dict[int, Features], int]:
     """(the sketch maps, the fit samples' features by sample number, the first new shard's number).
 
     An added-to index keeps its base's maps (and links the base's shards on first use); a new build reads
@@ -342,6 +360,9 @@ def _open_maps(build: Build, base: Version | None, lm: LoadedModel, head: Head, 
         return sk, {}, len(base.manifest["shards"])
     if have_maps:
         return Sketcher.from_arrays({n: build.read_array(n) for n in MAP_FILES}, config.sketch.buckets), {}, 0
+    if maps is not None:
+        _save_maps(build, maps)
+        return maps, {}, 0
     sk, fitted = fit_maps(lm, head, samples, config, progress)
     _save_maps(build, sk)
     return sk, fitted, 0

@@ -220,33 +220,40 @@ class Build:
         """
         self._check_open()
         start = shard_index(start)
-        written = []
-        for j in range(version.n_shards):
-            src = version.path / SHARDS_DIR / shard_name(j)
-            record, why = check_shard(src, verify=False)
-            if record is None:
-                raise IndexCorruptError(f"{version._rel(f'{SHARDS_DIR}/{shard_name(j)}')}: {why}; "
-                                        "restore or rebuild that version")
-            i = start + j
-            tmp = self.path / SHARDS_DIR / f"{TMP_PREFIX}{shard_name(i)}-{os.getpid()}"
+        return [self.link_shard_from(version, j, start + j) for j in range(version.n_shards)]
+
+    def link_shard_from(self, version: Version, j: int, i: int) -> int:
+        """Hard-link (or copy, where links fail) shard `j` of a published version into this build as shard `i`
+        (replacing one there); returns `i`. `index sync` links the shards whose rows did not change.
+
+        Raises:
+            IndexCorruptError: shard `j` of `version` is incomplete (its files do not match its _DONE.json).
+        """
+        self._check_open()
+        i = shard_index(i)
+        src = version.path / SHARDS_DIR / shard_name(j)
+        record, why = check_shard(src, verify=False)
+        if record is None:
+            raise IndexCorruptError(f"{version._rel(f'{SHARDS_DIR}/{shard_name(j)}')}: {why}; "
+                                    "restore or rebuild that version")
+        tmp = self.path / SHARDS_DIR / f"{TMP_PREFIX}{shard_name(i)}-{os.getpid()}"
+        remove(tmp)
+        tmp.mkdir()
+        try:
+            for fname in sorted(record["files"]) + [DONE_FILE]:
+                try:
+                    os.link(src / fname, tmp / fname)
+                except OSError:  # another file system, or links not allowed: copy instead
+                    with open(src / fname, "rb") as fsrc:
+                        write_new_file(tmp / fname, lambda f: shutil.copyfileobj(fsrc, f, HASH_BLOCK))
+                fault("link-file")
+            fsync_dir(tmp)
+            self._install(tmp, i)
+        except BaseException:
             remove(tmp)
-            tmp.mkdir()
-            try:
-                for fname in sorted(record["files"]) + [DONE_FILE]:
-                    try:
-                        os.link(src / fname, tmp / fname)
-                    except OSError:  # another file system, or links not allowed: copy instead
-                        with open(src / fname, "rb") as fsrc:
-                            write_new_file(tmp / fname, lambda f: shutil.copyfileobj(fsrc, f, HASH_BLOCK))
-                    fault("link-file")
-                fsync_dir(tmp)
-                self._install(tmp, i)
-            except BaseException:
-                remove(tmp)
-                raise
-            self._done[i] = record
-            written.append(i)
-        return written
+            raise
+        self._done[i] = record
+        return i
 
     def _install(self, tmp: Path, i: int) -> None:
         """Rename a complete shard directory `tmp` to shards/<i>, moving an existing one aside first."""
