@@ -126,6 +126,8 @@ def _data_options(fields, kept=None, queries: bool = False):
     given = ctx.meta.get(_SCHEMA_KEY, {}) if ctx is not None else {}
     try:
         return remembered(kept, fields, given, queries=queries)
+    except ConfigError:
+        raise
     except ValueError as exc:  # an invalid --template
         raise ConfigError(f"--template: {exc}") from exc
 
@@ -774,6 +776,12 @@ def index_add_cmd(index_dir, data, split, model_path, device, batch_tokens, as_j
     batch_tokens, max_batch = batch_sizes(batch_tokens, lm.model, m["max_length"])
     config = dataclasses.replace(config, batch_tokens=batch_tokens, max_batch=max_batch)
     name = build_index(index_dir, samples, lm, config, progress=_progress(), base=base)
+    if name == base.name:  # every row was in the index already: nothing published
+        click.get_current_context().meta[_JOB_KEY] = {"rows": {"total": int(m["n_samples"]), "added": 0}}
+        click.echo(render.dumps({"version": name, "n_samples": int(m["n_samples"]), "added": 0}) if as_json else
+                   f"forvalue: {index_dir}: nothing to add; every row is in version {name} already (same id and "
+                   "content)")
+        return
     _print_summary(root.load(name, verify=False).manifest, name, as_json, index_dir)
 
 

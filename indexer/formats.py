@@ -81,11 +81,12 @@ class Chat:
                 raise ValueError(f"assistant turn {i} is empty")
 
     def display(self) -> tuple[str, str]:
-        """(prompt, response) for people and text baselines: the turns before the last scored one joined as
-        "role: content" lines, and that turn's content."""
+        """(prompt, response) for people and text baselines: the user and assistant turns before the last scored
+        one (system turns left out; "role: content" lines when there are several) and that turn's content."""
         last = self.scored[-1]
-        before = "\n".join(f"{r}: {c}" for r, c in self.messages[:last])
-        return before, self.messages[last][1]
+        before = [(r, c) for r, c in self.messages[:last] if r != "system"]
+        prompt = before[0][1] if len(before) == 1 else "\n".join(f"{r}: {c}" for r, c in before)
+        return prompt, self.messages[last][1]
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 
 It also checks what the text says of the answers: the flagship query's best training row is of its own class
 (reverse_words), and the --lowest selection writes the rows it names. The seconds it took are written to
-out/readme_session.json, which docs/results.md quotes (no timing is asserted)."""
+out/readme_session.json (its output to out/readme_session.log), which docs/results.md quotes (no timing is asserted)."""
 
 from __future__ import annotations
 
@@ -64,3 +64,4 @@ def test_readme_session_runs_verbatim(tmp_path):
     out = ROOT / "out"
     out.mkdir(exist_ok=True)
     (out / "readme_session.json").write_text(json.dumps({"seconds": round(seconds, 1)}) + "\n")
+    (out / "readme_session.log").write_text(r.stdout)

@@ -58,6 +58,7 @@ def test_own_chat_file_end_to_end(chat_model_dir, tmp_path):
     assert r.exit_code == 0, r.output
     r = run("index", "add", "--index", idx, "--data", tmp_path / "more.jsonl", *model, "--no-progress")
     assert r.exit_code == 0, r.output  # the same rows again (same ids, same content): skipped
+    assert "nothing to add; every row is in version v000002 already" in r.output
     assert json.loads(run("index", "info", "--index", idx, "--no-verify").stdout)["n_samples"] == 18
     changed = [dict(json.loads(line), messages=conversation("color", 99)) if i == 0 else json.loads(line)
                for i, line in enumerate(more)]
@@ -66,7 +67,7 @@ def test_own_chat_file_end_to_end(chat_model_dir, tmp_path):
     assert r.exit_code == 2 and f"id {changed[0]['uid']!r} is already in index version v000002 with other content" \
         in r.output and len(r.output.strip().splitlines()) == 1
     r = run("index", "add", "--index", idx, "--data", tmp_path / "more.jsonl", *model, "--turns", "last")
-    assert r.exit_code == 2 and "--turns 'last' differs from the index's turns 'all'" in r.output
+    assert r.exit_code == 2 and "error: --turns 'last' differs from the index's turns 'all'" in r.output
 
     (tmp_path / "q.jsonl").write_text(json.dumps({"messages": conversation("math", 40)}) + "\n")
     r = run("query", "--index", idx, *model, "--valuation", tmp_path / "q.jsonl", "-k", "3", "--json")

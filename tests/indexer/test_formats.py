@@ -30,7 +30,7 @@ def test_messages_all_turns_or_the_last(tmp_path):
     s, found = one(tmp_path, {"messages": CONV, "source": "x"})
     assert found.format == "messages"
     assert s.chat == Chat(tuple((m["role"], m["content"]) for m in CONV), (2, 4))
-    assert s.response == "4" and s.prompt.startswith("system: Be brief.\nuser: Hi\nassistant: Hello!")
+    assert (s.prompt, s.response) == ("user: Hi\nassistant: Hello!\nuser: 2+2?", "4")  # shown without the system turn
     assert s.meta == {"source": "x"}
     s, _ = one(tmp_path, {"messages": CONV}, Schema(turns="last"))
     assert s.chat.scored == (4,)
@@ -40,6 +40,7 @@ def test_sharegpt_conversations(tmp_path):
     row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}
     s, found = one(tmp_path, row)
     assert found.format == "messages" and s.chat == Chat((("user", "Hi"), ("assistant", "Hello!")), (1,))
+    assert (s.prompt, s.response) == ("Hi", "Hello!")
 
 
 def test_prompt_completion_strings_and_conversational(tmp_path):
