@@ -461,10 +461,21 @@ answered at --server (within --wait).""")
 @click.option("-v", "--verbose", is_flag=True, help=VERBOSE_HELP)
 def main(verbose: bool) -> None:
     """forvalue: which training samples drove this output? (For-Value, forward-only data valuation)"""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_CliFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
     # transformers' per-load "Loading weights" bars are noise here; forvalue shows its own progress
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+class _CliFormatter(logging.Formatter):
+    """forvalue's own warnings and errors as the CLI's other lines ("forvalue: warning: ..."); -v details and
+    other libraries' messages keep their level and logger name."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno >= logging.WARNING and record.name.startswith("forvalue"):
+            return f"forvalue: {record.levelname.lower()}: {record.getMessage()}"
+        return super().format(record)
 
 
 def _add_verbose_everywhere(group: click.Group) -> None:

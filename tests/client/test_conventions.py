@@ -253,3 +253,18 @@ def test_a_model_mismatch_of_index_add_shows_no_raw_dict(index_copy, tmp_path):
     line = r.stderr.strip()
     assert len(line.splitlines()) == 1 and "--model" in line, line
     assert "{" not in line and "}" not in line and "'name'" not in line, line
+
+
+def test_warnings_are_the_cli_s_own_lines():
+    import logging
+
+    from forvalue.client.cli import _CliFormatter
+
+    fmt = _CliFormatter("%(levelname)s %(name)s: %(message)s")
+
+    def line(name, level):
+        return fmt.format(logging.LogRecord(name, level, __file__, 1, "skipped %d row(s)", (3,), None))
+
+    assert line("forvalue.indexer.data", logging.WARNING) == "forvalue: warning: skipped 3 row(s)"
+    assert line("forvalue.indexer.build", logging.INFO) == "INFO forvalue.indexer.build: skipped 3 row(s)"
+    assert line("transformers", logging.WARNING) == "WARNING transformers: skipped 3 row(s)"
