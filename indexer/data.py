@@ -111,10 +111,10 @@ class Sample:
         return dict(self.raw) if self.raw is not None else self.to_dict()
 
     def content_key(self) -> str:
-        """sha256 of what is scored: the prompt and response, the conversation, the image file's content."""
-        parts = {"prompt": self.prompt, "response": self.response}
-        if self.chat is not None:
-            parts["chat"] = self.chat.to_json()
+        """sha256 of what is scored: the prompt and response (or the conversation), the image file's content."""
+        parts: dict[str, Any] = {"prompt": self.prompt, "response": self.response}
+        if self.chat is not None:  # scored from its turns alone: prompt and response only name it for people
+            parts = {"chat": self.chat.to_json()}
         if self.image is not None:
             from .images import file_sha256
 

@@ -77,8 +77,10 @@ def content_key(row: Mapping[str, Any], settings: str) -> str:
     """sha256 of what is scored of a stored row (`data.stored_row`: prompt, response, conversation, image
     sha256) under `settings` (`scoring_settings`); equal keys give equal features."""
     chat = json.dumps(row["chat"], sort_keys=True) if row.get("chat") is not None else ""
+    # a conversation is scored from its turns alone: its prompt and response only name it for people
+    texts = ("", "") if chat else (row["prompt"], row["response"])
     h = hashlib.sha256()
-    for part in (settings, row["prompt"], row["response"], chat, row.get("image_sha256") or ""):
+    for part in (settings, *texts, chat, row.get("image_sha256") or ""):
         b = str(part).encode("utf-8")
         h.update(len(b).to_bytes(8, "little"))
         h.update(b)

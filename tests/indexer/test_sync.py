@@ -312,7 +312,11 @@ def test_content_key_covers_what_is_scored_and_nothing_else():
     assert content_key({**row, "id": "b", "meta": {"x": 2}, "label": "l"}, plain) == key  # metadata: not scored
     assert content_key({**row, "response": "r2"}, plain) != key
     assert content_key({**row, "prompt": "p", "response": "", "chat": None}, plain) != key
-    assert content_key({**row, "chat": {"messages": [{"role": "user", "content": "hi"}]}}, plain) != key
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "scored": [1]}
+    assert content_key({**row, "chat": chat}, plain) != key
+    # a conversation's prompt and response only name it for people: shown otherwise, scored the same
+    assert content_key({**row, "chat": chat, "prompt": "shown otherwise"}, plain) == content_key({**row, "chat": chat},
+                                                                                                plain)
     assert content_key({**row, "image_sha256": "0" * 64}, plain) != key
     assert content_key(row, scoring_settings({**m, "data": {"template": "chat"}})) != key
     assert content_key(row, scoring_settings({**m, "forward_dtype": "bfloat16"})) != key
