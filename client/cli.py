@@ -1184,6 +1184,10 @@ Examples:
                    ".jsonl or .parquet.")
 @click.option("--select", "select_spec", default=None,
               help="Select the best rows: a percentage of the rows (5%) or a count (500).")
+@click.option("--per-label", is_flag=True,
+              help="Value each training row against the valuation rows of its own label only, minus the mean of "
+                   "that over the rows of its label: with --lowest, the rows least like their own class "
+                   "(mislabelled-row detection). Needs a label on both sides (--data with --server).")
 @click.option("--lowest", is_flag=True,
               help="Rank (and select) the lowest-valued rows first: noisy or mislabeled data detection.")
 @click.option("--selected-out", "selected_out", default=None,
@@ -1202,8 +1206,8 @@ Examples:
 @dtype_option
 @progress_option
 @handle_errors
-def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, split, out_path, select_spec, lowest,
-             selected_out, data_path, as_json, html_path, where_items, color, token_file, tls, tls_ca, fields):
+def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, split, out_path, select_spec, per_label,
+             lowest, selected_out, data_path, as_json, html_path, where_items, color, token_file, tls, tls_ca, fields):
     """Value every training row for a valuation set; select the best rows (data selection) or, with --lowest,
     the worst (noisy data)."""
     from forvalue.indexer.selection import parse_select, scores_format
@@ -1221,6 +1225,8 @@ def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, split
             _fail("--selected-out with --server needs --data TRAIN: the corpus the server's index was built from")
     if data_path is not None and server is None:
         _fail("--data is only read with --server (with --index the rows come from the index)")
+    if per_label and server is not None and data_path is None:
+        _fail("--per-label with --server needs --data TRAIN: the training rows' labels come from the corpus")
     inputs = {os.path.abspath(p) for p in (valuation_path, data_path) if p is not None}
     for option, path in (("--out", out_path), ("--selected-out", selected_out), ("--html", html_path)):
         if path is not None and os.path.abspath(path) in inputs:
@@ -1241,7 +1247,10 @@ def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, split
         else:
             corpus = None
         with _spinner(f"valuing every training row of the {name}"):
-            scores = source.scores(samples, where=_where(where_items), batch=batch)
+            if per_label:
+                scores = _per_label_scores(source, valuation_path, fields, split, corpus, _where(where_items), batch)
+            else:
+                scores = source.scores(samples, where=_where(where_items), batch=batch)
         ids = scores.ids
         chosen, order, ranks, percentiles = _rank_and_select(ids, scores.values, select_spec, lowest)
         shown = _shown_rows(source, scores, order, ranks, percentiles, corpus)
@@ -1270,6 +1279,41 @@ def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, split
         click.echo(render.color_rank_summary(text), err=True, color=True)
     else:
         click.echo(text, err=True)
+
+
+def _per_label_scores(source, valuation_path, fields, split, corpus, where, batch):
+    """`Scores` whose values are, per training row, its mean value to the valuation rows of its own label minus
+    the mean of that over the training rows of its label (rank --per-label; tools/noise_by_label.py measures it).
+
+    Raises:
+        DataError: a valuation row has no label, or a training label has no valuation row.
+    """
+    import dataclasses
+
+    import numpy as np
+
+    from forvalue.indexer.data import load_valuation_set
+    from forvalue.indexer.errors import DataError
+
+    fields, schema = _data_options(fields, _kept_schema(source), queries=True)
+    groups: dict[str, list] = {}
+    for s in load_valuation_set(valuation_path, fields, require=("label",), schema=schema, split=split):
+        groups.setdefault(s.label, []).append(s.as_input())
+    by_label = {label: source.scores(group, where=where, batch=batch) for label, group in groups.items()}
+    first = next(iter(by_label.values()))
+    if corpus is not None:
+        labels = [corpus[i].label if i in corpus else None for i in first.ids]
+    else:
+        labels = [row.get("label") for row in source.version.rows(first.rows)]
+    values = np.empty(len(first.ids))
+    for label in set(labels):
+        at = np.array([j for j, x in enumerate(labels) if x == label])
+        if label not in by_label:
+            raise DataError(f"training row {first.ids[at[0]]!r} has label {label!r} but no valuation row does; give "
+                            "every training label valuation rows, or leave --per-label out", path=str(valuation_path))
+        own = np.asarray(by_label[label].values)[at]
+        values[at] = own - own.mean()
+    return dataclasses.replace(first, values=values, cosines=None)
 
 
 def _valuation(source, valuation_path, prompt, response, fields, require=(), split=None) -> list[tuple]:

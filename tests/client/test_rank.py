@@ -229,3 +229,29 @@ def test_summary_lists_the_first_rows_with_percentile_cosine_and_text(sources, v
         assert (int(rank), id_) == (t["rank"], t["id"]) and pct == f"{100 * t['percentile']:.1f}%"
         assert cos == f"{t['cosine']:+.3f}"
         assert " ".join(rest) == ("-" if t["text"] is None else " ".join(t["text"].split()))
+
+
+@pytest.mark.parametrize("where", ["index", "server+data"])
+def test_per_label_values_equal_own_label_means_centred_per_label(sources, local_index, served_index, tmp_path, where):
+    """--per-label: each row's mean value to the valuation rows of its own label, minus that mean over its label."""
+    val = corpus(8, seed=11, prefix="v")
+    path = tmp_path / "val.jsonl"
+    path.write_text("".join(json.dumps({"prompt": s.prompt, "response": s.response, "label": s.label}) + "\n"
+                            for s in val))
+    rows = local_index.version.rows(list(range(local_index.n)))
+    labels = [r.get("label") for r in rows]
+    S = local_index.score_matrix(local_index.encode(val)).double().numpy()  # (8, n)
+    want = np.empty(len(rows))
+    for label in set(labels):
+        at = [i for i, x in enumerate(labels) if x == label]
+        own = S[[j for j, s in enumerate(val) if s.label == label]][:, at].mean(0)
+        want[at] = own - own.mean()
+    out = tmp_path / "scores.jsonl"
+    r = run(*sources[where], "--valuation", str(path), "--out", str(out), "--per-label", "--lowest", "--json")
+    assert r.exit_code == 0, r.output
+    got = {row["id"]: row["score"] for row in _read(out)}
+    np.testing.assert_allclose([got[str(r["id"])] for r in rows], want, rtol=1e-4, atol=1e-3)
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"prompt": val[0].prompt, "response": val[0].response, "label": val[0].label}) + "\n")
+    r = run(*sources[where], "--valuation", str(one), "--out", str(tmp_path / "s2.jsonl"), "--per-label")
+    assert r.exit_code == 2 and "but no valuation row does" in r.output
