@@ -1135,7 +1135,8 @@ def query_cmd(server, index_dir, model_path, device, prompt, response, valuation
     where = _where(where_items)
     pairs = explain_pairs if explain or html_path is not None else 0
     with open_source(server, index_dir, model_path, device, token_file, tls, tls_ca) as (source, name):
-        samples = _valuation(source, valuation_path, prompt, response, fields, split=split)
+        samples = [s.as_input() for s in _valuation(_kept_schema(source), valuation_path, prompt, response, fields,
+                                                    split=split)]
         if group_by is not None:
             grouped = source.group_by(samples, group_by, k=k, direction=direction, where=where)
         elif html_path is not None:  # the report shows both ends: one call (one forward pass) answers both
@@ -1240,15 +1241,18 @@ def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, split
     from forvalue.indexer.data import read_samples, sample_of_row
 
     with open_source(server, index_dir, model_path, device, token_file, tls, tls_ca) as (source, name):
-        samples = _valuation(source, valuation_path, None, None, fields, split=split)
+        kept = _kept_schema(source)  # read once: from a server it is a call
+        valuation = _valuation(kept, valuation_path, None, None, fields, require=("label",) if per_label else (),
+                               split=split)
+        samples = [s.as_input() for s in valuation]
         if data_path is not None:
-            corpus_fields, schema = _data_options(fields, _kept_schema(source))
+            corpus_fields, schema = _data_options(fields, kept)
             corpus = {s.id: s for s in read_samples(data_path, corpus_fields, schema=schema)}
         else:
             corpus = None
         with _spinner(f"valuing every training row of the {name}"):
             if per_label:
-                scores = _per_label_scores(source, valuation_path, fields, split, corpus, _where(where_items), batch)
+                scores = _per_label_scores(source, valuation, corpus, _where(where_items), batch)
             else:
                 scores = source.scores(samples, where=_where(where_items), batch=batch)
         ids = scores.ids
@@ -1281,23 +1285,23 @@ def rank_cmd(server, index_dir, model_path, device, batch, valuation_path, split
         click.echo(text, err=True)
 
 
-def _per_label_scores(source, valuation_path, fields, split, corpus, where, batch):
-    """`Scores` whose values are, per training row, its mean value to the valuation rows of its own label minus
-    the mean of that over the training rows of its label (rank --per-label; tools/noise_by_label.py measures it).
+def _per_label_scores(source, valuation, corpus, where, batch):
+    """`Scores` whose values are, per training row, its mean value to the valuation rows (Samples, labelled) of its
+    own label minus the mean of that over the training rows of its label (rank --per-label;
+    tools/noise_by_label.py measures it).
 
     Raises:
-        DataError: a valuation row has no label, or a training label has no valuation row.
+        DataError: a training label has no valuation row.
     """
     import dataclasses
 
     import numpy as np
 
-    from forvalue.indexer.data import load_valuation_set
     from forvalue.indexer.errors import DataError
+    from forvalue.indexer.selection import centre_by_label
 
-    fields, schema = _data_options(fields, _kept_schema(source), queries=True)
     groups: dict[str, list] = {}
-    for s in load_valuation_set(valuation_path, fields, require=("label",), schema=schema, split=split):
+    for s in valuation:
         groups.setdefault(s.label, []).append(s.as_input())
     by_label = {label: source.scores(group, where=where, batch=batch) for label, group in groups.items()}
     first = next(iter(by_label.values()))
@@ -1305,27 +1309,24 @@ def _per_label_scores(source, valuation_path, fields, split, corpus, where, batc
         labels = [corpus[i].label if i in corpus else None for i in first.ids]
     else:
         labels = [row.get("label") for row in source.version.rows(first.rows)]
-    values = np.empty(len(first.ids))
-    for label in set(labels):
-        at = np.array([j for j, x in enumerate(labels) if x == label])
-        if label not in by_label:
-            raise DataError(f"training row {first.ids[at[0]]!r} has label {label!r} but no valuation row does; give "
-                            "every training label valuation rows, or leave --per-label out", path=str(valuation_path))
-        own = np.asarray(by_label[label].values)[at]
-        values[at] = own - own.mean()
-    return dataclasses.replace(first, values=values, cosines=None)
+    missing = next((j for j, x in enumerate(labels) if x not in by_label), None)
+    if missing is not None:
+        raise DataError(f"training row {first.ids[missing]!r} has label {labels[missing]!r} but no valuation row "
+                        "does; give every training label valuation rows, or leave --per-label out",
+                        path=valuation[0].source or None)
+    own = np.array([by_label[x].values[j] for j, x in enumerate(labels)])
+    return dataclasses.replace(first, values=centre_by_label(own, labels), cosines=None)
 
 
-def _valuation(source, valuation_path, prompt, response, fields, require=(), split=None) -> list[tuple]:
-    """The valuation samples of --valuation FILE [--split VALUE] (or --prompt/--response), read as the index
-    (`source`) reads its rows: its field names, template and turn scope."""
+def _valuation(kept, valuation_path, prompt, response, fields, require=(), split=None) -> list:
+    """The valuation Samples of --valuation FILE [--split VALUE] (or --prompt/--response), read as the index reads
+    its rows (`kept`, `_kept_schema`): its field names, template and turn scope."""
     from forvalue.indexer.data import flat_sample, load_valuation_set
 
-    fields, schema = _data_options(fields, _kept_schema(source), queries=True)
+    fields, schema = _data_options(fields, kept, queries=True)
     if valuation_path is None:
-        return [flat_sample(prompt, response, schema).as_input()]
-    return [s.as_input() for s in load_valuation_set(valuation_path, fields, require=require, schema=schema,
-                                                     split=split)]
+        return [flat_sample(prompt, response, schema)]
+    return load_valuation_set(valuation_path, fields, require=require, schema=schema, split=split)
 
 
 def _rank_and_select(ids, scores, select_spec, lowest):

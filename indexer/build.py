@@ -23,7 +23,7 @@ import torch
 
 from . import __version__
 from .config import CALIBRATION_ROWS, BuildConfig, FirstStageConfig, SketchConfig
-from .data import Sample, sample_of_row, stored_row
+from .data import Sample, content_key, stored_row
 from .deletion import DELETED_FILE, current_takedowns, deleted_json, hidden_rows, takedown_lock
 from .errors import DataError, IndexMismatchError
 from .features import Features, ForwardConfig, Head, token_rows
@@ -287,7 +287,6 @@ def build_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: B
     if base is not None:
         _check_compatible(base.manifest, params)
         base_ids = _row_ids(base)
-        old_ids = set(base_ids)
         samples = _new_rows(base, base_ids, samples)
         if not samples:
             return base.name
@@ -422,7 +421,7 @@ def _new_rows(base: Version, base_ids: list[str], samples: Sequence[Sample]) -> 
         return list(samples)
     stored = base.rows([where[s.id] for s in dups])
     for s, row in zip(dups, stored):
-        if not s.auto_id and sample_of_row(row).content_key() != s.content_key():
+        if not s.auto_id and content_key(row) != content_key(stored_row(s)):
             raise DataError(f"id {s.id!r} is already in index version {base.name} with other content; give new "
                             "samples new ids, or update changed rows with forvalue index sync",
                             path=s.source or None, row=s.row if s.row >= 0 else None)

@@ -110,17 +110,6 @@ class Sample:
         """The row exactly as it was read (same columns, same nesting); `to_dict` for a sample not read from a file."""
         return dict(self.raw) if self.raw is not None else self.to_dict()
 
-    def content_key(self) -> str:
-        """sha256 of what is scored: the prompt and response (or the conversation), the image file's content."""
-        parts: dict[str, Any] = {"prompt": self.prompt, "response": self.response}
-        if self.chat is not None:  # scored from its turns alone: prompt and response only name it for people
-            parts = {"chat": self.chat.to_json()}
-        if self.image is not None:
-            from .images import file_sha256
-
-            parts["image"] = file_sha256(self.image)
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
-
     def to_dict(self) -> dict[str, Any]:
         """A flat JSON-able row (id, prompt, response, label, split, clean, image, then meta); None fields left out."""
         out: dict[str, Any] = {"id": self.id, "prompt": self.prompt, "response": self.response}
@@ -166,6 +155,20 @@ def stored_row(s: Sample) -> dict[str, Any]:
     if s.auto_id:
         row["auto_id"] = True
     return row
+
+
+def content_key(row: Mapping[str, Any], settings: str = "") -> str:
+    """sha256 of what is scored of a stored row (`stored_row`: prompt and response, or the conversation alone,
+    whose prompt and response only name it for people; the image's sha256) under `settings` (what else decides
+    the features, e.g. `sync.scoring_settings`); equal keys give equal features."""
+    chat = json.dumps(row["chat"], sort_keys=True) if row.get("chat") is not None else ""
+    texts = ("", "") if chat else (row["prompt"], row["response"])
+    h = hashlib.sha256()
+    for part in (settings, *texts, chat, row.get("image_sha256") or ""):
+        b = str(part).encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
 
 
 def sample_of_row(row: Mapping[str, Any]) -> Sample:

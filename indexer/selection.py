@@ -84,6 +84,17 @@ def rank_scores(ids: Sequence[str], scores: np.ndarray, lowest: bool = False
     return order, ranks, percentiles.astype(np.float64)
 
 
+def centre_by_label(values: np.ndarray, labels: Sequence[object]) -> np.ndarray:
+    """`values` minus the mean of the values of the rows with the same label (`rank --per-label`: a row compared
+    with the other rows of its class)."""
+    values = np.asarray(values, dtype=np.float64)
+    out = np.empty_like(values)
+    for label in set(labels):
+        at = np.array([i for i, x in enumerate(labels) if x == label])
+        out[at] = values[at] - values[at].mean()
+    return out
+
+
 def scores_format(path: str | os.PathLike[str]) -> str:
     """"jsonl" or "parquet", by the extension of `path`.
 

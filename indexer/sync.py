@@ -41,7 +41,7 @@ from .build import (
     BackgroundWriter, _check_compatible, _first_stage_info, _params, build_index, corpus_fingerprint, encode_shard,
 )
 from .config import APPROXIMATE_KINDS, BuildConfig, FirstStageConfig, SketchConfig, SyncConfig
-from .data import Sample, stored_row
+from .data import Sample, content_key, stored_row
 from .deletion import DELETED_FILE, deleted_json, deleted_of, hidden_rows, takedown_lock
 from .errors import DataError, IndexChangedError
 from .features import Features, Head
@@ -71,20 +71,6 @@ def scoring_settings(manifest: Mapping[str, Any]) -> str:
                        "tokens": manifest["tokens"], "max_length": manifest["max_length"],
                        "add_eos": manifest.get("add_eos", True), "forward_dtype": manifest.get("forward_dtype"),
                        "template": schema.template, "turns": schema.turns}, sort_keys=True)
-
-
-def content_key(row: Mapping[str, Any], settings: str) -> str:
-    """sha256 of what is scored of a stored row (`data.stored_row`: prompt, response, conversation, image
-    sha256) under `settings` (`scoring_settings`); equal keys give equal features."""
-    chat = json.dumps(row["chat"], sort_keys=True) if row.get("chat") is not None else ""
-    # a conversation is scored from its turns alone: its prompt and response only name it for people
-    texts = ("", "") if chat else (row["prompt"], row["response"])
-    h = hashlib.sha256()
-    for part in (settings, *texts, chat, row.get("image_sha256") or ""):
-        b = str(part).encode("utf-8")
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    return h.hexdigest()
 
 
 class PlannedShard(NamedTuple):

@@ -20,6 +20,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from forvalue.indexer.selection import centre_by_label
+
 
 def signals(S: np.ndarray, val_labels: list[str], train_labels: list[str]) -> dict[str, np.ndarray]:
     """The three signals of the module docstring from S (n_valuation, n_train)."""
@@ -27,11 +29,7 @@ def signals(S: np.ndarray, val_labels: list[str], train_labels: list[str]) -> di
     for j, label in enumerate(val_labels):
         by_label[label].append(j)
     own = np.array([S[by_label[lab], i].mean() if by_label.get(lab) else np.nan for i, lab in enumerate(train_labels)])
-    centered = own.copy()
-    for lab in set(train_labels):
-        rows = [i for i, x in enumerate(train_labels) if x == lab]
-        centered[rows] -= np.nanmean(own[rows])
-    return {"mean": S.mean(axis=0), "own_label": own, "own_label_centered": centered}
+    return {"mean": S.mean(axis=0), "own_label": own, "own_label_centered": centre_by_label(own, train_labels)}
 
 
 def main() -> None:
