@@ -22,8 +22,8 @@ import click
 
 from forvalue.client import render
 from forvalue.indexer.config import (
-    DTYPE_CHOICES, FIRST_STAGE_KINDS, METHODS, RERANK_DTYPES, TOKEN_SCOPES, BuildConfig, FirstStageConfig, ScoreConfig,
-    SketchConfig, SyncConfig,
+    DTYPE_CHOICES, FIRST_STAGE_KINDS, METHODS, NORMALIZE, RERANK_DTYPES, TOKEN_SCOPES, BuildConfig, FirstStageConfig,
+    ScoreConfig, SketchConfig, SyncConfig,
 )
 from forvalue.indexer.results import DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH
 from forvalue.server.config import ServerConfig
@@ -501,6 +501,9 @@ Examples:
                    "(training targets); emb: the Emb baseline (alpha = 1).")
 @click.option("--memory-mb", type=click.IntRange(16), default=ScoreConfig.memory_mb, show_default=True,
               help="Working-memory budget of the scoring step.")
+@click.option("--normalize", type=click.Choice(NORMALIZE), default=ScoreConfig.normalize, show_default=True,
+              help="unit: each training row's value divided by its norm, as an index built with --normalize unit "
+                   "ranks (--method exact).")
 @index_option("Evaluate through this index (its rows are the training set): adds fidelity_top10 and "
               "candidate_recall of the first stage.", required=False, env=False)
 @click.option("--rerank", type=click.IntRange(1), default=DEFAULT_RERANK, show_default=True,
@@ -510,7 +513,7 @@ Examples:
 @field_options
 @handle_errors
 def eval_cmd(data, train_path, model_path, tokens, max_length, batch_tokens, device, method, memory_mb, index_dir,
-             rerank, as_json, fields):
+             rerank, as_json, fields, normalize=ScoreConfig.normalize):
     """Evaluate For-Value on labelled data: AUC and Recall of same-label training rows.
 
     DATA is a JSONL/Parquet file with prompt, response, label and split (train|test) per row; or a
@@ -524,7 +527,7 @@ def eval_cmd(data, train_path, model_path, tokens, max_length, batch_tokens, dev
     if index_dir is not None:
         _eval_through_index(data, index_dir, model_path, device, rerank, as_json, fields)
         return
-    score = ScoreConfig(method=method, memory_mb=memory_mb)
+    score = ScoreConfig(method=method, memory_mb=memory_mb, normalize=normalize)
     fields, schema = _data_options(fields)
     valuation, train = load_eval_sets(data, train_path, fields, schema=schema)
     t0 = time.perf_counter()
@@ -696,7 +699,8 @@ def metrics_file_option(job: str):
 Examples:
   forvalue index build --data train.jsonl --index idx
   forvalue index build --data example.jsonl --split train --index idx --tokens all
-  forvalue index build --data big.parquet --index idx --device cuda --index-kind ivf-sq8 --json""")
+  forvalue index build --data big.parquet --index idx --device cuda --index-kind ivf-sq8 --json
+  forvalue index build --data train.jsonl --index idx --model ./my-finetuned --normalize unit""")
 @metrics_file_option("build")
 @click.option("--data", required=True, help="Training corpus: JSONL, Parquet or one *.hf directory.")
 @index_option("Index directory (created; new versions go beside old ones).", aliases=("--out",))
@@ -713,11 +717,15 @@ Examples:
 @click.option("--ray-workers", type=click.IntRange(1), default=None,
               help="With --ray: actors encoding shards [default: one per GPU with --ray-gpu, else one per CPU].")
 @click.option("--ray-gpu", is_flag=True, help="With --ray: one GPU per actor, forward passes on cuda.")
+@click.option("--normalize", type=click.Choice(NORMALIZE), default=BuildConfig.normalize, show_default=True,
+              help="What the index ranks by: none = For-Value as defined; unit = each row's value divided by its "
+                   "norm (the cosine order; recommended for a fine-tuned model, whose memorised rows have G near 0). "
+                   "index add and sync keep it.")
 @handle_errors
 @first_stage_options
 def index_build_cmd(data, index_dir, split, model_path, tokens, max_length, batch_tokens, device, dim, rank, shard_size,
                     rerank_top, rerank_dtype, fit_samples, seed, as_json, fields, first_stage, ray_address=None,
-                    ray_workers=None, ray_gpu=False):
+                    ray_workers=None, ray_gpu=False, normalize=BuildConfig.normalize):
     """Build a new index version over a training corpus and make it CURRENT (resumes a killed build).
 
     Prints a short summary (rows, version, seconds, first-stage recall); --json prints the JSON object."""
@@ -729,7 +737,7 @@ def index_build_cmd(data, index_dir, split, model_path, tokens, max_length, batc
     config = _build_config(tokens, max_length, 4096 if batch_tokens == "auto" else batch_tokens, dim, rank, shard_size,
                            rerank_dtype, fit_samples, seed, rerank_top)
     samples, schema = _train_rows(data, fields, split)
-    config = dataclasses.replace(config, first_stage=first_stage, schema=schema)
+    config = dataclasses.replace(config, first_stage=first_stage, schema=schema, normalize=normalize)
     lm = _load_model(model_path, device)
     batch_tokens, max_batch = batch_sizes(batch_tokens, lm.model, max_length)
     config = dataclasses.replace(config, batch_tokens=batch_tokens, max_batch=max_batch)
@@ -777,7 +785,7 @@ def index_add_cmd(index_dir, data, split, model_path, device, batch_tokens, as_j
     sk = m["sketch"]
     config = BuildConfig(
         tokens=m["tokens"], max_length=m["max_length"], rerank_dtype=m["rerank_dtype"],
-        rerank_top=int(m.get("rerank_top", 0)),
+        rerank_top=int(m.get("rerank_top", 0)), normalize=m.get("normalize", "none"),
         sketch=SketchConfig(rank=sk["rank"], buckets=sk["buckets"], dedicated=sk["dedicated"], seed=sk["seed"],
                             fit_samples=sk["fit_samples"]),
     )

@@ -30,6 +30,7 @@ from .features import Features, ForwardConfig, Head, token_rows
 from .filters import FieldIndex
 from .forward import iter_features, refuse_images
 from .model import LoadedModel
+from .score import unit_scale
 from .sketch import MAP_FILES, Sketcher, fit_sketcher, sketch_from_residuals, vocab_pass
 from .store import Build, IndexRoot, Version
 
@@ -70,7 +71,7 @@ def _params(lm: LoadedModel, config: BuildConfig) -> dict:
         "model": model,
         "tokens": config.tokens, "max_length": config.max_length, "add_eos": True,
         "sketch": _sketch_params(config.sketch), "rerank_dtype": config.rerank_dtype,
-        "rerank_top": config.rerank_top,
+        "rerank_top": config.rerank_top, "normalize": config.normalize,
         "data": config.schema.to_json(),
     }
     if lm.dtype != torch.float32:  # a half-precision pass gives slightly other features: a build of its own
@@ -181,6 +182,8 @@ def encode_shard(lm: LoadedModel, head: Head, sk: Sketcher, samples: Sequence[Sa
                "h": h.half() if half else h, "y": y.int(), "lse": vp.lse}
         if norms:
             per["g_norm"] = vp.g_sq.clamp(min=0).sqrt()
+        if config.normalize == "unit":  # the sketch of G / ‖G‖ (a row with G = 0 has value 0 to every query)
+            per["sketch"] = per["sketch"] * unit_scale(per["g_norm"])[:, None]
         if vp.top is not None:
             per |= {"top_ids": vp.top.ids.int(), "top_p": vp.top.probs, "tail_l2": vp.top.tail_l2}
         for name, t in per.items():
@@ -464,7 +467,7 @@ def storage_summary(manifest: dict) -> dict:
 
 # What `index add` must share with the index it extends; the model by what it is (fingerprints, shape), never by
 # the path or name it was given (`--model tiny` and `--model /abs/path/tiny` are the same model).
-_COMPATIBLE_KEYS = ("model", "tokens", "max_length", "sketch", "rerank_dtype", "rerank_top")
+_COMPATIBLE_KEYS = ("model", "tokens", "max_length", "sketch", "rerank_dtype", "rerank_top", "normalize")
 _MODEL_NAME_KEYS = frozenset({"name"})
 # what an operator passes to get the value the index has
 _WHAT_TO_PASS = {
@@ -497,7 +500,7 @@ def _check_compatible(manifest: dict, params: dict) -> None:
         IndexMismatchError: "cannot add to this index: its model.fingerprint is ..., the new samples' is ...;
             pass the model the index was built with (--model NAME)".
     """
-    defaults = {"rerank_top": 0}  # indexes built before the key existed
+    defaults = {"rerank_top": 0, "normalize": "none"}  # indexes built before the keys existed
     diffs = []
     for key in _COMPATIBLE_KEYS:
         diffs += _differences(key, manifest.get(key, defaults.get(key)), params.get(key))

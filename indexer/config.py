@@ -20,6 +20,7 @@ STRATEGIES = ("auto", "pairs", "gram")
 INDEX_KINDS = ("flat-ip", "ivf-sq8", "ivf-pq")  # FAISS first stages (ann.py)
 APPROXIMATE_KINDS = ("ivf-sq8", "ivf-pq")
 FIRST_STAGE_KINDS = ("auto",) + INDEX_KINDS
+NORMALIZE = ("none", "unit")  # what an index ranks by: For-Value as it is, or per unit of the row's ‖G‖
 RERANK_DTYPES = ("float32", "float16")  # storage of the hidden states kept for exact re-ranking
 # percentiles (Index.percentiles) are exact on indexes of up to this many live rows (the hit's exact score among
 # certified bounds of every row: 0.7 s for 2,048 rows on one CPU thread with the default model, docs/results.md);
@@ -122,6 +123,8 @@ class ScoreConfig:
         memory_mb: working-memory budget for the blocks of one step.
         inbatch_size: samples per batch for method "inbatch" (valuation and training alike).
         inbatch_topk: predicted tokens per position that enter a batch's vocabulary for "inbatch".
+        normalize: "none", or "unit" (method "exact" only): every training sample's value divided by its ‖G‖,
+            as a unit-normalised index reports it (BuildConfig.normalize).
     """
 
     method: str = "exact"
@@ -129,10 +132,15 @@ class ScoreConfig:
     memory_mb: int = 1024
     inbatch_size: int = 32
     inbatch_topk: int = 5
+    normalize: str = "none"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.normalize not in NORMALIZE:
+            raise ConfigError(f"normalize must be one of {list(NORMALIZE)}, got {self.normalize!r}")
+        if self.normalize != "none" and self.method != "exact":
+            raise ConfigError(f"normalize {self.normalize!r} needs method 'exact', got {self.method!r}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.memory_mb < 16:
@@ -159,6 +167,11 @@ class BuildConfig:
         first_stage: which FAISS index retrieves the candidates (flat, or IVF above a size threshold) and
             the recall it must reach (firststage.py). Not part of the build key: changing it reuses the
             finished shards and rebuilds only the first stage.
+        normalize: "none" (For-Value as the paper defines it) or "unit": every row's value is divided by its
+            ‖G_i‖, i.e. rows are ranked by the cosine of their G with the query's (‖G_v‖ is the same for every
+            row). The stored sketches are those of G_i / ‖G_i‖, so the first stage and the exact re-ranking
+            rank alike. A memorised row of a fine-tuned model has π ≈ e_y and so G ≈ 0: raw values cannot see
+            it, unit values can (docs/results.md, fact tracing).
         schema: how the corpus's rows became samples (format, field names, template, turns: formats.py); kept in
             the manifest ("data") so that index add, query, rank and eval --index read their files the same way.
     """
@@ -171,6 +184,7 @@ class BuildConfig:
     batch_tokens: int = 4096
     max_batch: int = CPU_MAX_BATCH
     rerank_top: int = 32
+    normalize: str = "none"
     first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
     schema: Schema = field(default_factory=Schema)
 
@@ -183,6 +197,8 @@ class BuildConfig:
             raise ConfigError(f"rerank_dtype must be one of {list(RERANK_DTYPES)}, got {self.rerank_dtype!r}")
         if self.rerank_top < 0:
             raise ConfigError(f"rerank_top must be >= 0, got {self.rerank_top}")
+        if self.normalize not in NORMALIZE:
+            raise ConfigError(f"normalize must be one of {list(NORMALIZE)}, got {self.normalize!r}")
 
 
 

@@ -22,7 +22,7 @@ from .data import Sample
 from .features import ForwardConfig, Head
 from .forward import extract_features
 from .model import LoadedModel
-from .score import exact_scores, scores
+from .score import exact_scores, scores, self_scores, unit_scale
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def run_eval(lm: LoadedModel, valuation: Sequence[Sample], train: Sequence[Sampl
         clean = [s.clean is not False for s in train]
     report = metrics.evaluate(S.double().numpy(), [s.label for s in valuation], [s.label for s in train], clean)
     report.update(
-        model=lm.name, tokens=fwd.tokens, method=score.method, **timing,
+        model=lm.name, tokens=fwd.tokens, method=score.method, normalize=score.normalize, **timing,
         seconds=time.perf_counter() - t0, peak_memory_mb=peak_rss_mb(),
     )
     return EvalResult(S, report)
@@ -179,6 +179,8 @@ def run_index_eval(index, valuation: Sequence[Sample], rerank: int = 100, k: int
     ft = extract_features(index.lm.model, index.lm.preprocessor, [_row_input(r) for r in rows],
                           index.forward, index.head, progress, "reference")
     exact = exact_scores(fv, ft, index._cpu_head).double()
+    if index.row_scale is not None:  # a unit-normalised index: the reference divides by ‖G‖ of the recomputed rows
+        exact = exact * unit_scale(self_scores(ft, index._cpu_head).double().clamp(min=0).sqrt())[None, :]
     t3 = time.perf_counter()
     k = min(k, index.n)
     ranked, fid_most, fid_least, cand_most, cand_least = _first_stage_fidelity(index, q, approx, through, exact,

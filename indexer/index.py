@@ -25,9 +25,9 @@ from .model import LoadedModel
 from .rerank import Candidates, must_score, pruning_pays, query_probs_fit, score_bounds
 from .results import (
     DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH, DIRECTIONS, GROUP, Explanation, Group, GroupedResult, Hit, Scores,
-    SearchResult, check_direction, cut_texts, index_info,
+    SearchResult, check_direction, cut_texts, index_info, scale_explanation,
 )
-from .score import exact_scores, group_norm, self_scores
+from .score import exact_scores, group_norm, self_scores, unit_scale
 from .sketch import MAP_FILES, Sketcher
 from .store import IndexRoot, Version
 
@@ -96,6 +96,14 @@ class Index:
         # ‖G‖ of every row (calibrated cosine); None for indexes built before it was stored
         self.g_norm = (torch.from_numpy(np.asarray(version.array("g_norm"), dtype=np.float32))
                        if "g_norm" in version.arrays else None)
+        # a factor per row on every value the index reports: 1 / ‖G_row‖ in a unit-normalised index
+        # (BuildConfig.normalize), whose stored sketches are those of G / ‖G‖ already; None: For-Value as it is
+        self.normalize = m.get("normalize", "none")
+        self.row_scale = None
+        if self.normalize == "unit":
+            if self.g_norm is None:
+                raise IndexCorruptError(f"index {version.path} is unit-normalised but stores no g_norm; rebuild it")
+            self.row_scale = unit_scale(self.g_norm.double())
         self.rerank_top = int(m.get("rerank_top", 0))  # 0: an index without top probabilities (no pruning)
         self.query_top = 32
         self._labels = None  # token id → text, cached (explain)
@@ -138,6 +146,13 @@ class Index:
         """Features of valuation samples (one forward pass)."""
         return extract_features(self.lm.model, self.lm.preprocessor, _pairs(samples), self.forward, self.head)
 
+    def scaled(self, values: torch.Tensor, rows: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """For-Value of training rows `rows` (the last axis of `values`) as this index reports it: divided by
+        each row's ‖G‖ in a unit-normalised index, as it is otherwise."""
+        if self.row_scale is None:
+            return values
+        return values * self.row_scale[torch.as_tensor(np.asarray(rows, dtype=np.int64))].to(values.dtype)
+
     def candidate_features(self, rows: Sequence[int]) -> Features:
         """Stored re-rank features of training rows `rows`, in that order."""
         return self._features(self.version.token_rows(np.asarray(rows, dtype=np.int64), ["h", "y", "lse"]))
@@ -172,6 +187,7 @@ class Index:
             c = self.candidates(cand)
             if pruning_pays(features, c.feats.h.shape[0], self._cpu_head, self.query_top):
                 lo, hi = score_bounds(features, c, self._cpu_head, self.query_top, probs=probs)
+                lo, hi = self.scaled(lo, cand), self.scaled(hi, cand)
                 bounds = (lo.double().mean(0).numpy(), hi.double().mean(0).numpy())
                 keep = torch.nonzero(must_score(lo.mean(0), hi.mean(0), k, direction)).flatten()
                 ft = c.feats.select(keep)
@@ -179,7 +195,8 @@ class Index:
                 ft = c.feats
         else:
             ft = self.candidate_features(cand)
-        exact = exact_scores(features, ft, self._cpu_head, pv=probs).mean(0)
+        exact = self.scaled(exact_scores(features, ft, self._cpu_head, pv=probs),
+                            cand if keep is None else cand[keep.numpy()]).mean(0)
         order = torch.argsort(exact, descending=(direction == "most"), stable=True)[:k]
         pos = order if keep is None else keep[order]
         ex = exact.double().numpy()
@@ -309,9 +326,10 @@ class Index:
             part = rows[a : a + block]
             if self.rerank_top and probs is not None:
                 bl, bh = score_bounds(features, self.candidates(part), self._cpu_head, self.query_top, probs=probs)
+                bl, bh = self.scaled(bl, part), self.scaled(bh, part)
                 lo[a : a + part.size], hi[a : a + part.size] = bl.double().mean(0).numpy(), bh.double().mean(0).numpy()
             else:
-                ex = exact_scores(features, self.candidate_features(part), self._cpu_head, pv=probs)
+                ex = self.scaled(exact_scores(features, self.candidate_features(part), self._cpu_head, pv=probs), part)
                 lo[a : a + part.size] = hi[a : a + part.size] = ex.double().mean(0).numpy()
         return lo, hi
 
@@ -369,9 +387,10 @@ class Index:
             return [None] * len(rows)
         qn = self.query_norm(features, probs)
         norms = self.g_norm[torch.as_tensor(np.asarray(rows, dtype=np.int64))].double()
+        unit = self.row_scale is not None  # the scores are divided by ‖G_row‖ already
         out = []
         for s, g in zip(scores.double().tolist(), norms.tolist()):
-            out.append(None if qn <= 0 or g <= 0 else max(-1.0, min(1.0, s / (qn * g))))
+            out.append(None if qn <= 0 or g <= 0 else max(-1.0, min(1.0, s / (qn * (1.0 if unit else g)))))
         return out
 
     def score_rows(self, features: Features, rows: np.ndarray, block: int = 512, check: Check | None = None,
@@ -383,7 +402,8 @@ class Index:
         for a in range(0, rows.size, block):
             _check(check)
             part = rows[a : a + block]
-            out[:, a : a + part.size] = exact_scores(features, self.candidate_features(part), self._cpu_head, pv=probs)
+            out[:, a : a + part.size] = self.scaled(
+                exact_scores(features, self.candidate_features(part), self._cpu_head, pv=probs), part)
         return out
 
     def group_by(self, samples: Sequence[Sample | tuple[str, str]], field: str, k: int = 3, direction: str = "most",
@@ -453,7 +473,10 @@ class Index:
             probs = self._cpu_head.probs(features.h, features.lse)
         if self._labels is None:
             self._labels = token_labeler(self.lm.tokenizer)
-        return explain_rows(features, self.candidate_features(rows), self._cpu_head, self._labels, pairs, probs)
+        found = explain_rows(features, self.candidate_features(rows), self._cpu_head, self._labels, pairs, probs)
+        if self.row_scale is None:
+            return found
+        return [scale_explanation(e, float(self.row_scale[int(r)])) for e, r in zip(found, rows)]
 
     def query_sketches(self, features: Features, probs: torch.Tensor | None = None) -> torch.Tensor:
         """First-stage sketches of the query rows → (nq, dim) (`probs`: their tokens' distributions, if known)."""
@@ -541,8 +564,9 @@ class Index:
             return None
         qn = group_norm(parts, self._cpu_head)
         g = self.g_norm[torch.as_tensor(rows, dtype=torch.int64)].double().numpy()
+        div = 1.0 if self.row_scale is not None else g  # a unit index's values are divided by ‖G_row‖ already
         with np.errstate(divide="ignore", invalid="ignore"):
-            cos = np.where((g > 0) & (qn > 0), values / (qn * g), np.nan)
+            cos = np.where((g > 0) & (qn > 0), values / (qn * div), np.nan)
         return np.clip(cos, -1.0, 1.0)
 
     def score_all(self, samples: Sequence[Sample | tuple[str, str]], chunk_size: int = 0,

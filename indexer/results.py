@@ -71,6 +71,14 @@ class Explanation:
     total: float
 
 
+def scale_explanation(e: Explanation, factor: float) -> Explanation:
+    """An explanation of a score multiplied by `factor` (a unit-normalised index's 1 / ‖G_row‖): every
+    contribution and the total, so that they still sum to the score."""
+    return Explanation([replace(t, contribution=t.contribution * factor) for t in e.query_tokens],
+                       [replace(t, contribution=t.contribution * factor) for t in e.train_tokens],
+                       [replace(p, contribution=p.contribution * factor) for p in e.top_pairs], e.total * factor)
+
+
 @dataclass(frozen=True)
 class Hit:
     """One training sample in an answer.

@@ -263,6 +263,11 @@ def self_scores(feats: Features, head: Head, chunk: int = 16384) -> torch.Tensor
     return out
 
 
+def unit_scale(norms: torch.Tensor) -> torch.Tensor:
+    """1 / ‖G‖ of each row, 0 where ‖G‖ = 0 (a row of unit-normalised values: BuildConfig.normalize)."""
+    return torch.where(norms > 0, 1.0 / norms.clamp(min=torch.finfo(norms.dtype).tiny), torch.zeros_like(norms))
+
+
 def group_norm(parts: Sequence[Features], head: Head, chunk: int = 4096) -> float:
     """‖Ḡ‖ of a group of samples given in parts, Ḡ = (1/n) Σ_v G_v, G_v = Σ_k (e_{y_k} − π_k) h_kᵀ.
 
@@ -318,7 +323,10 @@ def scores(fv: Features, ft: Features, head: Head, config: ScoreConfig = ScoreCo
     if config.method == "emb":
         return embedding_sums(fv) @ embedding_sums(ft).T
     if config.method == "exact":
-        return exact_scores(fv, ft, head, None, config.strategy, config.memory_mb)
+        S = exact_scores(fv, ft, head, None, config.strategy, config.memory_mb)
+        if config.normalize == "unit":
+            S = S * unit_scale(self_scores(ft, head).clamp(min=0).sqrt()).to(S.dtype)[None, :]
+        return S
     if config.method == "shared":
         vocab = shared_vocab if shared_vocab is not None else target_vocab(ft)
         return exact_scores(fv, ft, head, vocab, config.strategy, config.memory_mb)

@@ -48,7 +48,7 @@ from .features import Features, Head
 from .formats import Schema
 from .forward import batch_sizes, refuse_images
 from .model import LoadedModel
-from .score import exact_scores
+from .score import exact_scores, self_scores, unit_scale
 from .sketch import MAP_FILES, Sketcher
 from .store import Build, IndexRoot, Version
 from .store_format import locate_rows
@@ -245,15 +245,18 @@ def _write_planned(build: Build, base: Version, plan: SyncPlan, samples: Sequenc
 
 
 def sketch_recall(fq: Features, sq: torch.Tensor, fp: Features, sp: torch.Tensor, head: Head, k: int,
-                  candidates: int) -> dict[str, float]:
+                  candidates: int, unit: bool = False) -> dict[str, float]:
     """Recall of the sketch first stage against exact For-Value: for each query row, the share of its exact
     top-k among the pool rows (most and least valuable) that lies in its `candidates` best pool rows by sketch
     inner product, averaged over the queries.
 
     Args:
         fq, sq: the queries' features and sketches (q, D). fp, sp: the pool's (p, D).
+        unit: the index is unit-normalised (BuildConfig.normalize): values are divided by the pool row's ‖G‖.
     """
     S = exact_scores(fq, fp, head)  # (q, p)
+    if unit:
+        S = S * unit_scale(self_scores(fp, head).clamp(min=0).sqrt())[None, :]
     A = sq.float() @ sp.float().T
     k, c = min(k, S.shape[1]), min(candidates, S.shape[1])
     out = {}
@@ -308,7 +311,7 @@ def _version_rows(version: Version, rows: np.ndarray) -> tuple[Features, torch.T
     return f, torch.from_numpy(np.asarray(version.take("sketch", rows), dtype=np.float32))
 
 
-def measure_recall(read, n: int, head: Head, config: SyncConfig, seed: int) -> dict | None:
+def measure_recall(read, n: int, head: Head, config: SyncConfig, seed: int, unit: bool = False) -> dict | None:
     """The sketch recall of a version of n rows whose rows `read(rows)` gives as (features, sketches); None when
     not measured (recall_queries = 0, or too few rows)."""
     picked = recall_rows(n, config, seed)
@@ -316,7 +319,7 @@ def measure_recall(read, n: int, head: Head, config: SyncConfig, seed: int) -> d
         return None
     t0 = time.perf_counter()
     (fq, sq), (fp, sp) = read(picked[0]), read(picked[1])
-    r = sketch_recall(fq, sq, fp, sp, head.to("cpu"), config.recall_k, config.recall_candidates)
+    r = sketch_recall(fq, sq, fp, sp, head.to("cpu"), config.recall_k, config.recall_candidates, unit)
     return {**r, "k": config.recall_k, "candidates": min(config.recall_candidates, int(picked[1].size)),
             "queries": int(picked[0].size), "pool": int(picked[1].size), "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -381,7 +384,7 @@ def build_config_of(manifest: Mapping[str, Any], batch_tokens: int, max_batch: i
             fs["pq_m"] = int(info["pq_m"])
     return BuildConfig(
         tokens=m["tokens"], max_length=m["max_length"], rerank_dtype=m["rerank_dtype"],
-        rerank_top=int(m.get("rerank_top", 0)), shard_size=max(m.get("shard_sizes") or [BuildConfig.shard_size]),
+        rerank_top=int(m.get("rerank_top", 0)), normalize=m.get("normalize", "none"), shard_size=max(m.get("shard_sizes") or [BuildConfig.shard_size]),
         sketch=SketchConfig(rank=sk["rank"], buckets=sk["buckets"], dedicated=sk["dedicated"], seed=sk["seed"],
                             fit_samples=sk["fit_samples"]),
         batch_tokens=batch_tokens, max_batch=max_batch, first_stage=FirstStageConfig(**fs),
@@ -488,7 +491,8 @@ def _publish_sync(idx_root: IndexRoot, build: Build, base: Version, plan: SyncPl
     encoded_now, resumed = _write_planned(build, base, plan, samples, rows, enc, progress)
     n_shards, n = len(plan.shards), len(rows)
     info = _first_stage_info(build, n_shards, bconf.first_stage)
-    recall = measure_recall(lambda r: _build_rows(build, n_shards, r), n, head, config, bconf.sketch.seed)
+    recall = measure_recall(lambda r: _build_rows(build, n_shards, r), n, head, config, bconf.sketch.seed,
+                            bconf.normalize == "unit")
     share = _changed_share(base.manifest, plan.encoded, n)
     reasons = _advice(recall, share, config)
     linked = sum(s.link is not None for s in plan.shards)
@@ -532,7 +536,8 @@ def _refit(idx_root: IndexRoot, base: Version, samples: Sequence[Sample], lm: Lo
     name = build_index(str(idx_root.path), samples, lm, bconf, progress=progress)
     head = Head.from_model(lm.model)
     with idx_root.load(name, verify=False) as v:
-        recall = measure_recall(lambda r: _version_rows(v, r), v.n, head, config, bconf.sketch.seed)
+        recall = measure_recall(lambda r: _version_rows(v, r), v.n, head, config, bconf.sketch.seed,
+                                bconf.normalize == "unit")
         recall = _with_first_stage(recall, v.manifest["index"])
     ids = {str(r["id"]) for r in base.rows(np.arange(base.n))}
     dropped = len(ids - {s.id for s in samples})

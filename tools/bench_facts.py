@@ -36,14 +36,14 @@ import numpy as np
 import torch
 
 from forvalue.indexer import metrics
-from forvalue.indexer.config import ScoreConfig
+from forvalue.indexer.config import NORMALIZE, ScoreConfig
 from forvalue.indexer.data import Sample, load_eval_sets
 from forvalue.indexer.evaluate import index_ranking, peak_rss_mb
 from forvalue.indexer.features import Features, ForwardConfig, Head, pad_batch
 from forvalue.indexer.forward import encode, extract_features
 from forvalue.indexer.model import load_model
 from forvalue.indexer.score import exact_scores, scores
-from forvalue.indexer.tailpatch import response_loss, tail_patch
+from forvalue.indexer.tailpatch import TopLayers, response_loss, tail_patch
 
 CHECKPOINTS = ("base", "intermediate", "final")
 METHODS = ("forvalue", "forvalue_final", "bm25", "emb", "forvalue_pretrained", "random")
@@ -54,13 +54,17 @@ def log(msg: str) -> None:
 
 
 def finetune(lm, rows: list[Sample], epochs: int, lr: float, batch: int, seed: int, save_after: int,
-             out: Path, threads: int) -> dict:
-    """Full fine-tuning with AdamW on the response loss; saves `out/intermediate` and `out/final`."""
+             out: Path, threads: int, top_layers: int) -> dict:
+    """AdamW on the response loss over the top `top_layers` layers and the final norm (0: every weight);
+    saves `out/intermediate` and `out/final`."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model, tok = lm.model, lm.tokenizer
+    top = TopLayers(model, top_layers) if top_layers else None
+    if top is not None:
+        top.freeze()
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = torch.optim.AdamW(top.parameters() if top else model.parameters(), lr=lr)
     rng = random.Random(seed)
     losses = []
     with torch.enable_grad():
@@ -71,10 +75,10 @@ def finetune(lm, rows: list[Sample], epochs: int, lr: float, batch: int, seed: i
             for a in range(0, len(order), batch):
                 pairs = [(rows[j].prompt, rows[j].response) for j in order[a : a + batch]]
                 opt.zero_grad()
-                loss = response_loss(model, tok, pairs)
+                loss = response_loss(model, tok, pairs, top=top)
                 loss.backward()
                 opt.step()
-                total, steps = total + float(loss), steps + 1
+                total, steps = total + float(loss.detach()), steps + 1
             losses.append(total / steps)
             log(f"epoch {epoch}: mean loss {losses[-1]:.3f}")
             if epoch == save_after or epoch == epochs:
@@ -94,7 +98,9 @@ def answer_accuracy(lm, questions: list[Sample]) -> float:
         for a in range(0, len(questions), 32):
             enc = [encode(lm.tokenizer, q.prompt, q.response, cfg) for q in questions[a : a + 32]]
             ids, att, _ = pad_batch([e.ids for e in enc], "right")
-            pred = lm.model(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1].argmax(-1)
+            device = next(lm.model.parameters()).device
+            pred = lm.model(input_ids=ids.to(device), attention_mask=att.to(device),
+                            use_cache=False).logits[:, :-1].argmax(-1).cpu()
             for j, e in enumerate(enc):
                 span = slice(e.score_from, len(e.ids) - 1)
                 hits.append(bool((pred[j, span] == ids[j, 1:][span]).all()))
@@ -129,14 +135,15 @@ def bm25_scores(train: list[Sample], questions: list[Sample]) -> torch.Tensor:
     return out
 
 
-def index_scores(lm, train: list[Sample], questions: list[Sample], root: Path, rerank: int) -> tuple[torch.Tensor, dict]:
+def index_scores(lm, train: list[Sample], questions: list[Sample], root: Path, rerank: int, normalize: str
+                 ) -> tuple[torch.Tensor, dict]:
     """The ranking the index gives (first stage top-`rerank` re-ranked exactly, then the sketch order)."""
     from forvalue.indexer.build import build_index
     from forvalue.indexer.config import BuildConfig
     from forvalue.indexer.index import Index
 
     t0 = time.perf_counter()
-    build_index(str(root), train, lm, BuildConfig())
+    build_index(str(root), train, lm, BuildConfig(normalize=normalize))
     index = Index.open(str(root), lm)
     t1 = time.perf_counter()
     fv = index.encode(questions)
@@ -151,6 +158,26 @@ def index_scores(lm, train: list[Sample], questions: list[Sample], root: Path, r
     return ranked, {"index_build_seconds": t1 - t0, "index_query_seconds": time.perf_counter() - t1}
 
 
+def tail_patch_cached(final, train: list[Sample], questions: list[Sample], pairs: list[tuple[int, int]], lr: float,
+                      top_layers: int, cache: Path) -> dict[tuple[int, int], float]:
+    """tail_patch's Δ of every (row, question) pair, the pairs measured before (same checkpoint, lr and
+    layers: the file sits in the checkpoint's folder) read from `cache` and the new ones added to it."""
+    key = f"lr={lr} top={top_layers}"
+    stored = json.loads(cache.read_text()) if cache.is_file() else {}
+    known = stored.get(key, {})
+    name = {p: f"{train[p[0]].id}|{questions[p[1]].id}" for p in pairs}
+    todo = [p for p in pairs if name[p] not in known]
+    if todo:
+        top = TopLayers(final.model, top_layers) if top_layers else None
+        delta = tail_patch(final.model, final.tokenizer, [(s.prompt, s.response) for s in train],
+                           [(q.prompt, q.response) for q in questions], todo, lr=lr, top=top)
+        known.update({name[p]: float(x) for p, x in zip(todo, delta.tolist())})
+        stored[key] = known
+        cache.write_text(json.dumps(stored) + "\n")
+    log(f"tail-patch: {len(todo)} pairs measured, {len(pairs) - len(todo)} from {cache}")
+    return {p: known[name[p]] for p in pairs}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="a facts JSONL (forvalue example --facts); default: generated")
@@ -162,8 +189,15 @@ def main() -> None:
     ap.add_argument("--intermediate-epoch", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--top-layers", type=int, default=8,
+                    help="fine-tune (and tail-patch) the top N decoder layers and the final norm; 0 = every weight")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for fine-tuning and tail-patch")
-    ap.add_argument("--index-checkpoint", choices=CHECKPOINTS, default="base")
+    ap.add_argument("--index-checkpoint", choices=CHECKPOINTS, default="final",
+                    help="the model the `forvalue` method's index is built with (recommended: final)")
+    ap.add_argument("--normalize", choices=NORMALIZE, default="unit",
+                    help="the `forvalue` method's index option (recommended with the final checkpoint: unit)")
+    ap.add_argument("--model", default=None, help="the base model (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--rerank", type=int, default=100)
     ap.add_argument("--eval-questions", type=int, default=0, help="cap on evaluated questions (0 = all)")
     ap.add_argument("--tailpatch-questions", type=int, default=40)
@@ -199,20 +233,23 @@ def main() -> None:
 
     # 1. fine-tune (cached)
     settings = {"epochs": args.epochs, "lr": args.lr, "batch": args.batch, "seed": args.seed,
+                "top_layers": args.top_layers,
                 "intermediate": args.intermediate_epoch, "loss": "response+eos mean CE", "optimizer": "AdamW"}
-    key_src = json.dumps({"rows": [(s.id, s.prompt, s.response) for s in train], "settings": settings})
+    key_src = json.dumps({"rows": [(s.id, s.prompt, s.response) for s in train], "settings": settings,
+                          "model": args.model})
     ckpt = out / f"ckpt-{hashlib.sha256(key_src.encode()).hexdigest()[:16]}"
-    base = load_model()
+    base = load_model(args.model, device=args.device)
     report: dict = {"finetuned": True, "data": str(data), "n_train": len(train), "n_questions": len(questions),
                     "recipe": settings, "checkpoint_dir": str(ckpt)}
     t0 = time.perf_counter()
     if not (ckpt / "final" / "config.json").is_file():
-        tuned = load_model()
+        tuned = load_model(args.model, device=args.device)
         report.update(finetune(tuned, train, args.epochs, args.lr, args.batch, args.seed, args.intermediate_epoch,
-                               ckpt, args.threads))
+                               ckpt, args.threads, args.top_layers))
         del tuned
     report["finetune_seconds"] = time.perf_counter() - t0
-    lms = {"base": base, "intermediate": load_model(ckpt / "intermediate"), "final": load_model(ckpt / "final")}
+    lms = {"base": base, "intermediate": load_model(ckpt / "intermediate", device=args.device),
+           "final": load_model(ckpt / "final", device=args.device)}
     report["answer_accuracy"] = answer_accuracy(lms["final"], questions)
     report["answer_accuracy_base"] = answer_accuracy(base, questions)
     log(f"answer accuracy {report['answer_accuracy']:.3f} (base {report['answer_accuracy_base']:.3f})")
@@ -224,7 +261,7 @@ def main() -> None:
     emb = None
     scopes = ["response"] + (["all"] if args.study_all_tokens else [])
     for name, lm in lms.items():
-        head = Head.from_model(lm.model)
+        head = Head.from_model(lm.model).to("cpu")  # the features come back on the CPU
         for scope in scopes:
             if scope == "all" and name == "intermediate":
                 continue
@@ -247,9 +284,11 @@ def main() -> None:
         "random": torch.rand(len(questions), len(train), generator=torch.Generator().manual_seed(args.seed),
                              dtype=torch.float64),
     }
-    idx_root = ckpt / f"index-{args.index_checkpoint}"
-    ranked["forvalue"], timing = index_scores(lms[args.index_checkpoint], train, questions, idx_root, args.rerank)
-    report.update(timing, index_checkpoint=args.index_checkpoint, methods_seconds=time.perf_counter() - t0)
+    idx_root = ckpt / f"index-{args.index_checkpoint}-{args.normalize}"
+    ranked["forvalue"], timing = index_scores(lms[args.index_checkpoint], train, questions, idx_root, args.rerank,
+                                              args.normalize)
+    report.update(timing, index_checkpoint=args.index_checkpoint, index_normalize=args.normalize,
+                  methods_seconds=time.perf_counter() - t0)
     for m in METHODS:
         for k, v in metrics.retrieval_summary(ranked[m].numpy(), gold, k=10).items():
             report[f"{m}_{k}"] = v
@@ -284,10 +323,8 @@ def main() -> None:
     pairs = sorted({(r, i) for m in METHODS for i in sample for r in tops[m][i]})
     torch.set_num_threads(args.threads)
     final = lms["final"]
-    delta = tail_patch(final.model, final.tokenizer, [(s.prompt, s.response) for s in train],
-                       [(q.prompt, q.response) for q in questions], pairs, lr=args.lr)
+    d = tail_patch_cached(final, train, questions, pairs, args.lr, args.top_layers, ckpt / "tailpatch.json")
     torch.set_num_threads(1)
-    d = {p: float(x) for p, x in zip(pairs, delta.tolist())}
     for m in METHODS:
         report[f"{m}_tailpatch_top1"] = float(np.mean([d[(tops[m][i][0], i)] for i in sample]))
         report[f"{m}_tailpatch_top10"] = float(np.mean([d[(r, i)] for i in sample for r in tops[m][i]]))
