@@ -42,7 +42,7 @@ from forvalue.indexer.evaluate import index_ranking, peak_rss_mb
 from forvalue.indexer.features import Features, ForwardConfig, Head, pad_batch
 from forvalue.indexer.forward import encode, extract_features
 from forvalue.indexer.model import load_model
-from forvalue.indexer.score import exact_scores, scores
+from forvalue.indexer.score import exact_scores, scores, self_scores
 from forvalue.indexer.tailpatch import TopLayers, response_loss, tail_patch
 
 CHECKPOINTS = ("base", "intermediate", "final")
@@ -112,15 +112,6 @@ def features(lm, samples, tokens: str, name: str) -> Features:
                             Head.from_model(lm.model), desc=name)
 
 
-def g_norms(ft: Features, head: Head, block: int = 64) -> torch.Tensor:
-    """‖G_i‖ of every training row (diagonal of the exact Gram matrix, by blocks) → (n,)."""
-    out = []
-    for a in range(0, ft.n, block):
-        f = ft.select(range(a, min(a + block, ft.n)))
-        out.append(exact_scores(f, f, head).diagonal().clamp(min=0).sqrt())
-    return torch.cat(out).double()
-
-
 def bm25_scores(train: list[Sample], questions: list[Sample]) -> torch.Tensor:
     import bm25s
 
@@ -149,7 +140,10 @@ def index_scores(lm, train: list[Sample], questions: list[Sample], root: Path, r
     fv = index.encode(questions)
     q = index.query_sketches(fv)
     approx = index.sketch_scores(q).double()
-    through = index.score_matrix(fv).double()
+    rows = np.arange(index.n)  # the stored rows' exact values as the index reports them, on the model's device
+    dev = index.head.weight.device
+    through = index.scaled(exact_scores(fv.to(dev), index.candidate_features(rows).to(dev), index.head).cpu(),
+                           rows).double()
     C = min(rerank, index.n)
     _, top_ids = index.ann.search(q.float().numpy(), C, "most")
     empty = torch.zeros(0, dtype=torch.long)
@@ -187,7 +181,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seeds the generator, the fact split, training and samples")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--intermediate-epoch", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=3e-4, help="AdamW's (and the tail-patch step's) learning rate")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--top-layers", type=int, default=8,
                     help="fine-tune (and tail-patch) the top N decoder layers and the final norm; 0 = every weight")
@@ -261,16 +255,17 @@ def main() -> None:
     emb = None
     scopes = ["response"] + (["all"] if args.study_all_tokens else [])
     for name, lm in lms.items():
-        head = Head.from_model(lm.model).to("cpu")  # the features come back on the CPU
+        head = Head.from_model(lm.model)  # scores on the model's device; the features come back on the CPU
+        dev = head.weight.device
         for scope in scopes:
             if scope == "all" and name == "intermediate":
                 continue
             fv = features(lm, questions, scope, f"{name}-{scope}-questions")
             ft = features(lm, train, scope, f"{name}-{scope}-train")
-            S[f"{name}/{scope}"] = exact_scores(fv, ft, head).double()
-            norms[f"{name}/{scope}"] = g_norms(ft, head)
+            S[f"{name}/{scope}"] = exact_scores(fv.to(dev), ft.to(dev), head).double().cpu()
+            norms[f"{name}/{scope}"] = self_scores(ft.to(dev), head).clamp(min=0).sqrt().double().cpu()
             if name == "base" and scope == "response":
-                emb = scores(fv, ft, head, ScoreConfig(method="emb")).double()
+                emb = scores(fv, ft, head.to("cpu"), ScoreConfig(method="emb")).double()
         log(f"scored with {name}")
     report["exact_seconds"] = time.perf_counter() - t0
 
