@@ -57,7 +57,7 @@ def reference_scores(fv: Features, ft: Features, head: Head, vocab: torch.Tensor
 
 def segment_sum_rows(x: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
     """Sums the rows of x (T, m) by segment id (T,) → (n, m)."""
-    return torch.zeros(n, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, seg, x)
+    return torch.zeros(n, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, seg.to(x.device), x)
 
 
 def embedding_sums(feats: Features) -> torch.Tensor:
@@ -132,7 +132,7 @@ def _padded(feats: Features) -> tuple[torch.Tensor, int]:
     tmax = int(feats.lengths.max()) if feats.n else 0
     seg = feats.segment
     idx = seg * tmax + (torch.arange(feats.h.shape[0]) - feats.offsets[seg])
-    return idx, tmax
+    return idx.to(feats.h.device), tmax
 
 
 def gram_chunk(feats: Features, head: Head, cols: slice | torch.Tensor) -> torch.Tensor:
@@ -140,9 +140,9 @@ def gram_chunk(feats: Features, head: Head, cols: slice | torch.Tensor) -> torch
     r = _residual(feats, head, cols)
     idx, tmax = _padded(feats)
     n, c, d = feats.n, r.shape[1], feats.h.shape[1]
-    rp = torch.zeros(n * tmax, c, dtype=r.dtype)
+    rp = torch.zeros(n * tmax, c, dtype=r.dtype, device=r.device)
     rp[idx] = r
-    hp = torch.zeros(n * tmax, d, dtype=feats.h.dtype)
+    hp = torch.zeros(n * tmax, d, dtype=feats.h.dtype, device=feats.h.device)
     hp[idx] = feats.h
     return rp.view(n, tmax, c).transpose(1, 2) @ hp.view(n, tmax, d)
 
@@ -158,7 +158,7 @@ def scores_gram(fv: Features, ft: Features, head: Head, vocab: torch.Tensor | No
     # vocabulary chunk is as wide as lets both sides' G and padded residuals fit in half the budget
     vb = max(1, min(128, max(fv.n, ft.n)))
     chunk = max(1, min(nu, budget // (2 * 2 * vb * (d + tmax))))
-    out = torch.zeros(fv.n, ft.n, dtype=fv.h.dtype)
+    out = torch.zeros(fv.n, ft.n, dtype=fv.h.dtype, device=fv.h.device)
     t_blocks = [(a, min(a + vb, ft.n)) for a in range(0, ft.n, vb)]
     for va in range(0, fv.n, vb):
         vsel = fv.select(range(va, min(va + vb, fv.n)))
@@ -223,7 +223,7 @@ def scores_pairs(fv: Features, ft: Features, head: Head, vocab: torch.Tensor | N
     # blocks: Tv_b·Tt_b pair matrices (a few live at once) plus Tt_b·chunk probabilities
     side = max(1, int((rest // 6) ** 0.5))
     chunk = max(1, min(nu, side))
-    out = torch.zeros(fv.n, ft.n, dtype=fv.h.dtype)
+    out = torch.zeros(fv.n, ft.n, dtype=fv.h.dtype, device=fv.h.device)
     v_blocks = sample_blocks(fv, side)
     t_blocks = sample_blocks(ft, side)
     for va, vb in v_blocks:
@@ -333,7 +333,7 @@ def scores(fv: Features, ft: Features, head: Head, config: ScoreConfig = ScoreCo
     b = config.inbatch_size
     v_parts = [(a, fv.select(range(a, min(a + b, fv.n)))) for a in range(0, fv.n, b)]
     v_vocab = [topk_vocab(p, head, config.inbatch_topk) for _, p in v_parts]
-    out = torch.zeros(fv.n, ft.n, dtype=fv.h.dtype)
+    out = torch.zeros(fv.n, ft.n, dtype=fv.h.dtype, device=fv.h.device)
     for a in range(0, ft.n, b):
         tb = ft.select(range(a, min(a + b, ft.n)))
         t_vocab = topk_vocab(tb, head, config.inbatch_topk)

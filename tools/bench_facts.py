@@ -5,21 +5,24 @@ scored against the gold statements and causally by tail-patch.
     python tools/bench_facts.py --data facts.jsonl --json    # a file in that format
 
 Recipe (issue 17): the training rows (statements and distractors) plus the question/answer rows of a seeded
-half of the facts fine-tune the default model (full fine-tuning, fp32, AdamW, loss = mean cross-entropy of the
-response tokens and EOS, seeded shuffles; checkpoints after `--intermediate-epoch` and after the last epoch,
-cached under --out by a hash of rows and settings). The other half's questions are evaluated: answer accuracy
-(exact match of the greedy answer tokens), then every method ranks the training rows (the question/answer
-rows of the first half included, as negatives) for each question; gold = the statements of its fact.
+half of the facts fine-tune the model (AdamW, loss = mean cross-entropy of the response tokens and EOS, seeded
+shuffles; checkpoints after `--intermediate-epoch` and after the last epoch, cached under --out by a hash of
+rows and settings). On a CPU the default trains the top `--top-layers` 8 layers and the final norm (lr 3e-4;
+tailpatch.TopLayers: the frozen layers run once per row); `--top-layers 0 --lr 1e-4` is the issue's recipe
+(every weight), what docs/results.md's table runs on a GPU (tools/gpu_facts.sh). The other half's questions
+are evaluated: answer accuracy (exact match of the greedy answer tokens), then every method ranks the training
+rows (the question/answer rows of the first half included, as negatives) for each question; gold = the
+statements of its fact.
 
-Methods: forvalue (through a real index built with the `--index-checkpoint` model, default base: exact
-For-Value as the library ships it; `study` measures the alternatives, see docs/results.md), forvalue_final and
-forvalue_pretrained (exact For-Value with the final / base model), bm25 (bm25s, query = question + answer),
-emb (the Emb baseline of `forvalue eval --method emb`, base model), random (a floor). Metrics: MRR,
-recall@10 (any gold in the top 10), recall@m (share of the m gold rows in the top m); tail-patch
-(tailpatch.py) from the final weights at the recipe's lr: mean Δ log p(answer) of each method's top-1 and
-top-10 rows over a seeded sample of `--tailpatch-questions` questions. `study` holds variants computed from
-the same features: checkpoint sums, unit-normalised scores (cosine), and with --study-all-tokens the "all"
-token scope.
+Methods: forvalue (through a real index built with the `--index-checkpoint` model and `--normalize`, default
+the intermediate checkpoint and unit values: what forvalue recommends for attribution on a fine-tuned model),
+forvalue_final and forvalue_pretrained (exact For-Value with the final / base model), bm25 (bm25s, query =
+question + answer), emb (the Emb baseline of `forvalue eval --method emb`, base model), random (a floor).
+Metrics: MRR, recall@10 (any gold in the top 10), recall@m (share of the m gold rows in the top m); tail-patch
+(tailpatch.py) from the final weights at the recipe's lr over the weights it trains: mean Δ log p(answer) of
+each method's top-1 and top-10 rows over a seeded sample of `--tailpatch-questions` questions (pairs measured
+before are read from the checkpoint's tailpatch.json). `study` holds variants computed from the same features:
+checkpoint sums, unit-normalised scores (cosine), and with --study-all-tokens the "all" token scope.
 """
 
 from __future__ import annotations
@@ -186,10 +189,11 @@ def main() -> None:
     ap.add_argument("--top-layers", type=int, default=8,
                     help="fine-tune (and tail-patch) the top N decoder layers and the final norm; 0 = every weight")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for fine-tuning and tail-patch")
-    ap.add_argument("--index-checkpoint", choices=CHECKPOINTS, default="final",
-                    help="the model the `forvalue` method's index is built with (recommended: final)")
+    ap.add_argument("--index-checkpoint", choices=CHECKPOINTS, default="intermediate",
+                    help="the model the `forvalue` method's index is built with (recommended: intermediate, the "
+                         "checkpoint after --intermediate-epoch)")
     ap.add_argument("--normalize", choices=NORMALIZE, default="unit",
-                    help="the `forvalue` method's index option (recommended with the final checkpoint: unit)")
+                    help="the `forvalue` method's index option (recommended: unit)")
     ap.add_argument("--model", default=None, help="the base model (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--rerank", type=int, default=100)

@@ -5,6 +5,7 @@
 # leaves the GPU mostly idle, so the jobs share it). Each job's JSON, the logs and the rankings go to $OUT.
 #
 #   GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf DATAINF=/path/datainf bash tools/gpu_facts.sh
+#   EXTRA="--index-checkpoint final" LIGHT_JOB=0 ... # other bench_facts options for the seed jobs, no CPU-recipe job
 #   bash tools/gpu_facts.sh --dry-run        # here, on the CPU, at a toy size (MODEL=an HF dir of a tiny model)
 #
 # The GGUF may come in parts (GGUF_PARTS="a b", concatenated), as a registry-less machine receives it; Python
@@ -29,7 +30,8 @@ if ! $PY -c "import forvalue.indexer" 2>/dev/null; then
   for d in indexer server client proto; do ln -sfn "$PWD/$d" "/tmp/fv-src/forvalue/$d"; done
   export PYTHONPATH="/tmp/fv-src:${PYTHONPATH:-}"
 fi
-export PYTHONUNBUFFERED=1 HF_HUB_DISABLE_PROGRESS_BARS=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+# JAX_PLATFORMS: bm25s uses JAX when it is installed, and JAX takes most of the GPU memory of every process
+export PYTHONUNBUFFERED=1 HF_HUB_DISABLE_PROGRESS_BARS=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}" JAX_PLATFORMS=cpu
 if [[ -n "${GGUF_PARTS:-}" ]]; then
   GGUF="$WORK/model.gguf"
   cat $GGUF_PARTS > "$GGUF"
@@ -41,7 +43,7 @@ if (( DRY )); then
   LIGHT=(--top-layers 1); NORM=(--data "${DATAINF:-}/grammars" --tokens response)
 else
   DEV=cuda; MODEL="${GGUF:-}"
-  SIZE=(); FULL=(--top-layers 0 --lr 1e-4); LIGHT=(); NORM=(--datainf "$DATAINF")
+  SIZE=(); FULL=(--top-layers 0 --lr 1e-4); LIGHT=(); NORM=(--datainf "${DATAINF:-}")
 fi
 MODEL_ARGS=(); [[ -n "$MODEL" ]] && MODEL_ARGS=(--model "$MODEL")
 # convert the GGUF once, before the jobs that read the converted copy start together
@@ -54,8 +56,8 @@ job() {  # job NAME ARGS...: tools/bench_facts.py under the time limit, its JSON
     "$@" > "$DIR/$name.json" 2> "$WORK/$name.log"
   echo "$name rc=$?" >> "$WORK/status.txt"
 }
-for seed in 0 1 2; do job "facts-s$seed" --seed "$seed" "${FULL[@]}" & done
-job facts-light-s0 --seed 0 "${LIGHT[@]}" &
+for seed in 0 1 2; do job "facts-s$seed" --seed "$seed" "${FULL[@]}" ${EXTRA:-} & done
+[[ "${LIGHT_JOB:-1}" == 1 ]] && job facts-light-s0 --seed 0 "${LIGHT[@]}" ${EXTRA:-} &
 if [[ -n "${DATAINF:-}" ]]; then
   ( timeout "$LIMIT" $PY tools/bench_normalize.py "${MODEL_ARGS[@]}" --device "$DEV" "${NORM[@]}" --json \
       > "$DIR/normalize.json" 2> "$WORK/normalize.log"; echo "normalize rc=$?" >> "$WORK/status.txt" ) &

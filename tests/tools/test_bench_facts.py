@@ -26,7 +26,7 @@ def test_runs_every_step_and_reports_the_keys(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)
     assert report["finetuned"] is True and 0.0 <= report["answer_accuracy"] <= 1.0
-    assert report["index_checkpoint"] == "final" and report["index_normalize"] == "unit"
+    assert report["index_checkpoint"] == "intermediate" and report["index_normalize"] == "unit"
     for m in METHODS:
         for key in ("mrr", "recall_at_10", "recall_at_m", "tailpatch_top1", "tailpatch_top10"):
             assert isinstance(report[f"{m}_{key}"], float), f"{m}_{key}"
