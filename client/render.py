@@ -204,7 +204,8 @@ def build_summary(manifest: dict, name: str, storage: dict) -> dict:
     """What `index build` and `index add` print: the new version and its size."""
     m = manifest
     return {"version": name, "n_samples": m["n_samples"], "tokens": m["tokens"], "sketch_dim": m["sketch"]["dim"],
-            "index": m["index"], "storage": storage, "build_seconds": m["build_seconds"]}
+            "normalize": m.get("normalize", "none"), "index": m["index"], "storage": storage,
+            "build_seconds": m["build_seconds"]}
 
 
 def _size(n: float) -> str:
@@ -229,7 +230,8 @@ def build_summary_text(s: dict, index_dir: str, base: str | None = None) -> str:
     return "\n".join([
         f"forvalue: {index_dir}: version {s['version']} is CURRENT ({rows} rows{from_base}), built in "
         f"{s['build_seconds']:.1f} s",
-        f"  first stage {first.get('kind', '?')} ({found}); sketch dim {s['sketch_dim']}; tokens {s['tokens']}",
+        f"  first stage {first.get('kind', '?')} ({found}); sketch dim {s['sketch_dim']}; tokens {s['tokens']}"
+        + ("; values per unit norm (--normalize unit)" if s.get("normalize") == "unit" else ""),
         f"  {_size(total)} on disk ({_size(total / max(rows, 1))} per row); --json for the whole summary",
     ])
 
