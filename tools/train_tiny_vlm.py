@@ -4,7 +4,8 @@ No real VLM weights can be had here (no downloads), and a randomly initialised V
 on the 50%-flipped shapes set is chance. This tool gives issue 17's VLM line a model that can see:
 
 1. builds a tiny Qwen2-VL from a config (a word-piece tokenizer learnt from the set's texts, holding Qwen's
-   special tokens and chat template; the PIL image processor: 64 px images → 56 px → 16 patches of 14 px → 4 image tokens);
+   special tokens and chat template; the PIL image processor: 64 px images → 56 px → 16 patches of 14 px → 4
+   image tokens with the default --patch 14);
 2. trains it (AdamW, fixed steps, seeded, one CPU thread by default) on shapes rows generated with other seeds
    than the evaluated set's (seed 0), on the positions forvalue scores: the response tokens and the EOS after
    them, each sample encoded by forvalue's own `VisionProcessor.encode`, so training and valuation see the
@@ -69,6 +70,7 @@ class Settings:
     heads: int = 4
     vision_dim: int = 64  # vision tower width
     vision_depth: int = 2  # vision tower blocks
+    patch: int = 14  # vision patch side in pixels; 2 x 2 patches merge into one image token
     train_rows: int = 3000  # generated training rows (seed 1000 + seed), split evenly over the 6 styles
     heldout_rows: int = 300  # held-out rows for the caption accuracy (seed 2000 + seed)
     steps: int = 2000
@@ -78,8 +80,8 @@ class Settings:
     image_size: int = 64  # the example's default: `forvalue example --vlm` draws 64 px images
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "layers", "heads", "vision_dim", "vision_depth", "train_rows", "heldout_rows",
-                     "steps", "batch"):
+        for name in ("hidden", "layers", "heads", "vision_dim", "vision_depth", "patch", "train_rows",
+                     "heldout_rows", "steps", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.hidden % (2 * self.heads) or self.vision_dim % 2:
@@ -137,14 +139,15 @@ def build_model(s: Settings):
                 pad_token_id=0, bos_token_id=1, eos_token_id=ids["<|im_end|>"], tie_word_embeddings=True,
                 rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": 10000.0})
     vision = dict(depth=s.vision_depth, embed_dim=s.vision_dim, hidden_size=s.hidden, num_heads=2, mlp_ratio=2,
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+                  patch_size=s.patch, spatial_merge_size=2, temporal_patch_size=2)
     cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
                         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
     torch.manual_seed(s.seed)
     model = Qwen2VLForConditionalGeneration(cfg)
-    side = (s.image_size // 28) * 28  # Qwen2-VL resizes to multiples of patch x merge
-    ip = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=max(side, 28) ** 2, patch_size=14,
+    factor = 2 * s.patch  # Qwen2-VL resizes images to multiples of patch x merge
+    side = max(factor, (s.image_size // factor) * factor)
+    ip = Qwen2VLImageProcessorPil(min_pixels=factor**2, max_pixels=side**2, patch_size=s.patch,
                                   temporal_patch_size=2, merge_size=2)
     return model, VisionProcessor(QWEN2_VL, tok, ip, QWEN_TEMPLATE, model.config)
 
