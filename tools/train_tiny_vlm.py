@@ -19,8 +19,9 @@ on the 50%-flipped shapes set is chance. This tool gives issue 17's VLM line a m
    FILE --model DIR --tokens response --method exact --json` on them, for the trained and the untrained model.
 
 Prints one JSON object: caption_accuracy, shape_accuracy, colour_accuracy, their chance levels, auc and
-recall (clean set), noisy_auc, noisy_recall and clean_auc (flipped set), the untrained model's numbers, sizes,
-steps, losses and train_seconds.
+recall (clean set), noisy_auc, noisy_recall and clean_auc (flipped set), gnorm_clean_auc and cosine_clean_auc
+(the flipped rows told apart by ‖G_i‖ alone, and by the unit-normalised mean value), the untrained model's
+numbers, sizes, steps, losses and train_seconds.
 
     .venv/bin/python tools/train_tiny_vlm.py --json
 """
@@ -332,6 +333,34 @@ def eval_model(model_dir: Path, sets: dict[str, Path]) -> dict:
             "clean_share_top10": f["clean_share_top10"], "n_train": f["n_train"], "n_valuation": f["n_valuation"]}
 
 
+def flipped_norms(model_dir: Path, path: Path) -> dict:
+    """How the flipped set's training rows differ in ‖G_i‖ (exact, `score.self_scores`), the For-Value
+    gradient-summary norm: clean_auc of -‖G_i‖ (a corrupted caption surprises a model that sees the image,
+    so its G is large) and of the unit-normalised mean value mean_v S(v, i) / ‖G_i‖ (issue 17's cosine
+    variant; the query's norm does not change a ranking)."""
+    from forvalue.indexer.config import ScoreConfig
+    from forvalue.indexer.data import load_eval_sets
+    from forvalue.indexer.evaluate import value_matrix
+    from forvalue.indexer.features import ForwardConfig, Head
+    from forvalue.indexer.forward import extract_features
+    from forvalue.indexer.metrics import auc
+    from forvalue.indexer.model import load_model
+    from forvalue.indexer.score import self_scores
+
+    lm = load_model(model_dir)
+    valuation, train = load_eval_sets(path)
+    fwd = ForwardConfig(tokens="response")
+    S, _ = value_matrix(lm, valuation, train, fwd, ScoreConfig(method="exact"))
+    head = Head.from_model(lm.model, fwd.dtype)
+    ft = extract_features(lm.model, lm.preprocessor, [x.as_input() for x in train], fwd, head)
+    norm = self_scores(ft, head).clamp(min=0).sqrt().double()
+    clean = [x.clean is not False for x in train]
+    return {"gnorm_clean_auc": auc((-norm).numpy(), clean),
+            "cosine_clean_auc": auc((S.double().mean(0) / norm.clamp(min=1e-12)).numpy(), clean),
+            "gnorm_clean_mean": float(norm[torch.tensor(clean)].mean()),
+            "gnorm_flipped_mean": float(norm[~torch.tensor(clean)].mean())}
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -375,9 +404,11 @@ def run(s: Settings, out: Path, eval_train_per_class: int = 15, eval_test_per_cl
     sets = eval_sets(out / "data", eval_train_per_class, eval_test_per_class)
     report = {"settings": dataclasses.asdict(s), "model_dir": str(model_dir), **trained,
               **eval_model(model_dir, sets)}
-    untrained = eval_model(untrained_dir, sets)
+    report.update(flipped_norms(model_dir, sets["flipped"]))
+    untrained = {**eval_model(untrained_dir, sets), **flipped_norms(untrained_dir, sets["flipped"])}
     report.update({f"untrained_{k}": untrained[k] for k in ("auc", "recall", "noisy_auc", "noisy_recall",
-                                                           "clean_auc", "clean_share_top10")})
+                                                           "clean_auc", "clean_share_top10", "gnorm_clean_auc",
+                                                           "cosine_clean_auc")})
     report["threads"] = torch.get_num_threads()
     return report
 

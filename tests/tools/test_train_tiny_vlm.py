@@ -104,7 +104,8 @@ def test_tool_prints_its_report_and_reuses_the_trained_model(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == json.loads(json.dumps(report))
     for key in ("caption_accuracy", "shape_accuracy", "colour_accuracy", "clean_auc", "auc", "recall", "noisy_auc",
-                "noisy_recall", "train_seconds", "untrained_clean_auc", "loss_first", "loss_last", "parameters"):
+                "noisy_recall", "train_seconds", "untrained_clean_auc", "gnorm_clean_auc", "cosine_clean_auc",
+                "loss_first", "loss_last", "parameters"):
         assert key in report, key
     assert 0 <= report["caption_accuracy"] <= 1 and 0 <= report["clean_auc"] <= 1
     assert report["n_train"] == 12 and report["n_valuation"] == 6 and report["n_heldout"] == 6
