@@ -20,8 +20,9 @@ on the 50%-flipped shapes set is chance. This tool gives issue 17's VLM line a m
 
 Prints one JSON object: caption_accuracy, shape_accuracy, colour_accuracy, their chance levels, auc and
 recall (clean set), noisy_auc, noisy_recall and clean_auc (flipped set), gnorm_clean_auc and cosine_clean_auc
-(the flipped rows told apart by ‖G_i‖ alone, and by the unit-normalised mean value), the untrained model's
-numbers, sizes, steps, losses and train_seconds.
+(the flipped rows told apart by ‖G_i‖ alone, and by the unit-normalised mean value), value_<kind>_clean and
+value_<kind>_flipped (the mean value split over the training rows' shape, colour, format and EOS tokens), the
+untrained model's numbers, sizes, steps, losses and train_seconds.
 
     .venv/bin/python tools/train_tiny_vlm.py --json
 """
@@ -333,11 +334,23 @@ def eval_model(model_dir: Path, sets: dict[str, Path]) -> dict:
             "clean_share_top10": f["clean_share_top10"], "n_train": f["n_train"], "n_valuation": f["n_valuation"]}
 
 
-def flipped_norms(model_dir: Path, path: Path) -> dict:
-    """How the flipped set's training rows differ in ‖G_i‖ (exact, `score.self_scores`), the For-Value
-    gradient-summary norm: clean_auc of -‖G_i‖ (a corrupted caption surprises a model that sees the image,
-    so its G is large) and of the unit-normalised mean value mean_v S(v, i) / ‖G_i‖ (issue 17's cosine
-    variant; the query's norm does not change a ranking)."""
+def token_kind(token: str, eos: bool) -> str:
+    """What a caption token is: "shape", "colour" (what only the image tells), "eos" or "format"."""
+    from forvalue.indexer.shapes import COLOURS, SHAPES
+
+    word = token.strip().strip('#"')
+    return "eos" if eos else "shape" if word in SHAPES else "colour" if word in COLOURS else "format"
+
+
+def flipped_analysis(model_dir: Path, path: Path) -> dict:
+    """Where the flipped set's mean values come from, and whether ‖G_i‖ alone tells the flipped rows apart.
+
+    v_i = mean_v S(v, i) = <Ḡ, G_i> with Ḡ = mean_v G_v (|V| × d, small here) splits over the training
+    row's positions k: c_k = (Ḡ h_k)[y_k] − π_k · (Ḡ h_k); summed per token kind (token_kind) and averaged
+    over clean and over flipped rows. Also the clean_auc of −‖G_i‖ (exact, `score.self_scores`: a flipped
+    caption surprises a model that sees the image, so its G is large) and of the unit-normalised mean value
+    v_i / ‖G_i‖ (issue 17's cosine variant; the query's norm does not change a ranking).
+    """
     from forvalue.indexer.config import ScoreConfig
     from forvalue.indexer.data import load_eval_sets
     from forvalue.indexer.evaluate import value_matrix
@@ -345,20 +358,33 @@ def flipped_norms(model_dir: Path, path: Path) -> dict:
     from forvalue.indexer.forward import extract_features
     from forvalue.indexer.metrics import auc
     from forvalue.indexer.model import load_model
-    from forvalue.indexer.score import self_scores
+    from forvalue.indexer.score import reference_G, self_scores
 
     lm = load_model(model_dir)
     valuation, train = load_eval_sets(path)
-    fwd = ForwardConfig(tokens="response")
+    fwd = ForwardConfig(tokens="response", dtype=torch.float64)
     S, _ = value_matrix(lm, valuation, train, fwd, ScoreConfig(method="exact"))
     head = Head.from_model(lm.model, fwd.dtype)
+    fv = extract_features(lm.model, lm.preprocessor, [x.as_input() for x in valuation], fwd, head)
     ft = extract_features(lm.model, lm.preprocessor, [x.as_input() for x in train], fwd, head)
-    norm = self_scores(ft, head).clamp(min=0).sqrt().double()
-    clean = [x.clean is not False for x in train]
-    return {"gnorm_clean_auc": auc((-norm).numpy(), clean),
-            "cosine_clean_auc": auc((S.double().mean(0) / norm.clamp(min=1e-12)).numpy(), clean),
-            "gnorm_clean_mean": float(norm[torch.tensor(clean)].mean()),
-            "gnorm_flipped_mean": float(norm[~torch.tensor(clean)].mean())}
+    v = S.double().mean(0)
+    norm = self_scores(ft, head).clamp(min=0).sqrt()
+    clean = torch.tensor([x.clean is not False for x in train])
+    a = ft.h @ reference_G(fv, head).mean(0).T  # (T, |V|): Ḡ h_k
+    c = a[torch.arange(len(ft.y)), ft.y] - (torch.softmax(head.logits(ft.h), -1) * a).sum(-1)
+    tok = lm.preprocessor.tokenizer
+    kinds = [token_kind(tok.convert_ids_to_tokens(int(y)), int(y) == tok.eos_token_id) for y in ft.y]
+    per = {k: torch.zeros(ft.n, dtype=torch.float64) for k in ("shape", "colour", "eos", "format")}
+    for j in range(ft.n):
+        for p in range(int(ft.offsets[j]), int(ft.offsets[j + 1])):
+            per[kinds[p]][j] += c[p]
+    assert torch.allclose(sum(per.values()), v, rtol=1e-6, atol=1e-6), "the split does not add up to the value"
+    out = {"gnorm_clean_auc": auc((-norm).numpy(), clean.numpy()),
+           "cosine_clean_auc": auc((v / norm.clamp(min=1e-12)).numpy(), clean.numpy()),
+           "gnorm_clean_mean": float(norm[clean].mean()), "gnorm_flipped_mean": float(norm[~clean].mean())}
+    for k, x in per.items():
+        out[f"value_{k}_clean"], out[f"value_{k}_flipped"] = float(x[clean].mean()), float(x[~clean].mean())
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -404,8 +430,8 @@ def run(s: Settings, out: Path, eval_train_per_class: int = 15, eval_test_per_cl
     sets = eval_sets(out / "data", eval_train_per_class, eval_test_per_class)
     report = {"settings": dataclasses.asdict(s), "model_dir": str(model_dir), **trained,
               **eval_model(model_dir, sets)}
-    report.update(flipped_norms(model_dir, sets["flipped"]))
-    untrained = {**eval_model(untrained_dir, sets), **flipped_norms(untrained_dir, sets["flipped"])}
+    report.update(flipped_analysis(model_dir, sets["flipped"]))
+    untrained = {**eval_model(untrained_dir, sets), **flipped_analysis(untrained_dir, sets["flipped"])}
     report.update({f"untrained_{k}": untrained[k] for k in ("auc", "recall", "noisy_auc", "noisy_recall",
                                                            "clean_auc", "clean_share_top10", "gnorm_clean_auc",
                                                            "cosine_clean_auc")})

@@ -92,6 +92,12 @@ def test_training_lowers_the_loss(toy):
         p.data.copy_(b)
 
 
+def test_token_kinds():
+    kinds = [tool.token_kind(t, False) for t in (" circle", "#red", "cross", " The", '"', " colour")]
+    assert kinds == ["shape", "colour", "shape", "format", "format", "format"]
+    assert tool.token_kind("<|im_end|>", True) == "eos"
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="steps"):
         tool.Settings(steps=0)
@@ -105,7 +111,7 @@ def test_tool_prints_its_report_and_reuses_the_trained_model(tmp_path, capsys):
     assert printed == json.loads(json.dumps(report))
     for key in ("caption_accuracy", "shape_accuracy", "colour_accuracy", "clean_auc", "auc", "recall", "noisy_auc",
                 "noisy_recall", "train_seconds", "untrained_clean_auc", "gnorm_clean_auc", "cosine_clean_auc",
-                "loss_first", "loss_last", "parameters"):
+                "loss_first", "loss_last", "parameters", "value_shape_clean", "value_shape_flipped"):
         assert key in report, key
     assert 0 <= report["caption_accuracy"] <= 1 and 0 <= report["clean_auc"] <= 1
     assert report["n_train"] == 12 and report["n_valuation"] == 6 and report["n_heldout"] == 6
