@@ -187,7 +187,7 @@ class BuildConfig:
         if self.shard_size < 1:
             raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")
         if self.rerank_dtype not in RERANK_DTYPES:
-            raise ConfigError(f"rerank_dtype (--rerank-store) must be one of {list(RERANK_STORES)}, got "
+            raise ConfigError(f"rerank_dtype must be one of {list(RERANK_STORES)} (--rerank-store), got "
                               f"{self.rerank_dtype!r}")
         if self.rerank_top < 0:
             raise ConfigError(f"rerank_top must be >= 0, got {self.rerank_top}")
