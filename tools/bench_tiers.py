@@ -36,8 +36,13 @@ def main() -> None:
     ap.add_argument("--latency-queries", type=int, default=10, help="of them, the ones timed on every tier")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--rerank", type=int, default=100)
+    ap.add_argument("--tiers", default=",".join(TIERS),
+                    help="tiers compared, float32 first (e.g. float32,float16 for the answers alone)")
     ap.add_argument("--json", action="store_true", help="JSON only (the output is JSON anyway)")
     args = ap.parse_args()
+    tiers_run = tuple(args.tiers.split(","))
+    if tiers_run[0] != "float32" or not set(tiers_run) <= set(TIERS):
+        ap.error(f"--tiers: float32 first, then any of {TIERS[1:]}, got {args.tiers!r}")
 
     from forvalue.indexer.build import build_index, storage_summary
     from forvalue.indexer.config import BuildConfig
@@ -54,7 +59,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     idx, build_s, storage = {}, {}, {}
     maps = None
-    for tier in TIERS:
+    for tier in tiers_run:
         root = f"{tmp.name}/{tier}"
         t0 = time.perf_counter()
         build_index(root, train, lm, BuildConfig(tokens=args.tokens, rerank_dtype=tier), maps=maps)
@@ -66,11 +71,11 @@ def main() -> None:
         idx[tier] = Index.open(root, lm)
         storage[tier] = storage_summary(idx[tier].manifest)
 
-    times = {t: [] for t in TIERS}
+    times = {t: [] for t in tiers_run}
     forward = []
-    overlap = {t: [] for t in TIERS[1:]}
-    max_abs = {t: 0.0 for t in TIERS[1:]}
-    max_rel = {t: 0.0 for t in TIERS[1:]}
+    overlap = {t: [] for t in tiers_run[1:]}
+    max_abs = {t: 0.0 for t in tiers_run[1:]}
+    max_rel = {t: 0.0 for t in tiers_run[1:]}
     ref = idx["float32"]
     for qi, q in enumerate(valuation):
         t0 = time.perf_counter()
@@ -79,7 +84,7 @@ def main() -> None:
         timed = qi < args.latency_queries
         for d in ("most", "least"):
             answers = {}
-            for tier in TIERS if timed else TIERS[:2]:
+            for tier in tiers_run if timed else [t for t in tiers_run if t != "recompute"]:
                 t0 = time.perf_counter()
                 answers[tier] = idx[tier].search([], args.k, d, args.rerank, features=f, calibrate=False)
                 if timed:
@@ -105,7 +110,7 @@ def main() -> None:
         return round(float(np.percentile(xs, p)) * 1000, 1)
 
     tiers = {}
-    for tier in TIERS:
+    for tier in tiers_run:
         s = storage[tier]
         tiers[tier] = {
             "rerank_bytes_per_sample": s["rerank_bytes_per_sample"],
