@@ -26,7 +26,7 @@ import torch
 TIERS = ("float32", "float16", "recompute")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="HF directory or .gguf [default: SmolLM2-135M-Instruct]")
     ap.add_argument("--data", required=True, help="a DataInf prefix (DIR/NAME) or a file with a split column")
@@ -40,36 +40,49 @@ def main() -> None:
                     help="tiers compared, float32 first (e.g. float32,float16 for the answers alone)")
     ap.add_argument("--json", action="store_true", help="JSON only (the output is JSON anyway)")
     args = ap.parse_args()
-    tiers_run = tuple(args.tiers.split(","))
-    if tiers_run[0] != "float32" or not set(tiers_run) <= set(TIERS):
-        ap.error(f"--tiers: float32 first, then any of {TIERS[1:]}, got {args.tiers!r}")
+    args.tiers = tuple(args.tiers.split(","))
+    if args.tiers[0] != "float32" or not set(args.tiers) <= set(TIERS):
+        ap.error(f"--tiers: float32 first, then any of {TIERS[1:]}, got {','.join(args.tiers)!r}")
+    return args
 
+
+def build_tiers(folder: str, train, lm, tokens: str, tiers: tuple[str, ...]) -> tuple[dict, dict, dict]:
+    """One index per tier in `folder`, all with the float32 build's sketch maps (the same first stage) →
+    (tier → opened Index, tier → build seconds, tier → storage_summary)."""
     from forvalue.indexer.build import build_index, storage_summary
     from forvalue.indexer.config import BuildConfig
-    from forvalue.indexer.data import load_eval_sets
     from forvalue.indexer.index import Index
-    from forvalue.indexer.model import load_model
     from forvalue.indexer.sketch import MAP_FILES, Sketcher
     from forvalue.indexer.store import IndexRoot
+
+    idx, build_s, storage = {}, {}, {}
+    maps = None
+    for tier in tiers:
+        root = f"{folder}/{tier}"
+        t0 = time.perf_counter()
+        build_index(root, train, lm, BuildConfig(tokens=tokens, rerank_dtype=tier), maps=maps)
+        build_s[tier] = round(time.perf_counter() - t0, 1)
+        if maps is None:
+            with IndexRoot(root).load() as v:
+                maps = Sketcher.from_arrays({n: np.array(v.global_array(n)) for n in MAP_FILES},
+                                            v.manifest["sketch"]["buckets"])
+        idx[tier] = Index.open(root, lm)
+        storage[tier] = storage_summary(idx[tier].manifest)
+    return idx, build_s, storage
+
+
+def main() -> None:
+    args = parse_args()
+    tiers_run = args.tiers
+    from forvalue.indexer.data import load_eval_sets
+    from forvalue.indexer.model import load_model
 
     torch.set_grad_enabled(False)
     lm = load_model(args.model)
     valuation, train = load_eval_sets(args.data)
     train, valuation = train[: args.train_rows], valuation[: args.queries]
     tmp = tempfile.TemporaryDirectory()
-    idx, build_s, storage = {}, {}, {}
-    maps = None
-    for tier in tiers_run:
-        root = f"{tmp.name}/{tier}"
-        t0 = time.perf_counter()
-        build_index(root, train, lm, BuildConfig(tokens=args.tokens, rerank_dtype=tier), maps=maps)
-        build_s[tier] = round(time.perf_counter() - t0, 1)
-        if maps is None:  # every tier with the float32 build's maps: the same first stage
-            with IndexRoot(root).load() as v:
-                maps = Sketcher.from_arrays({n: np.array(v.global_array(n)) for n in MAP_FILES},
-                                            v.manifest["sketch"]["buckets"])
-        idx[tier] = Index.open(root, lm)
-        storage[tier] = storage_summary(idx[tier].manifest)
+    idx, build_s, storage = build_tiers(tmp.name, train, lm, args.tokens, tiers_run)
 
     times = {t: [] for t in tiers_run}
     forward = []

@@ -183,5 +183,6 @@ def test_cli_takes_the_tier_under_both_names(tmp_path, served_model_dir, option)
                                   "--no-progress", "--dim", "64", "--rank", "2", option, "recompute"],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
+    assert "re-rank store recompute" in r.output
     with IndexRoot(root).load() as v:
         assert v.manifest["rerank_dtype"] == "recompute" and "h" not in v.arrays
