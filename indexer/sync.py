@@ -20,7 +20,8 @@ version and the corpus's rows, its shards are planned deterministically and writ
 The maps stay CURRENT's, so they drift from the corpus as it changes. A sync measures on the new version the
 sketch recall (`sketch_recall`: the share of the exact top-k of held-out rows that lies in the sketch's top
 candidates) and counts the rows encoded since the maps were fit; it advises a refit (`SyncConfig.refit`: a full
-build with new maps) when the recall is below `min_recall` or that share above `max_changed`.
+build with new maps) when the recall is below `min_recall` or that share above `max_changed`. On an index of the
+"recompute" storage tier (no hidden states stored) the recall's rows are encoded again for it.
 """
 
 from __future__ import annotations
