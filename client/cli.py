@@ -22,7 +22,7 @@ import click
 
 from forvalue.client import render
 from forvalue.indexer.config import (
-    DTYPE_CHOICES, FIRST_STAGE_KINDS, METHODS, NORMALIZE, RERANK_DTYPES, TOKEN_SCOPES, BuildConfig, FirstStageConfig,
+    DTYPE_CHOICES, FIRST_STAGE_KINDS, METHODS, NORMALIZE, RERANK_STORES, TOKEN_SCOPES, BuildConfig, FirstStageConfig,
     ScoreConfig, SketchConfig, SyncConfig,
 )
 from forvalue.indexer.results import DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH
@@ -571,8 +571,12 @@ def sketch_options(fn):
                      help="Seed of the vocabulary hashing."),
         click.option("--fit-samples", type=click.IntRange(1), default=SketchConfig.fit_samples, show_default=True,
                      help="Samples of the corpus used to fit the sketch maps."),
-        click.option("--rerank-dtype", type=click.Choice(RERANK_DTYPES), default=BuildConfig.rerank_dtype,
-                     show_default=True, help="Storage of the hidden states kept for exact re-ranking."),
+        click.option("--rerank-store", "--rerank-dtype", "rerank_dtype", type=click.Choice(RERANK_STORES),
+                     default=BuildConfig.rerank_dtype, show_default=True,
+                     help="Storage tier of the exact re-rank data: the hidden states in float32 or float16, or "
+                          "none (recompute: a query runs its candidates' forward passes again from the stored "
+                          "texts; exact, ~100x less disk, slower queries, no percentiles). --rerank-dtype is "
+                          "its old name."),
         click.option("--rerank-top", type=click.IntRange(0), default=BuildConfig.rerank_top, show_default=True,
                      help="Largest next-token probabilities stored per training token, so queries score exactly "
                           "only the candidates that can be in the answer (0 = score every candidate)."),

@@ -205,7 +205,7 @@ def build_summary(manifest: dict, name: str, storage: dict) -> dict:
     m = manifest
     return {"version": name, "n_samples": m["n_samples"], "tokens": m["tokens"], "sketch_dim": m["sketch"]["dim"],
             "normalize": m.get("normalize", "none"), "index": m["index"], "storage": storage,
-            "build_seconds": m["build_seconds"]}
+            "build_seconds": m["build_seconds"], "rerank_store": m.get("rerank_dtype", "float32")}
 
 
 def _size(n: float) -> str:
@@ -232,7 +232,8 @@ def build_summary_text(s: dict, index_dir: str, base: str | None = None) -> str:
         f"{s['build_seconds']:.1f} s",
         f"  first stage {first.get('kind', '?')} ({found}); sketch dim {s['sketch_dim']}; tokens {s['tokens']}"
         + ("; values per unit norm (--normalize unit)" if s.get("normalize") == "unit" else ""),
-        f"  {_size(total)} on disk ({_size(total / max(rows, 1))} per row); --json for the whole summary",
+        f"  {_size(total)} on disk ({_size(total / max(rows, 1))} per row, re-rank store "
+        f"{s.get('rerank_store', 'float32')}); --json for the whole summary",
     ])
 
 

@@ -36,7 +36,7 @@ from .store import Build, IndexRoot, Version
 
 log = logging.getLogger("forvalue.indexer.build")
 
-RERANK_NUMPY = {"float32": np.float32, "float16": np.float16}  # config.RERANK_DTYPES
+RERANK_NUMPY = {"float32": np.float32, "float16": np.float16}  # the tiers of config.RERANK_STORES that store h
 
 
 def corpus_fingerprint(samples: Sequence[Sample]) -> str:
@@ -71,7 +71,8 @@ def _params(lm: LoadedModel, config: BuildConfig) -> dict:
         "model": model,
         "tokens": config.tokens, "max_length": config.max_length, "add_eos": True,
         "sketch": _sketch_params(config.sketch), "rerank_dtype": config.rerank_dtype,
-        "rerank_top": config.rerank_top, "normalize": config.normalize,
+        # the recompute tier stores no top probabilities (bounds need the candidates' hidden states)
+        "rerank_top": config.rerank_top if config.stores_states else 0, "normalize": config.normalize,
         "data": config.schema.to_json(),
     }
     if lm.dtype != torch.float32:  # a half-precision pass gives slightly other features: a build of its own
@@ -145,7 +146,8 @@ def encode_shard(lm: LoadedModel, head: Head, sk: Sketcher, samples: Sequence[Sa
     Everything per token is computed on the model's device, fused in one pass over the vocabulary per
     batch (log-partition, bucketed residuals, top probabilities, ‖G‖); only what the shard stores is
     copied to the host (sketches, norms, hidden states in the re-rank dtype, targets, log-partitions, top
-    probabilities).
+    probabilities). The "recompute" tier stores of the tokens their targets alone (what a query's new forward
+    pass of the row is checked against) and no top probabilities.
 
     Args:
         head: the unembedding on the model's device (float32).
@@ -167,7 +169,9 @@ def encode_shard(lm: LoadedModel, head: Head, sk: Sketcher, samples: Sequence[Sa
         batches = itertools.chain(batches, (([todo[i] for i in idx], f) for idx, f in iter_features(
             lm.model, lm.preprocessor, pairs, fwd, head, with_lse=False)))
     host = _ToHost(device)
-    half = RERANK_NUMPY[config.rerank_dtype] == np.float16
+    states = config.stores_states
+    half = states and RERANK_NUMPY[config.rerank_dtype] == np.float16
+    top = config.rerank_top if states else 0
     rows_per_block = 4096 if device.type == "cuda" else 512
     order: list[int] = []
     lengths: list[torch.Tensor] = []
@@ -176,10 +180,12 @@ def encode_shard(lm: LoadedModel, head: Head, sk: Sketcher, samples: Sequence[Sa
         h, y = f.h.to(device), f.y.to(device)
         if half:  # everything stored is computed from the h that is stored
             h = h.half().to(h.dtype)
-        vp = vocab_pass(h, y, head, skd.bucket, skd.sign, skd.buckets, config.rerank_top, rows=rows_per_block,
+        vp = vocab_pass(h, y, head, skd.bucket, skd.sign, skd.buckets, top, rows=rows_per_block,
                         offsets=f.offsets if norms else None)
         per = {"sketch": sketch_from_residuals(Features(h, y, vp.lse, f.offsets), vp.res, skd.projection),
-               "h": h.half() if half else h, "y": y.int(), "lse": vp.lse}
+               "y": y.int()}
+        if states:
+            per |= {"h": h.half() if half else h, "lse": vp.lse}
         if norms:
             per["g_norm"] = vp.g_sq.clamp(min=0).sqrt()
         if config.normalize == "unit":  # the sketch of G / ‖G‖ (a row with G = 0 has value 0 to every query)

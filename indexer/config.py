@@ -21,7 +21,12 @@ INDEX_KINDS = ("flat-ip", "ivf-sq8", "ivf-pq")  # FAISS first stages (ann.py)
 APPROXIMATE_KINDS = ("ivf-sq8", "ivf-pq")
 FIRST_STAGE_KINDS = ("auto",) + INDEX_KINDS
 NORMALIZE = ("none", "unit")  # what an index ranks by: For-Value as it is, or per unit of the row's ‖G‖
-RERANK_DTYPES = ("float32", "float16")  # storage of the hidden states kept for exact re-ranking
+# storage tier of the re-rank data (`--rerank-store`, formerly `--rerank-dtype`): the hidden states kept in
+# float32 (exact) or float16, or none at all ("recompute": the candidates' forward passes run again at query time
+# from the texts the index keeps; exact, and ~100x less disk; docs/scaling.md "Storage tiers")
+RERANK_STORES = ("float32", "float16", "recompute")
+RERANK_DTYPES = RERANK_STORES  # the option's old name
+RECOMPUTE = "recompute"
 # percentiles (Index.percentiles) are exact on indexes of up to this many live rows (the hit's exact score among
 # certified bounds of every row: 0.7 s for 2,048 rows on one CPU thread with the default model, docs/results.md);
 # larger indexes count among a seeded sample of this many rows, with a 99% interval; the rows and the seed are in
@@ -157,8 +162,10 @@ class BuildConfig:
         tokens: scored positions, "response" or "all" (see ForwardConfig).
         sketch: the first-stage sketch shape.
         shard_size: samples per shard (the unit of resumption).
-        rerank_dtype: storage of the hidden states kept for exact re-ranking: "float32" (exact) or
-            "float16" (half the bytes; scores then differ from exact in the 3rd-4th digit).
+        rerank_dtype: the storage tier of the re-rank data (the CLI's `--rerank-store`): "float32" (the hidden
+            states, exact), "float16" (half the bytes; scores then differ from exact in the 3rd-4th digit) or
+            "recompute" (no hidden states: only the scored tokens' ids; a query re-runs its candidates' forward
+            passes from the stored texts, exact, paying that pass per candidate; `rerank_top` is then unused).
         max_length, batch_tokens, max_batch: as in ForwardConfig (`forward.auto_batch_tokens` sizes the last
             two to the device's memory).
         rerank_top: per training token, the largest next-token probabilities stored (with the norm of the
@@ -194,12 +201,17 @@ class BuildConfig:
         if self.shard_size < 1:
             raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")
         if self.rerank_dtype not in RERANK_DTYPES:
-            raise ConfigError(f"rerank_dtype must be one of {list(RERANK_DTYPES)}, got {self.rerank_dtype!r}")
+            raise ConfigError(f"rerank_dtype must be one of {list(RERANK_STORES)} (--rerank-store), got "
+                              f"{self.rerank_dtype!r}")
         if self.rerank_top < 0:
             raise ConfigError(f"rerank_top must be >= 0, got {self.rerank_top}")
         if self.normalize not in NORMALIZE:
             raise ConfigError(f"normalize must be one of {list(NORMALIZE)}, got {self.normalize!r}")
 
+    @property
+    def stores_states(self) -> bool:
+        """The re-rank data holds the hidden states (False: the "recompute" tier)."""
+        return self.rerank_dtype != RECOMPUTE
 
 
 @dataclass(frozen=True)

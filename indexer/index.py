@@ -1,7 +1,8 @@
 """Querying a published index: one forward pass for the queries, FAISS first stage, exact re-ranking.
 
 `Index.search` returns exact For-Value scores: the sketch only chooses which `rerank` candidates are
-scored exactly (from the stored per-token hidden states, targets and log-partitions).
+scored exactly (from the stored per-token hidden states, targets and log-partitions; on an index of the
+"recompute" storage tier, from a new forward pass of the candidates' stored texts: `candidate_features`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import numpy as np
 import torch
 
 from .calibration import count_lower, percentiles_of, undecided
-from .config import CALIBRATION_ROWS
-from .data import Sample
+from .config import CALIBRATION_ROWS, RECOMPUTE
+from .data import Sample, sample_of_row
 from .deletion import deleted_of
 from .errors import ConfigError, IndexCorruptError, IndexMismatchError
 from .explain import explain_rows, token_labeler
@@ -105,6 +106,16 @@ class Index:
                 raise IndexCorruptError(f"index {version.path} is unit-normalised but stores no g_norm; rebuild it")
             self.row_scale = unit_scale(self.g_norm.double())
         self.rerank_top = int(m.get("rerank_top", 0))  # 0: an index without top probabilities (no pruning)
+        # the "recompute" storage tier: no hidden states stored; candidates are encoded again at query time
+        self.recompute = m.get("rerank_dtype") == RECOMPUTE
+        if self.recompute:
+            built = m.get("forward_dtype", "float32")  # build._params records it when not float32
+            mine = lm.dtype_name if lm.dtype != torch.float32 else "float32"
+            if built != mine:
+                raise IndexMismatchError(
+                    f"index {version.path} stores no hidden states (--rerank-store recompute): its candidates are "
+                    f"encoded again at query time, so the model must run in the dtype of the build ({built}), not "
+                    f"{mine}; pass --dtype {built}")
         self.query_top = 32
         self._labels = None  # token id → text, cached (explain)
         self._ids: list[str] | None = None  # ids in row order, read on first use
@@ -154,8 +165,37 @@ class Index:
         return values * self.row_scale[torch.as_tensor(np.asarray(rows, dtype=np.int64))].to(values.dtype)
 
     def candidate_features(self, rows: Sequence[int]) -> Features:
-        """Stored re-rank features of training rows `rows`, in that order."""
+        """Re-rank features of training rows `rows`, in that order: stored, or (the "recompute" tier) from a new
+        forward pass of their stored texts (`recompute_features`)."""
+        if self.recompute:
+            return self.recompute_features(rows)
         return self._features(self.version.token_rows(np.asarray(rows, dtype=np.int64), ["h", "y", "lse"]))
+
+    def recompute_features(self, rows: Sequence[int]) -> Features:
+        """Features of training rows `rows` from a forward pass of their stored samples (metadata: texts, the
+        conversation, the image's path) with the index's model and forward settings: what a build of the rows
+        computed, to float tolerance (a pass may batch a row with other rows).
+
+        Raises:
+            IndexCorruptError: the pass scores other tokens than the build stored for a row (the stored texts,
+                the tokenizer or an image file changed since).
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return Features(torch.zeros(0, self.head.dim), torch.zeros(0, dtype=torch.int64), torch.zeros(0),
+                            torch.zeros(1, dtype=torch.int64))
+        samples = [sample_of_row(r).as_input() for r in self.version.rows(rows)]
+        f = extract_features(self.lm.model, self.lm.preprocessor, samples, self.forward, self.head).to("cpu")
+        stored = self.version.token_rows(rows, ["y"])
+        if not (np.array_equal(f.offsets.numpy(), stored["offsets"])
+                and np.array_equal(f.y.numpy(), np.asarray(stored["y"], dtype=np.int64))):
+            lengths = np.diff(stored["offsets"]), np.diff(f.offsets.numpy())
+            bad = next((j for j in range(rows.size) if lengths[0][j] != lengths[1][j]), None)
+            where = f"row {int(rows[bad])}" if bad is not None else "a row"
+            raise IndexCorruptError(
+                f"index {self.version.path}: {where} encoded again scores other tokens than the build stored (the "
+                "stored texts, the tokenizer or an image changed since); rebuild the index")
+        return f
 
     @staticmethod
     def _features(d: dict[str, np.ndarray]) -> Features:
@@ -343,7 +383,8 @@ class Index:
         writes it. Exact (low = high = percentile) on indexes of at most the manifest's calibration rows: every
         row is bounded (`value_bounds`) and the rows whose bounds contain a hit's score are scored exactly.
         Larger indexes count among a seeded sample of that many rows: the share in the sample, and its 99%
-        Wilson interval (low, high).
+        Wilson interval (low, high). None on an index of the "recompute" storage tier (bounding a row needs its
+        hidden states: a forward pass per calibration row and query).
 
         Args:
             features: the query group's features. rows: the hits' rows (m,). scores: their exact scores (m,).
@@ -352,7 +393,8 @@ class Index:
             check: called between blocks of rows (raises to stop the work).
         """
         cal, whole = self.calibration_rows()
-        if cal.size == 0 or scores.numel() == 0:
+        # the recompute tier would pay a forward pass per calibration row and query: no percentiles there
+        if cal.size == 0 or scores.numel() == 0 or self.recompute:
             return [(None, None, None)] * scores.numel()
         s = scores.double().numpy()
         lo, hi = np.full(cal.size, np.nan), np.full(cal.size, np.nan)

@@ -20,7 +20,8 @@ version and the corpus's rows, its shards are planned deterministically and writ
 The maps stay CURRENT's, so they drift from the corpus as it changes. A sync measures on the new version the
 sketch recall (`sketch_recall`: the share of the exact top-k of held-out rows that lies in the sketch's top
 candidates) and counts the rows encoded since the maps were fit; it advises a refit (`SyncConfig.refit`: a full
-build with new maps) when the recall is below `min_recall` or that share above `max_changed`.
+build with new maps) when the recall is below `min_recall` or that share above `max_changed`. On an index of the
+"recompute" storage tier (no hidden states stored) the recall's rows are encoded again for it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -41,12 +42,12 @@ from .build import (
     BackgroundWriter, _check_compatible, _first_stage_info, _params, build_index, corpus_fingerprint, encode_shard,
 )
 from .config import APPROXIMATE_KINDS, BuildConfig, FirstStageConfig, SketchConfig, SyncConfig
-from .data import Sample, content_key, stored_row
+from .data import Sample, content_key, sample_of_row, stored_row
 from .deletion import DELETED_FILE, deleted_json, deleted_of, hidden_rows, takedown_lock
 from .errors import DataError, IndexChangedError
-from .features import Features, Head
+from .features import Features, ForwardConfig, Head
 from .formats import Schema
-from .forward import batch_sizes, refuse_images
+from .forward import batch_sizes, extract_features, refuse_images
 from .model import LoadedModel
 from .score import exact_scores, self_scores, unit_scale
 from .sketch import MAP_FILES, Sketcher
@@ -279,8 +280,24 @@ def recall_rows(n: int, config: SyncConfig, seed: int) -> tuple[np.ndarray, np.n
     return np.sort(rows[:q]), np.sort(rows[q:])
 
 
-def _build_rows(build: Build, n_shards: int, rows: np.ndarray) -> tuple[Features, torch.Tensor]:
-    """(stored features, sketches) of rows of an unpublished build, in the order given."""
+def _encoded_rows(lm: LoadedModel, head: Head | None, samples: Sequence[Sample], config: BuildConfig) -> Features:
+    """Features of `samples` from a forward pass, on the host: the rows of an index that stores no hidden states
+    (the "recompute" storage tier), as a query encodes its candidates (`Index.recompute_features`); `head` on the
+    model's device, or None (made from the model)."""
+    return extract_features(lm.model, lm.preprocessor, [s.as_input() for s in samples], ForwardConfig.of_build(config),
+                            head).to("cpu")
+
+
+def _build_rows(build: Build, n_shards: int, rows: np.ndarray, encode: Callable[[np.ndarray], Features] | None = None
+                ) -> tuple[Features, torch.Tensor]:
+    """(stored features, sketches) of rows of an unpublished build, in the order given; `encode(rows)` gives the
+    features instead where the build stores no hidden states."""
+    if encode is not None:
+        counts = [build.shard_info(i)["rows"] for i in range(n_shards)]
+        shard, local = locate_rows(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), rows)
+        sk = [np.asarray(build.read_shard_array(s, "sketch")[j], dtype=np.float32)
+              for s, j in zip(shard.tolist(), local.tolist())]
+        return encode(rows), torch.from_numpy(np.stack(sk))
     counts = [build.shard_info(i)["rows"] for i in range(n_shards)]
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     shard, local = locate_rows(starts, rows)
@@ -302,8 +319,13 @@ def _build_rows(build: Build, n_shards: int, rows: np.ndarray) -> tuple[Features
     return f, torch.from_numpy(np.stack(sk))
 
 
-def _version_rows(version: Version, rows: np.ndarray) -> tuple[Features, torch.Tensor]:
-    """(stored features, sketches) of rows of a published version."""
+def _version_rows(version: Version, rows: np.ndarray, encode: Callable[[list[Sample]], Features] | None = None
+                  ) -> tuple[Features, torch.Tensor]:
+    """(stored features, sketches) of rows of a published version; `encode(samples)` encodes the rows' stored
+    samples instead where the version stores no hidden states."""
+    sketches = torch.from_numpy(np.asarray(version.take("sketch", rows), dtype=np.float32))
+    if "h" not in version.arrays and encode is not None:
+        return encode([sample_of_row(r) for r in version.rows(rows)]), sketches
     d = version.token_rows(rows, ["h", "y", "lse"])
     f = Features(torch.from_numpy(np.asarray(d["h"], dtype=np.float32)),
                  torch.from_numpy(np.asarray(d["y"], dtype=np.int64)),
@@ -491,7 +513,8 @@ def _publish_sync(idx_root: IndexRoot, build: Build, base: Version, plan: SyncPl
     encoded_now, resumed = _write_planned(build, base, plan, samples, rows, enc, progress)
     n_shards, n = len(plan.shards), len(rows)
     info = _first_stage_info(build, n_shards, bconf.first_stage)
-    recall = measure_recall(lambda r: _build_rows(build, n_shards, r), n, head, config, bconf.sketch.seed,
+    encode = None if bconf.stores_states else (lambda r: _encoded_rows(lm, head, [samples[i] for i in r], bconf))
+    recall = measure_recall(lambda r: _build_rows(build, n_shards, r, encode), n, head, config, bconf.sketch.seed,
                             bconf.normalize == "unit")
     share = _changed_share(base.manifest, plan.encoded, n)
     reasons = _advice(recall, share, config)
@@ -536,8 +559,8 @@ def _refit(idx_root: IndexRoot, base: Version, samples: Sequence[Sample], lm: Lo
     name = build_index(str(idx_root.path), samples, lm, bconf, progress=progress)
     head = Head.from_model(lm.model)
     with idx_root.load(name, verify=False) as v:
-        recall = measure_recall(lambda r: _version_rows(v, r), v.n, head, config, bconf.sketch.seed,
-                                bconf.normalize == "unit")
+        recall = measure_recall(lambda r: _version_rows(v, r, lambda s: _encoded_rows(lm, None, s, bconf)), v.n,
+                                head, config, bconf.sketch.seed, bconf.normalize == "unit")
         recall = _with_first_stage(recall, v.manifest["index"])
     ids = {str(r["id"]) for r in base.rows(np.arange(base.n))}
     dropped = len(ids - {s.id for s in samples})

@@ -113,3 +113,15 @@ def test_eval_scores_per_unit_norm(lm):
     torch.testing.assert_close(got, U, rtol=1e-4, atol=1e-6)
     with pytest.raises(ConfigError, match="normalize 'unit' needs method 'exact'"):
         ScoreConfig(method="emb", normalize="unit")
+
+
+def test_recompute_tier_gives_the_stored_tier_unit_answers(unit60, tmp_path, lm):
+    root, samples = unit60
+    build_index(str(tmp_path), samples, lm, dataclasses.replace(UNIT, rerank_dtype="recompute"))
+    stored, again = Index.open(str(root), lm), Index.open(str(tmp_path), lm)
+    q = corpus(2, seed=11)
+    for direction in ("most", "least"):
+        a = stored.search(q, k=5, direction=direction, rerank=20, calibrate=False)
+        b = again.search(q, k=5, direction=direction, rerank=20, calibrate=False)
+        assert [h.id for h in a.hits] == [h.id for h in b.hits]
+        np.testing.assert_allclose([h.score for h in a.hits], [h.score for h in b.hits], rtol=1e-4, atol=1e-6)
