@@ -13,7 +13,8 @@ Kinds: "flat-ip" (IndexFlatIP, exact), and two approximate ones for large corpor
 inverted file of `nlist` lists with 8-bit scalar-quantised codes, D bytes a row) and "ivf-pq" (product-
 quantised codes, `pq_m` bytes a row). The approximate kinds need `train` on a sample before `add`, search
 `nprobe` of their lists per query, and, being approximate, have their recall measured against flat search
-(firststage.py; IVF with inner product uses normalised centroids and can miss large-norm rows). Their
+(firststage.py; IVF with inner product uses normalised centroids and can miss large-norm rows; "least"
+probes few lists only with norm-ranged lists, `ListOrder`). Their
 search takes `refine`·k candidates from the codes and, with `vectors` attached, keeps the k with the
 largest exact inner products (so returned scores are exact); without vectors the scores are the codes'
 approximations.
@@ -587,7 +588,8 @@ class SketchIndex:
 
         With an order, `direction_nprobe` counts centroids for "most" (each probes its B lists) and lists
         for "least". Searches on one CPU index follow it; a GPU or sharded index probes plainly instead:
-        B·nprobe lists for "most" (the same rows) and every list for "least" (exact, slower).
+        B·nprobe lists for "most" (the same rows) and every list for "least" (slower; on a GPU at most
+        GPU_K_CAP lists, the quantiser's best: every bucket of the best GPU_K_CAP / B centroids).
         """
         if order is not None:
             if not self._nlist or order.nlist * order.buckets != self._nlist:
@@ -629,6 +631,8 @@ class SketchIndex:
         count = self._probe_count(direction)
         if self._gpu_res is not None or self.shards != 1:
             plain = count * self.list_order.buckets if direction == "most" else self._nlist
+            if self._k_cap is not None:  # faiss GPU probes at most GPU_K_CAP lists
+                plain = min(plain, self._k_cap)
             return self._ivf_search(q, k, min(plain, self._nlist))
         lists, coarse = self.list_order.probe(q, direction, count)
         ivf = self._ivf()[0]

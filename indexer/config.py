@@ -71,7 +71,9 @@ class FirstStageConfig:
         approx_threshold: rows from which "auto" builds an approximate index.
         nlist: inverted lists of an IVF kind; 0 = about √n (at most n / 39, so k-means has 39 rows a list).
         pq_m: bytes per row of "ivf-pq" (must divide the sketch dimension).
-        nprobe: lists searched per query; 0 = the smallest power of two reaching min_recall, at build time.
+        nprobe: lists searched per query; 0 = per direction the smallest reaching min_recall, at build time
+            (with norm-ranged lists a fixed nprobe probes nprobe centroids' B lists each for "most" and
+            B·nprobe lists for "least").
         refine: candidates taken from the codes per wanted row, re-scored exactly from the stored sketches.
         min_recall: the recall@k (most and least) below which an approximate build is refused.
         recall_k: k of the measured recall.

@@ -10,11 +10,18 @@ memory matters more than recall.
 Recall is measured at build time and published in the manifest: `recall_queries` training sketches,
 sampled with the seed, are used as queries (each one's own row left out of both answers, so the query is
 held out), for "most" and "least"; recall@k = |approximate top-k ∩ flat top-k| / k, averaged over
-queries. With nprobe = 0 each direction gets the smallest power of two (then nlist) whose recall reaches
+queries. With nprobe = 0 each direction gets the smallest nprobe of its ladder whose recall reaches
 `min_recall` (they differ a lot: a query's largest inner products gather in the lists of its own region,
-its smallest are spread over the whole corpus); a first stage that cannot reach it in either direction
-is refused (RecallTooLowError) naming what to change. IVF with inner product uses normalised centroids
-and can miss large-norm rows: the measured recall, not the theory, decides.
+its smallest are long rows spread over the whole corpus); a first stage that cannot reach it in either
+direction is refused (RecallTooLowError) naming what to change. The share of the rows whose codes each
+direction scans is published beside its recall (`recall.scanned_share`). IVF with inner product uses
+normalised centroids and can miss large-norm rows: the measured recall, not the theory, decides.
+
+Norm-ranged lists (`norm_buckets` B > 1, the default 4; ann.ListOrder): each centroid's rows are split by
+norm into B lists, so that "least" probes the lists whose estimated largest <−q, x> is highest (long rows
+in regions facing away from q) and skips the short rows everywhere. "most" probes every bucket of the
+plain IVF's nprobe centroids: the same rows, the same answers as plain lists. "least" is chosen on a
+ladder of √2 steps over all B·nlist lists, "most" on powers of two of the nlist centroids.
 
 Everything here works on arrays: `vectors` is any (n, D) array-like read by row slices and row lists
 (a np.memmap, or `ann.ConcatRows` of the shards' memory-mapped sketches); writing files is the caller's.
@@ -131,11 +138,13 @@ def build_first_stage(vectors: Any, config: FirstStageConfig = FirstStageConfig(
 
     Returns:
         (index or None, info) with info = {"kind", "ntotal", "dim", "stored", "auto", ...}; approximate
-        kinds add "file", "nlist", "nprobe" (the larger of the two directions'), "nprobe_by_direction",
-        "refine", "train_rows", "code_bytes_per_row" (pq_m or D, plus 8 for the id), "pq_m" (ivf-pq),
-        "recall" {"k", "queries", "most", "least", "min_recall", "by_nprobe" (the measured curve; a
-        direction that reached min_recall is not measured at larger nprobe)}, "train_seconds",
-        "add_seconds", "recall_seconds".
+        kinds add "file", "nlist", "nprobe" (the faiss setting: the larger of the two directions' lists),
+        "nprobe_by_direction" (with norm-ranged lists: centroids for "most", lists for "least"), "refine",
+        "train_rows", "code_bytes_per_row" (pq_m or D, plus 8 for the id), "pq_m" (ivf-pq), "recall" {"k",
+        "queries", "most", "least", "scanned_share" {"most", "least"}, "min_recall", "by_nprobe" (the
+        measured curve, entries {"nprobe", <direction>: recall, "scanned_share"}; a direction stops at
+        the first nprobe reaching min_recall)}, "train_seconds", "add_seconds", "recall_seconds"; with
+        norm-ranged lists also "norm_buckets", "norm_edges" and "list_order" {"scale", "spread"}.
 
     Raises:
         RecallTooLowError: the recall in either direction stays below config.min_recall.

@@ -433,3 +433,25 @@ def test_sharded_over_gpus_equals_one_cpu_index(kind):
         s2, i2 = gpus.search(q, 10, direction)
         np.testing.assert_array_equal(i2, i1)
         np.testing.assert_allclose(s2, s1, rtol=1e-4, atol=1e-3)
+
+
+def test_norm_ranged_lists_reopen_from_the_manifest(tmp_path):
+    """open_first_stage rebuilds the list order from the manifest's fields: the same answers after a reload."""
+    import json
+
+    from forvalue.indexer.errors import IndexCorruptError
+    from forvalue.indexer.firststage import open_first_stage
+
+    x, q = clustered(3000, 32), queries(32, q=10)
+    index, info = build_first_stage(x, FirstStageConfig(kind="ivf-sq8", nlist=16, min_recall=0.9, recall_queries=30),
+                                    use_gpu=False)
+    index.save(tmp_path / "index.faiss")
+    info = json.loads(json.dumps(info))  # as the manifest stores it
+    loaded = open_first_stage(info, [x[:1000], x[1000:]], 32, tmp_path / "index.faiss", use_gpu=False)
+    assert loaded.list_order is not None and loaded.direction_nprobe == info["nprobe_by_direction"]
+    for direction in ("most", "least"):
+        for a, b in zip(index.search(q, 10, direction), loaded.search(q, 10, direction)):
+            np.testing.assert_array_equal(a, b)
+    bad = {**info, "list_order": {"scale": info["list_order"]["scale"][:-1], "spread": info["list_order"]["spread"]}}
+    with pytest.raises(IndexCorruptError, match="scales"):
+        open_first_stage(bad, [x], 32, tmp_path / "index.faiss", use_gpu=False)
