@@ -272,7 +272,8 @@ def _norm_ranged(base: SketchIndex, vectors: Any, train: np.ndarray, config: Fir
     cpu = faiss.extract_index_ivf(base._cpu_index())
     nlist = int(cpu.nlist)
     centroids = cpu.quantizer.reconstruct_n(0, nlist)
-    index = SketchIndex(base.dim, kind=base.kind, use_gpu=False, nlist=B * nlist, pq_m=int(faiss.downcast_index(cpu).pq.M) if base.kind == "ivf-pq" else 8)
+    pq_m = int(faiss.downcast_index(cpu).pq.M) if base.kind == "ivf-pq" else 8
+    index = SketchIndex(base.dim, kind=base.kind, use_gpu=False, nlist=B * nlist, pq_m=pq_m)
     ivf = index._ivf()[0]
     ivf.quantizer.add(np.tile(centroids, (B, 1)))  # trained: index.train only trains the codes
     _seed_kmeans(index, config.seed)

@@ -443,8 +443,8 @@ def test_norm_ranged_lists_reopen_from_the_manifest(tmp_path):
     from forvalue.indexer.firststage import open_first_stage
 
     x, q = clustered(3000, 32), queries(32, q=10)
-    index, info = build_first_stage(x, FirstStageConfig(kind="ivf-sq8", nlist=16, min_recall=0.9, recall_queries=30),
-                                    use_gpu=False)
+    cfg = FirstStageConfig(kind="ivf-sq8", nlist=16, min_recall=0.9, recall_queries=30)
+    index, info = build_first_stage(x, cfg, use_gpu=False)
     index.save(tmp_path / "index.faiss")
     info = json.loads(json.dumps(info))  # as the manifest stores it
     loaded = open_first_stage(info, [x[:1000], x[1000:]], 32, tmp_path / "index.faiss", use_gpu=False)
