@@ -455,3 +455,17 @@ def test_norm_ranged_lists_reopen_from_the_manifest(tmp_path):
     bad = {**info, "list_order": {"scale": info["list_order"]["scale"][:-1], "spread": info["list_order"]["spread"]}}
     with pytest.raises(IndexCorruptError, match="scales"):
         open_first_stage(bad, [x], 32, tmp_path / "index.faiss", use_gpu=False)
+
+
+def test_norm_ranged_lists_sharded_probe_plainly():
+    """A sharded index cannot follow the list order: "most" scans the same rows, "least" every list (exact)."""
+    x, q = clustered(3000, 32), queries(32, q=10)
+    cfg = FirstStageConfig(kind="ivf-sq8", nlist=16, nprobe=2, refine=8, min_recall=0.0, recall_queries=20)
+    one, _ = build_first_stage(x, cfg, use_gpu=False)
+    sharded, _ = build_first_stage(x, cfg, use_gpu=False)
+    sharded.shard(2)
+    for a, b in zip(one.search(q, 10, "most"), sharded.search(q, 10, "most")):
+        np.testing.assert_array_equal(a, b)
+    _, ref = torch_topk(q, x, 10, "least")
+    np.testing.assert_array_equal(sharded.search(q, 10, "least")[1], ref)
+    assert one.probed_share(q, "least") < 1.0
