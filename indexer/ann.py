@@ -620,9 +620,9 @@ class SketchIndex:
         if self.list_order is not None:
             lists, _ = self.list_order.probe(q, direction, self._probe_count(direction))
             return self.list_order.share(lists)
-        ivf = self._ivf()[0]
-        sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
-        _, lists = ivf.quantizer.search(q, self._direction_nprobe.get(direction, self._nprobe))
+        parts = _ivf_parts(_import_faiss(), self._cpu_index())  # a GPU index: a host copy, for the time of the count
+        sizes = sum(np.array([p.invlists.list_size(i) for i in range(p.nlist)], dtype=np.int64) for p in parts)
+        _, lists = parts[0].quantizer.search(q, self._direction_nprobe.get(direction, self._nprobe))
         return float(np.where(lists >= 0, sizes[np.maximum(lists, 0)], 0).sum(axis=1).mean() / self.ntotal)
 
     def _ordered_search(self, q: np.ndarray, k: int, direction: str) -> tuple[np.ndarray, np.ndarray]:
