@@ -870,6 +870,10 @@ def index_info_cmd(index_dir, version, files, no_verify):
     if not files:
         m.pop("files", None)
     from forvalue.indexer.build import storage_summary
+    from forvalue.indexer.results import brief_index
+
+    if "index" in m:
+        m["index"] = brief_index(m["index"])
 
     m["storage"] = storage_summary(v.manifest)
     m["version"] = v.name

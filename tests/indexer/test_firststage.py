@@ -369,6 +369,18 @@ def test_build_index_with_an_ivf_first_stage_answers_like_flat(tmp_path, served_
     assert info["recall"]["most"] == info["recall"]["least"] == 1.0 and info["norm_buckets"] == 4
     assert info["recall"]["scanned_share"] == {"most": 1.0, "least": 1.0}  # published per direction
     assert len(info["list_order"]["scale"]) == len(info["list_order"]["spread"]) == 8
+    # people see the per-list numbers counted (index info, the server's Info), the manifest file keeps them
+    import json
+
+    from click.testing import CliRunner
+
+    from forvalue.client.cli import main
+    from forvalue.indexer.results import index_info
+
+    shown = json.loads(CliRunner().invoke(main, ["index", "info", "--index", str(tmp_path / "ivf")]).stdout)
+    assert shown["index"]["list_order"] == "8 lists: scale and spread per list (in the manifest file)"
+    assert index_info(m, "v")["manifest"]["index"]["list_order"] == shown["index"]["list_order"]
+    assert shown["index"]["recall"] == info["recall"]
     assert info["recall"]["k"] == 10 and info["recall"]["queries"] == 36
     assert IndexRoot(tmp_path / "flat").load().manifest["index"]["kind"] == "flat-ip"
     flat, ivf_index = Index.open(str(tmp_path / "flat"), served_lm), Index.open(str(tmp_path / "ivf"), served_lm)
