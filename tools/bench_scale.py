@@ -12,8 +12,11 @@ a np.memmap under --workdir (never all in process memory; deleted at the end unl
 
 Reported per kind: build seconds (train, add, recall measurement), bytes per sample (the serialized
 FAISS index / n; flat: 4·D), query latency p50/p95 of single queries for k = --k-candidates (the
-default re-ranking candidate count) in each direction, and recall@10 against flat for "most" and
-"least" (held-out training sketches as queries, as measured at build time). Then the cost model
+default re-ranking candidate count) in each direction, and per direction (`directions.most|least`)
+recall@10 against flat (`recall_at_10`, held-out training sketches as queries, as measured at build
+time), the share of the rows whose codes a query scans (`scanned_share`) and nprobe. `--norm-buckets 1`
+measures plain lists; `--real IDX` adds the same measurement on the sketches of an index built here
+(key "real"). Then the cost model
 extrapolated to --target samples: memory per shard, shards needed for --host-gb of index memory per
 host, and per-shard latency (scaled by the rows a query scans, see `extrapolate`).
 
@@ -24,7 +27,8 @@ corpora differ; measure on them with `forvalue index build --index-kind ivf-sq8`
 publishes the same recall numbers.
 
     python tools/bench_scale.py --json                        # 100k x 4096, a few minutes on 2 cores
-    python tools/bench_scale.py --json --sizes 100000,1000000 # + 1M (16 GB memmap on disk; ~15 min)
+    python tools/bench_scale.py --json --sizes 100000,1000000 # + 1M (16 GB memmap on disk; ~15-25 min)
+    python tools/bench_scale.py --json --sizes 1000000 --kinds ivf-sq8 --real IDX  # + a real index's sketches
 """
 
 from __future__ import annotations
