@@ -625,9 +625,11 @@ def first_stage_options(fn):
     """
 
     @functools.wraps(fn)
-    def wrapper(*args, index_kind, approx_threshold, nlist, nprobe, pq_m, refine, min_recall, **kwargs):
+    def wrapper(*args, index_kind, approx_threshold, nlist, nprobe, pq_m, refine, min_recall, norm_buckets,
+                **kwargs):
         kwargs["first_stage"] = FirstStageConfig(kind=index_kind, approx_threshold=approx_threshold, nlist=nlist,
-                                                 nprobe=nprobe, pq_m=pq_m, refine=refine, min_recall=min_recall)
+                                                 nprobe=nprobe, pq_m=pq_m, refine=refine, min_recall=min_recall,
+                                                 norm_buckets=norm_buckets)
         return fn(*args, **kwargs)
 
     opts = [
@@ -638,6 +640,10 @@ def first_stage_options(fn):
         click.option("--refine", type=click.IntRange(1), default=FirstStageConfig.refine, show_default=True,
                      help="Approximate first stage: candidates taken from the codes per wanted row, re-scored "
                           "exactly from the stored sketches."),
+        click.option("--norm-buckets", type=click.IntRange(1), default=FirstStageConfig.norm_buckets,
+                     show_default=True,
+                     help="IVF kinds: each list split into this many norm ranges, so that least-influential "
+                          "searches skip the short rows (1 = plain lists; least then scans about half of them)."),
         click.option("--pq-m", "pq_m", type=click.IntRange(1), default=FirstStageConfig.pq_m, show_default=True,
                      help="ivf-pq: bytes per row (must divide --dim)."),
         click.option("--nprobe", type=click.IntRange(0), default=FirstStageConfig.nprobe, show_default=True,
@@ -876,6 +882,10 @@ def index_info_cmd(index_dir, version, files, no_verify):
     if not files:
         m.pop("files", None)
     from forvalue.indexer.build import storage_summary
+    from forvalue.indexer.results import brief_index
+
+    if "index" in m:
+        m["index"] = brief_index(m["index"])
 
     m["storage"] = storage_summary(v.manifest)
     m["version"] = v.name

@@ -13,7 +13,8 @@ Kinds: "flat-ip" (IndexFlatIP, exact), and two approximate ones for large corpor
 inverted file of `nlist` lists with 8-bit scalar-quantised codes, D bytes a row) and "ivf-pq" (product-
 quantised codes, `pq_m` bytes a row). The approximate kinds need `train` on a sample before `add`, search
 `nprobe` of their lists per query, and, being approximate, have their recall measured against flat search
-(firststage.py; IVF with inner product uses normalised centroids and can miss large-norm rows). Their
+(firststage.py; IVF with inner product uses normalised centroids and can miss large-norm rows; "least"
+probes few lists only with norm-ranged lists, `ListOrder`). Their
 search takes `refine`·k candidates from the codes and, with `vectors` attached, keeps the k with the
 largest exact inner products (so returned scores are exact); without vectors the scores are the codes'
 approximations.
@@ -300,6 +301,85 @@ class ConcatRows:
 
 
 # --------------------------------------------------------------------------------------------------
+# Norm-ranged lists: which lists a query probes, per direction.
+
+
+class ListOrder:
+    """The probe order of an IVF index whose lists are split by row norm ("norm-ranged lists").
+
+    The index has L = B·nlist lists: list b·nlist + j holds the rows of norm bucket b (0 = shortest) whose
+    largest inner product among the nlist centroids is with c_j (the assignment of a plain IVF). Its
+    quantiser holds c_j once per bucket, so a plain faiss search probing B·p lists scans every bucket of
+    the p best centroids: the rows a plain IVF of nlist lists scans at nprobe p.
+
+    "most" probes every bucket of the `nprobe` centroids with the largest <q, c_j> (the plain IVF's rows).
+    "least" (searched as the largest <q', x> with q' = −q) probes the `nprobe` lists with the largest
+
+        est_L(q') = r_L · (α_L <q', ĉ_j> + ‖q'‖ · √((1 − α_L²) / D) · √(2 ln max(n_L, 2))),
+
+    an estimate of the list's largest inner product: r_L is its largest row norm, α_L the mean cosine of
+    its rows with ĉ_j = c_j / ‖c_j‖, and n_L its rows. A row's direction is α_L ĉ_j plus a residual of
+    squared length 1 − α_L² on average; spread over D dimensions, its projection on q' is like
+    N(0, ‖q'‖² (1 − α_L²) / D), and the largest of n_L of them about √(2 ln n_L) standard deviations. The
+    rows with the smallest inner products are long rows pointing a little away from q, spread over every
+    centroid's region: splitting the lists by norm lets a query skip the short rows of those regions.
+
+    Args:
+        centroids: (nlist, D) the distinct centroids c_j.
+        buckets: B.
+        scale: (L,) r_L · α_L.
+        spread: (L,) r_L · √((1 − α_L²) / D) · √(2 ln max(n_L, 2)).
+        sizes: (L,) rows per list (empty lists are never probed).
+    """
+
+    def __init__(self, centroids: Any, buckets: int, scale: Any, spread: Any, sizes: Any):
+        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        self.buckets = int(buckets)
+        self.nlist = int(self.centroids.shape[0])
+        lists = self.nlist * self.buckets
+        self.scale = np.asarray(scale, dtype=np.float32).reshape(-1)
+        self.spread = np.asarray(spread, dtype=np.float32).reshape(-1)
+        self.sizes = np.asarray(sizes, dtype=np.int64).reshape(-1)
+        if not (self.scale.size == self.spread.size == self.sizes.size == lists):
+            raise IndexCorruptError(f"norm-ranged lists: {self.nlist} centroids x {self.buckets} buckets = {lists} "
+                                    f"lists, but {self.scale.size} scales, {self.spread.size} spreads and "
+                                    f"{self.sizes.size} list sizes; rebuild the index")
+        norms = np.linalg.norm(self.centroids, axis=1, keepdims=True)
+        self.unit = self.centroids / np.maximum(norms, np.float32(1e-30))
+        self.ntotal = int(self.sizes.sum())
+
+    def probe(self, q: np.ndarray, direction: str, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """The lists to scan for the searched queries q (m, D) (q' = −q for "least", as `search` passes it).
+
+        Returns:
+            (lists (m, p) int64, −1 for an empty list, and their centroids' inner products <q, c_j> (m, p)
+            float32, which faiss adds to the residual codes' scores); p = B·nprobe ("most") or nprobe.
+        """
+        s = q @ self.centroids.T  # (m, nlist)
+        if direction == "most":
+            top = np.argsort(-s, axis=1, kind="stable")[:, : min(nprobe, self.nlist)]
+            lists = (top[:, None, :] + self.nlist * np.arange(self.buckets)[None, :, None]).reshape(q.shape[0], -1)
+        else:
+            est = np.tile(q @ self.unit.T, (1, self.buckets)) * self.scale
+            est += np.linalg.norm(q, axis=1, keepdims=True) * self.spread
+            est[:, self.sizes == 0] = -np.inf
+            p = min(nprobe, est.shape[1])
+            top = np.argpartition(-est, p - 1, axis=1)[:, :p] if p < est.shape[1] else np.tile(
+                np.arange(est.shape[1]), (q.shape[0], 1))
+            lists = top.astype(np.int64)
+        coarse = np.take_along_axis(s, lists % self.nlist, axis=1).astype(np.float32)
+        lists = np.where(self.sizes[lists] > 0, lists, -1).astype(np.int64)
+        return lists, coarse
+
+    def share(self, lists: np.ndarray) -> float:
+        """The mean share of all rows that the probed `lists` (m, p) hold (−1: none)."""
+        if self.ntotal == 0 or lists.size == 0:
+            return 0.0
+        rows = np.where(lists >= 0, self.sizes[np.maximum(lists, 0)], 0).sum(axis=1)
+        return float(rows.mean() / self.ntotal)
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 class SketchIndex:
@@ -355,6 +435,7 @@ class SketchIndex:
         # kept here: a GPU copy of an IVF index is no faiss.IndexIVF
         self._nlist, self._nprobe = (int(ivf[0].nlist), int(ivf[0].nprobe)) if ivf else (0, 0)
         self._direction_nprobe: dict[str, int] = {}
+        self.list_order: ListOrder | None = None  # norm-ranged lists (set_list_order)
         auto = use_gpu is None
         if use_gpu is None:
             use_gpu = gpu_available()
@@ -496,10 +577,72 @@ class SketchIndex:
         for direction, value in (("most", most), ("least", least)):
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= self._nlist:
-                raise ConfigError(f"nprobe ({direction}) must be an integer in 1..nlist ({self._nlist}), got {value!r}")
+            top = self.list_order.nlist if self.list_order is not None and direction == "most" else self._nlist
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= top:
+                raise ConfigError(f"nprobe ({direction}) must be an integer in 1..{top}, got {value!r}")
             out[direction] = int(value)
         self._direction_nprobe = out
+
+    def set_list_order(self, order: ListOrder | None) -> None:
+        """Probe this IVF index's lists as `order` says (norm-ranged lists; None: plainly, by the quantiser).
+
+        With an order, `direction_nprobe` counts centroids for "most" (each probes its B lists) and lists
+        for "least". Searches on one CPU index follow it; a GPU or sharded index probes plainly instead:
+        B·nprobe lists for "most" (the same rows) and every list for "least" (slower; on a GPU at most
+        GPU_K_CAP lists, the quantiser's best: every bucket of the best GPU_K_CAP / B centroids).
+        """
+        if order is not None:
+            if not self._nlist or order.nlist * order.buckets != self._nlist:
+                raise ConfigError(f"a list order of {order.nlist} x {order.buckets} lists does not fit this "
+                                  f"{self.kind} index of {self._nlist} lists")
+            if order.ntotal != self.ntotal:
+                raise IndexCorruptError(f"the list order counts {order.ntotal} rows, the index holds {self.ntotal}")
+        self.list_order = order
+
+    def _probe_count(self, direction: str) -> int:
+        """Lists ("least") or centroids ("most") probed with a list order (see set_list_order)."""
+        order = self.list_order
+        default = max(1, self._nprobe // order.buckets) if direction == "most" else self._nlist
+        return self._direction_nprobe.get(direction, default)
+
+    def probed_share(self, queries: Any, direction: str = "most") -> float:
+        """The mean share of all rows whose codes a search of `queries` (q, D) scans (1.0 for flat).
+
+        The rows of the probed lists: by the list order when there is one, else the quantiser's nprobe
+        best lists (direction_nprobe).
+        """
+        q = _as_matrix(queries, self.dim, "queries")
+        direction = _check_direction(direction)
+        if self.kind in _EXACT or self.ntotal == 0 or q.shape[0] == 0:
+            return 1.0
+        if direction == "least":
+            q = -q
+        if self.list_order is not None:
+            lists, _ = self.list_order.probe(q, direction, self._probe_count(direction))
+            return self.list_order.share(lists)
+        parts = _ivf_parts(_import_faiss(), self._cpu_index())  # a GPU index: a host copy, for the time of the count
+        sizes = sum(np.array([p.invlists.list_size(i) for i in range(p.nlist)], dtype=np.int64) for p in parts)
+        _, lists = parts[0].quantizer.search(q, self._direction_nprobe.get(direction, self._nprobe))
+        return float(np.where(lists >= 0, sizes[np.maximum(lists, 0)], 0).sum(axis=1).mean() / self.ntotal)
+
+    def _ordered_search(self, q: np.ndarray, k: int, direction: str) -> tuple[np.ndarray, np.ndarray]:
+        """An IVF search of the lists the list order picks (one CPU index) or its plain equivalent."""
+        faiss = _import_faiss()
+        count = self._probe_count(direction)
+        if self._gpu_res is not None or self.shards != 1:
+            plain = count * self.list_order.buckets if direction == "most" else self._nlist
+            if self._k_cap is not None:  # faiss GPU probes at most GPU_K_CAP lists
+                plain = min(plain, self._k_cap)
+            return self._ivf_search(q, k, min(plain, self._nlist))
+        lists, coarse = self.list_order.probe(q, direction, count)
+        ivf = self._ivf()[0]
+        n = q.shape[0]
+        scores = np.empty((n, k), dtype=np.float32)
+        ids = np.empty((n, k), dtype=np.int64)
+        params = faiss.SearchParametersIVF(nprobe=int(lists.shape[1]))  # per call: concurrent searches stay safe
+        ivf.search_preassigned_c(n, faiss.swig_ptr(q), k, faiss.swig_ptr(lists), faiss.swig_ptr(coarse),
+                                 faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, params)
+        return scores, ids
 
     def _ivf_search(self, q: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         """An IVF search probing `nprobe` lists (the index's own setting is left as it is afterwards)."""
@@ -616,6 +759,8 @@ class SketchIndex:
                                  "approximate index; attach the stored vectors (attach_vectors) for an exact scan")
             scores, ids = chunked_topk(q, self._chunks(), k)  # exact: at least as good as the codes
             approx = False
+        elif approx and self.list_order is not None:
+            scores, ids = self._ordered_search(q, wanted, direction)
         elif approx and self._direction_nprobe.get(direction, self._nprobe) != self._nprobe:
             scores, ids = self._ivf_search(q, wanted, self._direction_nprobe[direction])
         elif self._gpu_res is not None:

@@ -77,13 +77,19 @@ class FirstStageConfig:
         approx_threshold: rows from which "auto" builds an approximate index.
         nlist: inverted lists of an IVF kind; 0 = about √n (at most n / 39, so k-means has 39 rows a list).
         pq_m: bytes per row of "ivf-pq" (must divide the sketch dimension).
-        nprobe: lists searched per query; 0 = the smallest power of two reaching min_recall, at build time.
+        nprobe: lists searched per query; 0 = per direction the smallest reaching min_recall, at build time
+            (with norm-ranged lists a fixed nprobe probes nprobe centroids' B lists each for "most" and
+            B·nprobe lists for "least").
         refine: candidates taken from the codes per wanted row, re-scored exactly from the stored sketches.
         min_recall: the recall@k (most and least) below which an approximate build is refused.
         recall_k: k of the measured recall.
         recall_queries: training sketches used as held-out queries for the recall.
         train_rows: rows the IVF kinds are trained on; 0 = min(n, max(50·nlist, 10000)).
         seed: seed of the training and query samples (and of faiss's k-means).
+        norm_buckets: B, norm buckets of the IVF kinds' lists (ann.ListOrder): each centroid's rows split
+            by norm at the training sample's quantiles 1/2, 3/4, ... (the longest rows, where the
+            smallest inner products lie, in the smallest buckets), so "least" probes few lists; 1 = plain
+            lists ("least" then probes by the quantiser, about half the lists).
     """
 
     kind: str = "auto"
@@ -97,11 +103,12 @@ class FirstStageConfig:
     recall_queries: int = 200
     train_rows: int = 0
     seed: int = 0
+    norm_buckets: int = 4
 
     def __post_init__(self) -> None:
         if self.kind not in FIRST_STAGE_KINDS:
             raise ConfigError(f"index kind must be one of {FIRST_STAGE_KINDS}, got {self.kind!r}")
-        for name in ("approx_threshold", "pq_m", "refine", "recall_k", "recall_queries"):
+        for name in ("approx_threshold", "pq_m", "refine", "recall_k", "recall_queries", "norm_buckets"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("nlist", "nprobe", "train_rows"):

@@ -10,11 +10,18 @@ memory matters more than recall.
 Recall is measured at build time and published in the manifest: `recall_queries` training sketches,
 sampled with the seed, are used as queries (each one's own row left out of both answers, so the query is
 held out), for "most" and "least"; recall@k = |approximate top-k ∩ flat top-k| / k, averaged over
-queries. With nprobe = 0 each direction gets the smallest power of two (then nlist) whose recall reaches
+queries. With nprobe = 0 each direction gets the smallest nprobe of its ladder whose recall reaches
 `min_recall` (they differ a lot: a query's largest inner products gather in the lists of its own region,
-its smallest are spread over the whole corpus); a first stage that cannot reach it in either direction
-is refused (RecallTooLowError) naming what to change. IVF with inner product uses normalised centroids
-and can miss large-norm rows: the measured recall, not the theory, decides.
+its smallest are long rows spread over the whole corpus); a first stage that cannot reach it in either
+direction is refused (RecallTooLowError) naming what to change. The share of the rows whose codes each
+direction scans is published beside its recall (`recall.scanned_share`). IVF with inner product uses
+normalised centroids and can miss large-norm rows: the measured recall, not the theory, decides.
+
+Norm-ranged lists (`norm_buckets` B > 1, the default 4; ann.ListOrder): each centroid's rows are split by
+norm into B lists, so that "least" probes the lists whose estimated largest <−q, x> is highest (long rows
+in regions facing away from q) and skips the short rows everywhere. "most" probes every bucket of the
+plain IVF's nprobe centroids: the same rows, the same answers as plain lists. "least" is chosen on a
+ladder of √2 steps over all B·nlist lists, "most" on powers of two of the nlist centroids.
 
 Everything here works on arrays: `vectors` is any (n, D) array-like read by row slices and row lists
 (a np.memmap, or `ann.ConcatRows` of the shards' memory-mapped sketches); writing files is the caller's.
@@ -28,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .ann import SketchIndex, chunked_topk
+from .ann import ListOrder, SketchIndex, chunked_topk
 from .config import APPROXIMATE_KINDS as APPROXIMATE, FirstStageConfig
 from .errors import ConfigError, IndexCorruptError, RecallTooLowError
 from .results import DIRECTIONS
@@ -131,11 +138,13 @@ def build_first_stage(vectors: Any, config: FirstStageConfig = FirstStageConfig(
 
     Returns:
         (index or None, info) with info = {"kind", "ntotal", "dim", "stored", "auto", ...}; approximate
-        kinds add "file", "nlist", "nprobe" (the larger of the two directions'), "nprobe_by_direction",
-        "refine", "train_rows", "code_bytes_per_row" (pq_m or D, plus 8 for the id), "pq_m" (ivf-pq),
-        "recall" {"k", "queries", "most", "least", "min_recall", "by_nprobe" (the measured curve; a
-        direction that reached min_recall is not measured at larger nprobe)}, "train_seconds",
-        "add_seconds", "recall_seconds".
+        kinds add "file", "nlist", "nprobe" (the faiss setting: the larger of the two directions' lists),
+        "nprobe_by_direction" (with norm-ranged lists: centroids for "most", lists for "least"), "refine",
+        "train_rows", "code_bytes_per_row" (pq_m or D, plus 8 for the id), "pq_m" (ivf-pq), "recall" {"k",
+        "queries", "most", "least", "scanned_share" {"most", "least"}, "min_recall", "by_nprobe" (the
+        measured curve, entries {"nprobe", <direction>: recall, "scanned_share"}; a direction stops at
+        the first nprobe reaching min_recall)}, "train_seconds", "add_seconds", "recall_seconds"; with
+        norm-ranged lists also "norm_buckets", "norm_edges" and "list_order" {"scale", "spread"}.
 
     Raises:
         RecallTooLowError: the recall in either direction stays below config.min_recall.
@@ -158,26 +167,32 @@ def build_first_stage(vectors: Any, config: FirstStageConfig = FirstStageConfig(
     index = SketchIndex(dim, kind=kind, use_gpu=use_gpu, nlist=nlist, pq_m=config.pq_m)
     t0 = time.perf_counter()
     train_ids = sample_rows(n, config.train_rows or max(50 * nlist, 10_000), config.seed)
+    train = vectors[train_ids]
     _seed_kmeans(index, config.seed)
-    index.train(vectors[train_ids])
+    index.train(train)
     t1 = time.perf_counter()
-    for _, block in _chunks(vectors, index.chunk_rows):
-        index.add(block)
+    ranged: dict[str, Any] = {}
+    if config.norm_buckets > 1:
+        index, ranged = _norm_ranged(index, vectors, np.asarray(train, dtype=np.float32), config)
+    else:
+        for _, block in _chunks(vectors, index.chunk_rows):
+            index.add(block)
     t2 = time.perf_counter()
     index.attach_vectors(vectors)
     index.refine = config.refine
     k = min(config.recall_k, max(1, n - 1))
     query_rows = sample_rows(n, config.recall_queries, config.seed + 1)
     truth = flat_truth(vectors, query_rows, k)
-    chosen, best, by_nprobe = _choose_nprobe(index, vectors, query_rows, truth, k, config, nlist)
-    index.nprobe = max(chosen.values())
+    chosen, best, share, by_nprobe = _choose_nprobe(index, vectors, query_rows, truth, k, config, nlist)
+    buckets = index.list_order.buckets if index.list_order is not None else 1
+    index.nprobe = max(chosen["most"] * buckets, chosen["least"]) if buckets > 1 else max(chosen.values())
     index.set_direction_nprobe(most=chosen["most"], least=chosen["least"])
     t3 = time.perf_counter()
     code = config.pq_m if kind == "ivf-pq" else dim
     info.update(file=INDEX_FILE, nlist=nlist, nprobe=index.nprobe, nprobe_by_direction=chosen, refine=config.refine,
-                train_rows=int(train_ids.size), code_bytes_per_row=code + ID_BYTES,
+                train_rows=int(train_ids.size), code_bytes_per_row=code + ID_BYTES, **ranged,
                 recall={"k": k, "queries": int(query_rows.size), "most": best["most"], "least": best["least"],
-                        "min_recall": config.min_recall, "by_nprobe": by_nprobe},
+                        "scanned_share": share, "min_recall": config.min_recall, "by_nprobe": by_nprobe},
                 train_seconds=round(t1 - t0, 2), add_seconds=round(t2 - t1, 2), recall_seconds=round(t3 - t2, 2))
     if kind == "ivf-pq":
         info["pq_m"] = config.pq_m
@@ -192,24 +207,104 @@ def build_first_stage(vectors: Any, config: FirstStageConfig = FirstStageConfig(
     return index, info
 
 
+def _fine_ladder(top: int) -> list[int]:
+    """round(√2^i) for i = 0, 1, ... (1, 2, 3, 4, 6, 8, 11, 16, 23, 32, ...) below `top`, then `top`: the
+    "least" ladder over norm-ranged lists (finer than powers of two: the share scanned is what counts)."""
+    ladder, i = [1], 1
+    while ladder[-1] < top:
+        step = min(top, int(round(math.sqrt(2) ** i)))
+        if step > ladder[-1]:
+            ladder.append(step)
+        i += 1
+    return ladder
+
+
 def _choose_nprobe(index: SketchIndex, vectors: Any, query_rows: np.ndarray, truth: Any, k: int,
-                   config: FirstStageConfig, nlist: int) -> tuple[dict[str, int], dict[str, float], list[dict]]:
-    """(nprobe per direction, its measured recall, the curve measured): each direction gets the smallest nprobe
-    of the ladder reaching config.min_recall (or the last one tried); config.nprobe > 0 is the only one tried."""
+                   config: FirstStageConfig, nlist: int
+                   ) -> tuple[dict[str, int], dict[str, float], dict[str, float], list[dict]]:
+    """(nprobe per direction, its measured recall, the share of the rows it scans, the curve measured).
+
+    Each direction gets the smallest nprobe of its ladder reaching config.min_recall (or the last one tried):
+    powers of two of the nlist centroids; for "least" over norm-ranged lists, steps of √2 over all B·nlist
+    lists. config.nprobe > 0 is the only one tried (B·nprobe lists for "least" over norm-ranged lists).
+    Curve entries: {"nprobe", <direction>: recall, "scanned_share"}.
+    """
+    order = index.list_order
+    q = np.ascontiguousarray(vectors[query_rows], dtype=np.float32)
     by_nprobe: list[dict] = []
     chosen: dict[str, int] = {}
     best: dict[str, float] = {}
-    for nprobe in ([config.nprobe] if config.nprobe else _nprobe_ladder(nlist)):
-        index.nprobe = nprobe
-        # a direction that reached the recall is not measured again (its nprobe is chosen)
-        todo = tuple(d for d in DIRECTIONS if d not in chosen or best[d] < config.min_recall)
-        r = measure_recall(index, vectors, query_rows, truth, k, todo)
-        by_nprobe.append({"nprobe": nprobe, **r})
-        for direction in todo:
-            chosen[direction], best[direction] = nprobe, r[direction]
-        if min(best.values()) >= config.min_recall:
-            break
-    return chosen, best, by_nprobe
+    share: dict[str, float] = {}
+    for direction in DIRECTIONS:
+        lists = order is not None and direction == "least"
+        if config.nprobe:
+            ladder = [config.nprobe * order.buckets if lists else config.nprobe]
+        else:
+            ladder = _fine_ladder(nlist * order.buckets) if lists else _nprobe_ladder(nlist)
+        for nprobe in ladder:
+            index.set_direction_nprobe(**{direction: nprobe})
+            r = measure_recall(index, vectors, query_rows, truth, k, (direction,))[direction]
+            s = round(index.probed_share(q, direction), 4)
+            by_nprobe.append({"nprobe": nprobe, direction: r, "scanned_share": s})
+            chosen[direction], best[direction], share[direction] = nprobe, r, s
+            if r >= config.min_recall:
+                break
+    return chosen, best, share, by_nprobe
+
+
+def _norm_ranged(base: SketchIndex, vectors: Any, train: np.ndarray, config: FirstStageConfig
+                 ) -> tuple[SketchIndex, dict]:
+    """An IVF index of B·nlist norm-ranged lists (ann.ListOrder) over `vectors`, from `base` (trained, empty).
+
+    Bucket b holds the rows whose norm lies between the training sample's norm quantiles 1 − 2^−b and
+    1 − 2^−(b+1) (halving: the longest rows, which hold the smallest inner products, get the finest
+    buckets). Rows keep base's centroid (the plain IVF's assignment), so "most" scans the same rows.
+    Built on the CPU (faiss assigns lists only there through add_core).
+
+    Returns:
+        (the index, with its list order set; manifest fields "norm_buckets", "norm_edges", "list_order"
+        {"scale", "spread"}, rounded to 6 digits and used as rounded).
+    """
+    import faiss
+    from faiss.contrib.ivf_tools import add_preassigned
+
+    B = config.norm_buckets
+    cpu = faiss.extract_index_ivf(base._cpu_index())
+    nlist = int(cpu.nlist)
+    centroids = cpu.quantizer.reconstruct_n(0, nlist)
+    pq_m = int(faiss.downcast_index(cpu).pq.M) if base.kind == "ivf-pq" else 8
+    index = SketchIndex(base.dim, kind=base.kind, use_gpu=False, nlist=B * nlist, pq_m=pq_m)
+    ivf = index._ivf()[0]
+    ivf.quantizer.add(np.tile(centroids, (B, 1)))  # trained: index.train only trains the codes
+    _seed_kmeans(index, config.seed)
+    index.train(train)
+    edges = np.quantile(np.linalg.norm(train, axis=1), 1.0 - 0.5 ** np.arange(1, B)).astype(np.float32)
+    assign = faiss.IndexFlatIP(base.dim)
+    assign.add(centroids)
+    cnorm = np.linalg.norm(centroids, axis=1)
+    L = B * nlist
+    count, rmax, cos = np.zeros(L), np.zeros(L), np.zeros(L)
+    for _, block in _chunks(vectors, index.chunk_rows):
+        ip, j = assign.search(block, 1)
+        norms = np.linalg.norm(block, axis=1)
+        lists = np.searchsorted(edges, norms, side="right") * nlist + j[:, 0]
+        add_preassigned(ivf, block, lists.astype(np.int64))
+        count += np.bincount(lists, minlength=L)
+        np.maximum.at(rmax, lists, norms)
+        cos += np.bincount(lists, ip[:, 0] / np.maximum(norms * cnorm[j[:, 0]], 1e-30), minlength=L)
+    alpha = np.clip(cos / np.maximum(count, 1), -1.0, 1.0)
+    scale = [float(f"{v:.6g}") for v in rmax * alpha]
+    spread = [float(f"{v:.6g}") for v in rmax * np.sqrt((1 - alpha**2) / base.dim)
+              * np.sqrt(2 * np.log(np.maximum(count, 2)))]
+    index.set_list_order(ListOrder(centroids, B, scale, spread, list_sizes(index)))
+    return index, {"norm_buckets": B, "norm_edges": [float(f"{v:.6g}") for v in edges],
+                   "list_order": {"scale": scale, "spread": spread}}
+
+
+def list_sizes(index: SketchIndex) -> np.ndarray:
+    """Rows per inverted list of an unsharded CPU IVF index (L,) int64."""
+    ivf = index._ivf()[0]
+    return np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
 
 
 def _seed_kmeans(index: SketchIndex, seed: int) -> None:
@@ -249,6 +344,14 @@ def open_first_stage(info: dict, sketches: list[Any], dim: int, path: Any = None
                                     f"the manifest says {info['kind']} with {rows} x {dim}; rebuild the index")
         index.attach_vectors(ConcatRows(sketches))
         index.nprobe = int(info["nprobe"])
+        if info.get("norm_buckets", 1) > 1:
+            import faiss
+
+            cpu = faiss.extract_index_ivf(index._cpu_index())
+            nlist = int(info["nlist"])
+            index.set_list_order(ListOrder(cpu.quantizer.reconstruct_n(0, nlist), int(info["norm_buckets"]),
+                                           info["list_order"]["scale"], info["list_order"]["spread"],
+                                           [cpu.invlists.list_size(i) for i in range(cpu.nlist)]))
         index.set_direction_nprobe(**info.get("nprobe_by_direction", {}))
         index.refine = int(info.get("refine", 1))
     if index.device != "cpu" and gpu_count() > 1:

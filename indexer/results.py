@@ -217,4 +217,13 @@ def index_info(manifest: dict, version: str) -> dict:
             "model_fingerprint": manifest["model"]["fingerprint"], "tokens": manifest["tokens"],
             "n_samples": int(manifest["n_samples"]), "sketch_dim": int(manifest["sketch"]["dim"]),
             "index_kind": manifest["index"]["kind"],
-            "manifest": {k: v for k, v in manifest.items() if k != "files"}}
+            "manifest": {k: (brief_index(v) if k == "index" else v) for k, v in manifest.items() if k != "files"}}
+
+
+def brief_index(info: dict) -> dict:
+    """A manifest's "index" section with the norm-ranged lists' per-list numbers counted, not listed (a few
+    thousand at 1M rows; the index reads them, people do not)."""
+    if not isinstance(info, dict) or not isinstance(info.get("list_order"), dict):
+        return info
+    lists = len(info["list_order"].get("scale", []))
+    return {**info, "list_order": f"{lists} lists: scale and spread per list (in the manifest file)"}

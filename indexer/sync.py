@@ -404,6 +404,7 @@ def build_config_of(manifest: Mapping[str, Any], batch_tokens: int, max_batch: i
         fs.update(refine=int(info["refine"]), min_recall=float(info["recall"]["min_recall"]))
         if "pq_m" in info:
             fs["pq_m"] = int(info["pq_m"])
+        fs["norm_buckets"] = int(info.get("norm_buckets", 1))
     return BuildConfig(
         tokens=m["tokens"], max_length=m["max_length"], rerank_dtype=m["rerank_dtype"],
         rerank_top=int(m.get("rerank_top", 0)), normalize=m.get("normalize", "none"), shard_size=max(m.get("shard_sizes") or [BuildConfig.shard_size]),

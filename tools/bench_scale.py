@@ -12,8 +12,11 @@ a np.memmap under --workdir (never all in process memory; deleted at the end unl
 
 Reported per kind: build seconds (train, add, recall measurement), bytes per sample (the serialized
 FAISS index / n; flat: 4·D), query latency p50/p95 of single queries for k = --k-candidates (the
-default re-ranking candidate count) in each direction, and recall@10 against flat for "most" and
-"least" (held-out training sketches as queries, as measured at build time). Then the cost model
+default re-ranking candidate count) in each direction, and per direction (`directions.most|least`)
+recall@10 against flat (`recall_at_10`, held-out training sketches as queries, as measured at build
+time), the share of the rows whose codes a query scans (`scanned_share`) and nprobe. `--norm-buckets 1`
+measures plain lists; `--real IDX` adds the same measurement on the sketches of an index built here
+(key "real"). Then the cost model
 extrapolated to --target samples: memory per shard, shards needed for --host-gb of index memory per
 host, and per-shard latency (scaled by the rows a query scans, see `extrapolate`).
 
@@ -24,7 +27,8 @@ corpora differ; measure on them with `forvalue index build --index-kind ivf-sq8`
 publishes the same recall numbers.
 
     python tools/bench_scale.py --json                        # 100k x 4096, a few minutes on 2 cores
-    python tools/bench_scale.py --json --sizes 100000,1000000 # + 1M (16 GB memmap on disk; ~15 min)
+    python tools/bench_scale.py --json --sizes 100000,1000000 # + 1M (16 GB memmap on disk; ~15-25 min)
+    python tools/bench_scale.py --json --sizes 1000000 --kinds ivf-sq8 --real IDX  # + a real index's sketches
 """
 
 from __future__ import annotations
@@ -118,7 +122,7 @@ def bench_size(x: np.ndarray, args, log) -> dict:
     log(f"n={n}: flat {out['flat-ip']['latency']['most']}")
     for kind in args.kinds:
         cfg = FirstStageConfig(kind=kind, pq_m=args.pq_m, refine=args.refine, min_recall=args.min_recall,
-                               recall_queries=args.recall_queries, seed=0)
+                               recall_queries=args.recall_queries, seed=0, norm_buckets=args.norm_buckets)
         t0 = time.perf_counter()
         try:
             index, info = build_first_stage(x, cfg, use_gpu=False)
@@ -138,6 +142,10 @@ def bench_size(x: np.ndarray, args, log) -> dict:
                      "recall": {"k": info["recall"]["k"], "most": info["recall"]["most"],
                                 "least": info["recall"]["least"], "queries": info["recall"]["queries"]},
                      "recall_by_nprobe": info["recall"]["by_nprobe"],
+                     "norm_buckets": info.get("norm_buckets", 1),
+                     "directions": {d: {"recall_at_10": info["recall"][d],
+                                        "scanned_share": info["recall"]["scanned_share"][d],
+                                        "nprobe": info["nprobe_by_direction"][d]} for d in ("most", "least")},
                      "latency": latencies(index, queries, args.k_candidates)}
         if kind == "ivf-pq":
             out[kind]["pq_m"] = args.pq_m
@@ -147,11 +155,31 @@ def bench_size(x: np.ndarray, args, log) -> dict:
     return out
 
 
+def bench_real(args, log) -> dict:
+    """The first stages over a real index's sketches (--real): its current version's shards, concatenated."""
+    import glob
+
+    from forvalue.indexer.ann import ConcatRows
+
+    with open(os.path.join(args.real, "CURRENT")) as f:
+        version = f.read().strip()
+    paths = sorted(glob.glob(os.path.join(args.real, "versions", os.path.basename(version), "shards", "*",
+                                          "sketch.npy")))
+    if not paths:
+        sys.exit(f"bench_scale: no shards/*/sketch.npy in the current version of {args.real}")
+    x = ConcatRows([np.load(p, mmap_mode="r") for p in paths])
+    x = np.ascontiguousarray(x[0 : x.shape[0]], dtype=np.float32)
+    log(f"real: {x.shape[0]} x {x.shape[1]} sketches from {args.real}")
+    out = bench_size(x, args, log)
+    out["index"] = args.real
+    return out
+
+
 def extrapolate(results: list[dict], target: int, host_gb: float) -> dict:
     """Memory per shard, shards needed and per-shard latency at `target` samples, per kind.
 
-    Latency scales with the rows whose codes a query scans: n for flat, n·nprobe/nlist for IVF (per
-    direction), taking the largest measured size's nprobe/nlist fraction as it is (with nlist ≈ √n the
+    Latency scales with the rows whose codes a query scans: n for flat, n·scanned_share for IVF (per
+    direction), taking the largest measured size's share as it is (with nlist ≈ √n the
     fraction needed for the same recall usually falls as n grows, so this errs on the slow side). Shards
     run in parallel: the router adds one network round trip and the merge of S top-k lists.
     """
@@ -162,8 +190,7 @@ def extrapolate(results: list[dict], target: int, host_gb: float) -> dict:
         bps = r["bytes_per_sample"]
         shards = max(1, math.ceil(target * bps / (host_gb * 2**30)))
         per_shard = math.ceil(target / shards)
-        probes = r.get("nprobe_by_direction", {"most": r.get("nprobe"), "least": r.get("nprobe")})
-        frac = {d: (probes[d] / r["nlist"] if "nlist" in r else 1.0) for d in ("most", "least")}
+        frac = {d: (r["directions"][d]["scanned_share"] if "directions" in r else 1.0) for d in ("most", "least")}
         scale = per_shard / last["n"]
         model[kind] = {"bytes_per_sample": bps, "index_gb_total": round(target * bps / 2**30, 1),
                        "shards": shards, "samples_per_shard": per_shard,
@@ -182,6 +209,8 @@ def main() -> None:
     ap.add_argument("--kinds", default="ivf-sq8,ivf-pq")
     ap.add_argument("--pq-m", type=int, default=256, help="ivf-pq bytes per row")
     ap.add_argument("--refine", type=int, default=2)
+    ap.add_argument("--norm-buckets", type=int, default=4, help="norm buckets of the IVF lists (1 = plain lists)")
+    ap.add_argument("--real", default=None, help="also measure on the sketches of this index directory")
     ap.add_argument("--min-recall", type=float, default=0.95)
     ap.add_argument("--recall-queries", type=int, default=200)
     ap.add_argument("--latency-queries", type=int, default=50)
@@ -222,6 +251,7 @@ def main() -> None:
             del x
             if not args.keep:
                 os.remove(path)
+        results_real = bench_real(args, log) if args.real else None
     finally:
         if own and not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
@@ -230,6 +260,8 @@ def main() -> None:
               "min_recall": args.min_recall, "refine": args.refine, "sizes": results,
               "cost_model": extrapolate(results, args.target, args.host_gb),
               "seconds": round(time.perf_counter() - t_all, 1)}
+    if args.real:
+        report["real"] = results_real
     print(json.dumps(report, indent=None if args.json else 2, sort_keys=True))
 
 

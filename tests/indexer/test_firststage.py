@@ -14,7 +14,7 @@ from forvalue.indexer.ann import ConcatRows, SketchIndex  # noqa: E402
 from forvalue.indexer.config import FirstStageConfig
 from forvalue.indexer.errors import ConfigError, RecallTooLowError  # noqa: E402
 from forvalue.indexer.firststage import (
-    auto_nlist, build_first_stage, choose_kind, drop_self, flat_truth, recall_at_k, sample_rows,
+    auto_nlist, build_first_stage, choose_kind, drop_self, flat_truth, list_sizes, recall_at_k, sample_rows,
 )
 
 
@@ -138,6 +138,9 @@ def test_nprobe_per_direction_equals_setting_it(shards):
         for a, b in zip(index.search(q, 20, direction), ref.search(q, 20, direction)):
             np.testing.assert_array_equal(a, b)
     assert index.nprobe == 2 and index.direction_nprobe == {"least": 9}  # the index's own setting is kept
+    # the share of rows scanned: the probed lists' rows, summed over the shards
+    assert index.probed_share(q, "least") == pytest.approx(ref.probed_share(q, "least"))
+    assert 0 < index.probed_share(q, "most") < index.probed_share(q, "least") < 1
     with pytest.raises(ConfigError, match="least"):
         index.set_direction_nprobe(least=17)
 
@@ -235,27 +238,99 @@ def test_flat_below_the_threshold_builds_nothing():
     assert index is None and info["kind"] == "flat-ip" and not info["stored"]
 
 
-def test_build_chooses_the_smallest_nprobe_reaching_the_recall():
+@pytest.mark.parametrize("buckets", [1, 4])
+def test_build_chooses_the_smallest_nprobe_reaching_the_recall(buckets):
     x = clustered(3000, 32)
-    cfg = FirstStageConfig(approx_threshold=1000, nlist=32, min_recall=0.9, recall_queries=50, refine=1)
+    cfg = FirstStageConfig(approx_threshold=1000, nlist=32, min_recall=0.9, recall_queries=50, refine=1,
+                           norm_buckets=buckets)
     index, info = build_first_stage(x, cfg, use_gpu=False)
     assert info["kind"] == "ivf-sq8" and info["stored"] and info["nlist"] == 32 and index.nprobe == info["nprobe"]
+    assert index.nlist == 32 * buckets and info.get("norm_buckets", 1) == buckets
     curve = info["recall"]["by_nprobe"]
-    assert [c["nprobe"] for c in curve] == [1, 2, 4, 8, 16, 32][: len(curve)]
-    assert all(min(c.get("most", 1.0), c.get("least", 1.0)) < 0.9 for c in curve[:-1])  # stops once both reach it
-    for direction in ("most", "least"):  # each direction: the first rung reaching the recall, then not measured
-        first = next(c for c in curve if c.get(direction, 0.0) >= 0.9)
-        assert all(direction not in c for c in curve[curve.index(first) + 1 :])
-        assert info["nprobe_by_direction"][direction] == first["nprobe"] == index.direction_nprobe[direction]
-        assert info["recall"][direction] == first[direction] >= 0.9
-    assert info["nprobe"] == max(info["nprobe_by_direction"].values())
-    # the published recall is what an independent count gives (torch.topk, the query row left out)
+    ladders = {"most": [1, 2, 4, 8, 16, 32],
+               "least": [1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128] if buckets > 1 else [1, 2, 4, 8, 16, 32]}
+    for direction in ("most", "least"):  # each direction: its ladder up to the first rung reaching the recall
+        steps = [c for c in curve if direction in c]
+        assert [c["nprobe"] for c in steps] == ladders[direction][: len(steps)]
+        assert all(c[direction] < 0.9 for c in steps[:-1]) and steps[-1][direction] >= 0.9
+        assert info["nprobe_by_direction"][direction] == steps[-1]["nprobe"] == index.direction_nprobe[direction]
+        assert info["recall"][direction] == steps[-1][direction]
+        assert info["recall"]["scanned_share"][direction] == steps[-1]["scanned_share"]
+        assert all(a["scanned_share"] <= b["scanned_share"] for a, b in zip(steps, steps[1:]))
+    # the published recall and share are what an independent count gives (torch.topk, the query row left out;
+    # the rows of the probed lists counted from the lists' members)
     rows = sample_rows(3000, 50, cfg.seed + 1)
+    members = np.concatenate([np.full(n, i) for i, n in enumerate(list_sizes(index))])[
+        np.argsort(np.concatenate([faiss_list_ids(index, i) for i in range(index.nlist)]))]
     for direction in ("most", "least"):
         _, ref = torch_topk(x[rows], x, 11, direction)
         _, got = index.search(x[rows], 11, direction)
         assert info["recall"][direction] == pytest.approx(
             recall_at_k(drop_self(got, rows, 10), drop_self(ref, rows, 10)), abs=1e-4)
+        assert info["recall"]["scanned_share"][direction] == pytest.approx(
+            np.mean([np.isin(members, probed_lists(index, x[r], direction)).mean() for r in rows]), abs=1e-4)
+
+
+def faiss_list_ids(index, i):
+    """The row ids stored in inverted list i of a CPU IVF index."""
+    import faiss
+
+    ivf = index._ivf()[0]
+    n = ivf.invlists.list_size(i)
+    return faiss.rev_swig_ptr(ivf.invlists.get_ids(i), n).copy() if n else np.empty(0, dtype=np.int64)
+
+
+def probed_lists(index, q, direction):
+    """The lists a search of the one query q probes (plain IVF: the quantiser's nprobe best)."""
+    q = (-q if direction == "least" else q)[None].astype(np.float32)
+    if index.list_order is not None:
+        return index.list_order.probe(q, direction, index._probe_count(direction))[0][0]
+    return index._ivf()[0].quantizer.search(q, index.direction_nprobe.get(direction, index.nprobe))[1][0]
+
+
+@pytest.mark.parametrize("kind", ["ivf-sq8", "ivf-pq"])
+def test_norm_ranged_lists_at_full_probing_answer_like_exact_search(kind):
+    x, q = clustered(3000, 32), queries(32, q=8)
+    cfg = FirstStageConfig(kind=kind, nlist=16, nprobe=16, refine=8, min_recall=0.0, recall_queries=20, pq_m=8)
+    index, info = build_first_stage(x, cfg, use_gpu=False)
+    assert info["norm_buckets"] == 4 and index.direction_nprobe == {"most": 16, "least": 64}
+    assert sorted(np.concatenate([faiss_list_ids(index, i) for i in range(64)]).tolist()) == list(range(3000))
+    assert info["recall"]["scanned_share"] == {"most": 1.0, "least": 1.0}
+    for direction in ("most", "least"):
+        ref_s, ref = torch_topk(q, x, 10, direction)
+        s, ids = index.search(q, 10, direction)
+        np.testing.assert_array_equal(ids, ref)
+        np.testing.assert_allclose(s, ref_s, rtol=1e-4, atol=1e-3)
+
+
+def test_norm_ranged_most_scans_the_rows_of_plain_lists():
+    """"most" over norm-ranged lists probes every bucket of the plain IVF's nprobe centroids: the same answers."""
+    x, q = clustered(3000, 32), queries(32, q=20)
+    common = dict(kind="ivf-sq8", nlist=16, nprobe=2, refine=2, min_recall=0.0, recall_queries=20)
+    plain, _ = build_first_stage(x, FirstStageConfig(norm_buckets=1, **common), use_gpu=False)
+    ranged, info = build_first_stage(x, FirstStageConfig(norm_buckets=4, **common), use_gpu=False)
+    assert plain.list_order is None and ranged.list_order is not None
+    for a, b in zip(plain.search(q, 10, "most"), ranged.search(q, 10, "most")):
+        np.testing.assert_array_equal(a, b)
+    # every row keeps its plain list: list b·nlist + j holds rows of plain list j, the norms ordered by b
+    norms = np.linalg.norm(x, axis=1)
+    edges = [-np.inf, *info["norm_edges"], np.inf]
+    for j in range(16):
+        rows = np.sort(np.concatenate([faiss_list_ids(ranged, b * 16 + j) for b in range(4)]))
+        np.testing.assert_array_equal(rows, np.sort(faiss_list_ids(plain, j)))
+        for b in range(4):
+            got = norms[faiss_list_ids(ranged, b * 16 + j)]
+            assert ((got >= edges[b] * (1 - 1e-6)) & (got <= edges[b + 1] * (1 + 1e-6))).all()
+
+
+def test_norm_ranged_least_scans_fewer_rows_than_plain_lists():
+    """On long-tailed norms the least direction reaches the recall with a smaller share than plain lists."""
+    x = clustered(6000, 32)
+    common = dict(kind="ivf-sq8", nlist=32, refine=2, min_recall=0.9, recall_queries=60)
+    _, plain = build_first_stage(x, FirstStageConfig(norm_buckets=1, **common), use_gpu=False)
+    _, ranged = build_first_stage(x, FirstStageConfig(norm_buckets=4, **common), use_gpu=False)
+    assert min(plain["recall"]["least"], ranged["recall"]["least"]) >= 0.9
+    assert ranged["recall"]["scanned_share"]["least"] < plain["recall"]["scanned_share"]["least"]
 
 
 def test_build_below_the_recall_is_refused():
@@ -290,7 +365,22 @@ def test_build_index_with_an_ivf_first_stage_answers_like_flat(tmp_path, served_
     m = IndexRoot(tmp_path / "ivf").load().manifest
     info = m["index"]
     assert info["kind"] == "ivf-sq8" and info["stored"] and info["file"] == "index.faiss" and info["nlist"] == 2
-    assert "index.faiss" in m["files"] and info["nprobe"] == 2 and info["recall"]["most"] == 1.0
+    assert "index.faiss" in m["files"] and info["nprobe_by_direction"] == {"most": 2, "least": 8}
+    assert info["recall"]["most"] == info["recall"]["least"] == 1.0 and info["norm_buckets"] == 4
+    assert info["recall"]["scanned_share"] == {"most": 1.0, "least": 1.0}  # published per direction
+    assert len(info["list_order"]["scale"]) == len(info["list_order"]["spread"]) == 8
+    # people see the per-list numbers counted (index info, the server's Info), the manifest file keeps them
+    import json
+
+    from click.testing import CliRunner
+
+    from forvalue.client.cli import main
+    from forvalue.indexer.results import index_info
+
+    shown = json.loads(CliRunner().invoke(main, ["index", "info", "--index", str(tmp_path / "ivf")]).stdout)
+    assert shown["index"]["list_order"] == "8 lists: scale and spread per list (in the manifest file)"
+    assert index_info(m, "v")["manifest"]["index"]["list_order"] == shown["index"]["list_order"]
+    assert shown["index"]["recall"] == info["recall"]
     assert info["recall"]["k"] == 10 and info["recall"]["queries"] == 36
     assert IndexRoot(tmp_path / "flat").load().manifest["index"]["kind"] == "flat-ip"
     flat, ivf_index = Index.open(str(tmp_path / "flat"), served_lm), Index.open(str(tmp_path / "ivf"), served_lm)
@@ -358,3 +448,39 @@ def test_sharded_over_gpus_equals_one_cpu_index(kind):
         s2, i2 = gpus.search(q, 10, direction)
         np.testing.assert_array_equal(i2, i1)
         np.testing.assert_allclose(s2, s1, rtol=1e-4, atol=1e-3)
+
+
+def test_norm_ranged_lists_reopen_from_the_manifest(tmp_path):
+    """open_first_stage rebuilds the list order from the manifest's fields: the same answers after a reload."""
+    import json
+
+    from forvalue.indexer.errors import IndexCorruptError
+    from forvalue.indexer.firststage import open_first_stage
+
+    x, q = clustered(3000, 32), queries(32, q=10)
+    cfg = FirstStageConfig(kind="ivf-sq8", nlist=16, min_recall=0.9, recall_queries=30)
+    index, info = build_first_stage(x, cfg, use_gpu=False)
+    index.save(tmp_path / "index.faiss")
+    info = json.loads(json.dumps(info))  # as the manifest stores it
+    loaded = open_first_stage(info, [x[:1000], x[1000:]], 32, tmp_path / "index.faiss", use_gpu=False)
+    assert loaded.list_order is not None and loaded.direction_nprobe == info["nprobe_by_direction"]
+    for direction in ("most", "least"):
+        for a, b in zip(index.search(q, 10, direction), loaded.search(q, 10, direction)):
+            np.testing.assert_array_equal(a, b)
+    bad = {**info, "list_order": {"scale": info["list_order"]["scale"][:-1], "spread": info["list_order"]["spread"]}}
+    with pytest.raises(IndexCorruptError, match="scales"):
+        open_first_stage(bad, [x], 32, tmp_path / "index.faiss", use_gpu=False)
+
+
+def test_norm_ranged_lists_sharded_probe_plainly():
+    """A sharded index cannot follow the list order: "most" scans the same rows, "least" every list (exact)."""
+    x, q = clustered(3000, 32), queries(32, q=10)
+    cfg = FirstStageConfig(kind="ivf-sq8", nlist=16, nprobe=2, refine=8, min_recall=0.0, recall_queries=20)
+    one, _ = build_first_stage(x, cfg, use_gpu=False)
+    sharded, _ = build_first_stage(x, cfg, use_gpu=False)
+    sharded.shard(2)
+    for a, b in zip(one.search(q, 10, "most"), sharded.search(q, 10, "most")):
+        np.testing.assert_array_equal(a, b)
+    _, ref = torch_topk(q, x, 10, "least")
+    np.testing.assert_array_equal(sharded.search(q, 10, "least")[1], ref)
+    assert one.probed_share(q, "least") < 1.0
