@@ -24,8 +24,9 @@ from forvalue.indexer.data import Sample
 from forvalue.indexer.errors import ConfigError, ForValueError, ServerError
 from forvalue.indexer.filters import Where, as_where
 from forvalue.indexer.results import (
-
-
+    DEFAULT_EXACT_BUDGET, DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH, GroupedResult, Scores, SearchResult,
+    check_direction,
+)
 from forvalue.server import convert
 from forvalue.server.protocol import pb, pb_grpc
 
