@@ -28,7 +28,7 @@ from .results import (
     DEFAULT_EXACT_BUDGET, DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH, DIRECTIONS, GROUP, Explanation, Group,
     GroupedResult, Hit, Scores, SearchResult, check_direction, check_scores, cut_texts, index_info,
 )
-from .score import exact_scores, group_norm, self_scores, segment_sum_rows
+from .score import exact_scores, group_norm, mean_self_score, self_scores, segment_sum_rows
 from .sketch import MAP_FILES, Sketcher
 from .store import IndexRoot, Version
 
@@ -434,6 +434,8 @@ class Index:
 
     def query_norm(self, features: Features, probs: torch.Tensor | None = None) -> float:
         """‖Ḡ‖ of the query group, Ḡ = mean of its members' G: sqrt(mean_vv' S(v, v'))."""
+        if probs is not None and probs.device == features.h.device:  # known already: no pass over the head
+            return float(mean_self_score(features, probs).clamp(min=0).sqrt())
         if features.n == 1:
             if self.head.weight.device.type != "cpu":  # a pass over the whole vocabulary: on the model's device
                 return float(self_scores(features.to(self.head.weight.device), self.head)[0].clamp(min=0).sqrt())
