@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--rerank", type=int, default=100)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--scores", default="exact", choices=["exact", "certified"], help="the answer mode profiled")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     from forvalue.indexer.build import build_index
@@ -41,7 +42,7 @@ def main() -> None:
     build_index(tmp.name, train, lm, BuildConfig(), progress=False)
     idx = Index.open(tmp.name, lm)
     qs = [queries[i % len(queries)] for i in range(args.queries)]
-    idx.search([qs[0]], k=args.k, rerank=args.rerank)  # warm
+    idx.search([qs[0]], k=args.k, rerank=args.rerank, scores=args.scores)  # warm
 
     def sync():
         if torch.cuda.is_available():
@@ -54,7 +55,7 @@ def main() -> None:
         f = idx.encode([q])
         sync()
         t1 = time.perf_counter()
-        idx.search([], k=args.k, rerank=args.rerank, features=f)
+        idx.search([], k=args.k, rerank=args.rerank, features=f, scores=args.scores)
         sync()
         t2 = time.perf_counter()
         phases["encode"].append(t1 - t0)
@@ -63,14 +64,14 @@ def main() -> None:
     prof = cProfile.Profile()
     prof.enable()
     for q in qs:
-        idx.search([q], k=args.k, rerank=args.rerank)
+        idx.search([q], k=args.k, rerank=args.rerank, scores=args.scores)
     sync()
     prof.disable()
     stats = pstats.Stats(prof)
     rows = sorted(((v[3], v[0], f"{k[0].split('/')[-1]}:{k[1]}:{k[2]}") for k, v in stats.stats.items()),
                   reverse=True)[: args.top]
     out = {"model": lm.name, "device": args.device, "dtype": lm.dtype_name, "queries": len(qs), "k": args.k,
-           "rerank": args.rerank,
+           "rerank": args.rerank, "scores": args.scores, "threads": torch.get_num_threads(),
            "median_ms": {p: round(sorted(v)[len(v) // 2] * 1000, 2) for p, v in phases.items()},
            "top_cumulative": [{"function": name, "calls": calls, "seconds_per_query": round(cum / len(qs), 5)}
                               for cum, calls, name in rows]}
