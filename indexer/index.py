@@ -23,7 +23,7 @@ from .features import Features, ForwardConfig, Head
 from .filters import FieldIndex, Where, check_field
 from .forward import extract_features
 from .model import LoadedModel
-from .rerank import SLACK, Candidates, must_score, pruning_pays, query_probs_fit, score_bounds
+from .rerank import QUERY_PROBS_BYTES, SLACK, Candidates, must_score, pruning_pays, query_probs_fit, score_bounds
 from .results import (
     DEFAULT_EXACT_BUDGET, DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH, DIRECTIONS, GROUP, Explanation, Group,
     GroupedResult, Hit, Scores, SearchResult, check_direction, check_scores, cut_texts, index_info,
@@ -98,7 +98,8 @@ class Index:
         self.version = version
         self.lm = lm
         self.manifest = m
-        self.forward = ForwardConfig(tokens=m["tokens"], max_length=m["max_length"])
+        # a query batch keeps its tokens' distributions (what a search needs) when they fit as search's would
+        self.forward = ForwardConfig(tokens=m["tokens"], max_length=m["max_length"], probs_bytes=QUERY_PROBS_BYTES)
         device = next(lm.model.parameters()).device
         self.head = Head.from_model(lm.model).to(device)
         self._cpu_head = self.head.to("cpu")
@@ -287,8 +288,14 @@ class Index:
                                 set_certified=True if scores == "certified" else None)
         k = min(k, size)
         C = min(max(rerank, k), size)
-        # the query tokens' distributions, computed once for the sketch, the bounds and the exact scores
-        probs = self._cpu_head.probs(features.h, features.lse) if query_probs_fit(features, self._cpu_head) else None
+        # the query tokens' distributions, computed once for the sketch, the bounds and the exact scores (kept
+        # by the forward pass, from the logits of the log-partition, when they fit)
+        if features.probs is not None and features.probs.device == features.h.device:
+            probs = features.probs
+        elif query_probs_fit(features, self._cpu_head):
+            probs = self._cpu_head.probs(features.h, features.lse)
+        else:
+            probs = None
         q = self.query_sketches(features, probs).mean(0, keepdim=True)
         qs = q.numpy().astype(np.float32)
         cand = self._first_stage(qs, C, direction, scope, bool(where))

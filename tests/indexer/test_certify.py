@@ -170,3 +170,19 @@ def test_certified_without_top_probabilities_is_exact(tmp_path, lm):
     ex = idx.search(q, k=3, rerank=10)
     assert res.set_certified and all(h.rank_certified and h.score_low == h.score_high for h in res.hits)
     assert [h.row for h in res.hits] == [h.row for h in ex.hits]
+
+
+@pytest.mark.parametrize("scores", ["exact", "certified"])
+def test_search_with_the_pass_distributions_equals_search_recomputing_them(bounded_index, scores):
+    import dataclasses
+
+    idx = bounded_index
+    f = idx.encode(corpus(2, seed=400, prefix="q"))
+    assert f.probs is not None  # an index's query pass keeps them (they fit)
+    a = idx.search([], 5, "most", 30, features=f, scores=scores)
+    b = idx.search([], 5, "most", 30, features=dataclasses.replace(f, probs=None), scores=scores)
+    assert [h.row for h in a.hits] == [h.row for h in b.hits]
+    np.testing.assert_allclose([h.score for h in a.hits], [h.score for h in b.hits], rtol=1e-5, atol=1e-5)
+    if scores == "exact":
+        np.testing.assert_allclose([h.cosine for h in a.hits], [h.cosine for h in b.hits], rtol=1e-5, atol=1e-6)
+        assert [h.percentile for h in a.hits] == [h.percentile for h in b.hits]
