@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import tempfile
 import time
@@ -28,6 +29,8 @@ def main() -> None:
     ap.add_argument("--rerank", type=int, default=100)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--scores", default="exact", choices=["exact", "certified"], help="the answer mode profiled")
+    ap.add_argument("--index", default=None, help="an index of the example data built with --model, opened if it "
+                                                  "exists, else built there [default: a temporary one]")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     from forvalue.indexer.build import build_index
@@ -39,8 +42,10 @@ def main() -> None:
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     train, queries = example_rows()
     tmp = tempfile.TemporaryDirectory()
-    build_index(tmp.name, train, lm, BuildConfig(), progress=False)
-    idx = Index.open(tmp.name, lm)
+    root = args.index or tmp.name
+    if not os.path.exists(os.path.join(root, "CURRENT")):
+        build_index(root, train, lm, BuildConfig(), progress=False)
+    idx = Index.open(root, lm)
     qs = [queries[i % len(queries)] for i in range(args.queries)]
     idx.search([qs[0]], k=args.k, rerank=args.rerank, scores=args.scores)  # warm
 
