@@ -149,9 +149,11 @@ class Index:
         """Valuation samples may carry an image: the index was built with a vision-language model."""
         return self.lm.accepts_images
 
-    def encode(self, samples: Sequence[Sample | tuple[str, str]]) -> Features:
-        """Features of valuation samples (one forward pass)."""
-        return extract_features(self.lm.model, self.lm.preprocessor, _pairs(samples), self.forward, self.head)
+    def encode(self, samples: Sequence[Sample | tuple[str, str]], keep_probs: bool = True) -> Features:
+        """Features of valuation samples (one forward pass); with their tokens' distributions when they fit and
+        `keep_probs` (what a search needs; scoring every row does not)."""
+        config = self.forward if keep_probs else dataclasses.replace(self.forward, probs_bytes=0)
+        return extract_features(self.lm.model, self.lm.preprocessor, _pairs(samples), config, self.head)
 
     def candidate_features(self, rows: Sequence[int]) -> Features:
         """Stored re-rank features of training rows `rows`, in that order."""
@@ -615,7 +617,7 @@ class Index:
         rows = np.arange(self.n, dtype=np.int64) if scope is None else scope
         total = np.zeros(rows.size, dtype=np.float64)
         parts = [features] if features is not None else (
-            self.encode(samples[a : a + batch]) for a in range(0, len(samples), batch))
+            self.encode(samples[a : a + batch], keep_probs=False) for a in range(0, len(samples), batch))
         n, cut, kept = 0, [], []
         for f in parts:
             if rows.size:
