@@ -25,7 +25,7 @@ from forvalue.indexer.config import (
     DTYPE_CHOICES, FIRST_STAGE_KINDS, METHODS, NORMALIZE, RERANK_STORES, TOKEN_SCOPES, BuildConfig, FirstStageConfig,
     ScoreConfig, SketchConfig, SyncConfig,
 )
-from forvalue.indexer.results import DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH
+from forvalue.indexer.results import DEFAULT_EXACT_BUDGET, DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH, SCORE_MODES
 from forvalue.server.config import ServerConfig
 
 EXIT_USAGE = 2
@@ -1114,6 +1114,13 @@ Examples:
 @click.option("--rerank", type=int, default=DEFAULT_RERANK, show_default=True,
               help="First-stage candidates re-ranked exactly (those that cannot be in the answer are ruled "
                    "out by certified bounds first); >= 0, raised to k.")
+@click.option("--scores", "scores", type=click.Choice(SCORE_MODES), default="exact", show_default=True,
+              help="exact: every hit's exact score (costs about one more forward pass); certified: certified "
+                   "intervals lo..hi from the index's stored top probabilities, the ranks the intervals prove "
+                   "marked = (no percentiles or cosines).")
+@click.option("--exact-budget", type=click.IntRange(0), default=DEFAULT_EXACT_BUDGET, show_default=True,
+              help="With --scores certified: candidates at most scored exactly where intervals overlap at the k "
+                   "boundary.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 @click.option("--explain", is_flag=True,
               help="Under each hit, the (query token, training token) pairs that contribute most to its score.")
@@ -1134,8 +1141,8 @@ Examples:
 @progress_option
 @handle_errors
 def query_cmd(server, index_dir, model_path, device, prompt, response, valuation_path, split, k, least, rerank,
-              as_json, explain, explain_pairs, html_path, where_items, group_by, color, token_file, tls, tls_ca,
-              fields):
+              scores, exact_budget, as_json, explain, explain_pairs, html_path, where_items, group_by, color,
+              token_file, tls, tls_ca, fields):
     """Which training samples drove this response? The top k by exact For-Value, from a server or an index.
 
     Each hit also carries calibrated scores: pct, the share of the index's other training samples with a lower
@@ -1153,6 +1160,8 @@ def query_cmd(server, index_dir, model_path, device, prompt, response, valuation
         _fail(f"--html {html_path!r} is an input of this command; write to another file")
     if group_by is not None and (explain or html_path is not None):
         _fail("--group-by cannot be combined with --explain or --html; use --where FIELD=VALUE to look into one group")
+    if scores != "exact" and (group_by is not None or html_path is not None):
+        _fail("--scores certified cannot be combined with --group-by or --html (they show exact scores)")
     direction = "least" if least else "most"
     where = _where(where_items)
     pairs = explain_pairs if explain or html_path is not None else 0
@@ -1165,7 +1174,7 @@ def query_cmd(server, index_dir, model_path, device, prompt, response, valuation
             results = {r.direction: r for _, r in source.top_k(samples, k, "both", rerank, explain=pairs, where=where)}
         else:
             results = {direction: source.search(samples, k=k, direction=direction, rerank=rerank, explain=pairs,
-                                                where=where)}
+                                                where=where, scores=scores, exact_budget=exact_budget)}
     answered = grouped if group_by is not None else results[direction]
     if answered.cut_samples:
         click.echo(render.cut_warning(answered.cut_samples), err=True)

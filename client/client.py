@@ -24,7 +24,8 @@ from forvalue.indexer.data import Sample
 from forvalue.indexer.errors import ConfigError, ForValueError, ServerError
 from forvalue.indexer.filters import Where, as_where
 from forvalue.indexer.results import (
-    DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH, GroupedResult, Scores, SearchResult, check_direction,
+    DEFAULT_EXACT_BUDGET, DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH, GroupedResult, Scores, SearchResult,
+    check_direction,
 )
 from forvalue.server import convert
 from forvalue.server.protocol import pb, pb_grpc
@@ -146,7 +147,8 @@ class InfluenceClient:
             time.sleep(poll)
 
     def search(self, samples: Sequence[Sample | tuple[str, str]], k: int = DEFAULT_K, direction: str = "most",
-               rerank: int = DEFAULT_RERANK, explain: int = 0, where: WhereLike = None) -> SearchResult:
+               rerank: int = DEFAULT_RERANK, explain: int = 0, where: WhereLike = None, scores: str = "exact",
+               exact_budget: int = DEFAULT_EXACT_BUDGET) -> SearchResult:
         """Top-k most (or least) valuable training samples for the group `samples`, as `Index.search`.
 
         Args:
@@ -157,9 +159,12 @@ class InfluenceClient:
                 server's cap).
             where: only training samples whose metadata match (a `Where`, {field: value or [values]}, or
                 "FIELD=VALUE" strings), as `Index.search(..., where=...)`.
+            scores: "exact", or "certified": hits with certified score intervals (`Index.search`).
+            exact_budget: certified answers: candidates at most scored exactly to tighten the intervals.
         """
         check_direction(direction)
-        return self.top_k(samples, k, direction, rerank, group=True, explain=explain, where=where)[0][1]
+        return self.top_k(samples, k, direction, rerank, group=True, explain=explain, where=where, scores=scores,
+                          exact_budget=exact_budget)[0][1]
 
     def group_by(self, samples: Sequence[Sample | tuple[str, str]], field: str, k: int = 3, direction: str = "most",
                  where: WhereLike = None) -> GroupedResult:
@@ -182,7 +187,8 @@ class InfluenceClient:
 
     def top_k(self, samples: Sequence[Sample | tuple[str, str]], k: int = DEFAULT_K, direction: str = "most",
               rerank: int = DEFAULT_RERANK, group: bool = True, max_text_chars: int = 0, explain: int = 0,
-              where: WhereLike = None) -> list[tuple[int, SearchResult]]:
+              where: WhereLike = None, scores: str = "exact", exact_budget: int = DEFAULT_EXACT_BUDGET
+              ) -> list[tuple[int, SearchResult]]:
         """Every answer of a TopK call: [(query index, or -1 for the group, result)], per direction.
 
         Args:
@@ -191,14 +197,18 @@ class InfluenceClient:
             max_text_chars: cut returned prompts and responses to this many characters (0 = whole).
             explain: > 0: every hit carries an `Explanation` with this many top token pairs, as
                 `Index.search(..., explain=...)`; 0 = none.
+            scores, exact_budget: exact scores, or certified intervals (`search`).
         """
+        if exact_budget < 0:
+            raise ConfigError(f"exact_budget must be >= 0 (candidates scored exactly), got {exact_budget}")
         if explain < 0:
             raise ConfigError(f"explain must be >= 0 (top token pairs per hit; 0 = no explanation), got {explain}")
         request = pb.TopKRequest(samples=convert.samples_to_pb(samples), k=k,
                                  direction=convert.direction_to_pb(direction),
                                  rerank=rerank if rerank < 0 else max(rerank, k), group=group,
                                  max_text_chars=max_text_chars, explain=explain > 0, explain_pairs=explain,
-                                 where=convert.where_to_pb(as_where(where)))
+                                 where=convert.where_to_pb(as_where(where)), scores=convert.scores_to_pb(scores),
+                                 exact_budget=exact_budget or -1)  # 0 on the wire is the server's default
         response = self._call(self._stub.TopK, request)
         return [(a.query_index, convert.search_result(a, response.index_version)) for a in response.answers]
 

@@ -81,7 +81,7 @@ def color_hits(result, source: str, n_queries: int, explain: bool, width: int | 
     lines = [click.style(f"{source} · {result.version}", bold=True)
              + f" · {len(result.hits)} {result.direction} valuable for {who}"
              + click.style(f" · {result.candidates} candidates, {scored(result)} exact", dim=True)]
-    scores = [f"{h.score:.5g}" for h in result.hits]
+    scores = [score_text(h, 5) for h in result.hits]
     # calibrated scores (Hit.percentile, Hit.cosine), as columns when any hit has them
     calibrated = [(hit_pct(h), cos(h.cosine)) for h in result.hits]
     show_cal = any(p != "-" or c != "-" for p, c in calibrated)
@@ -99,7 +99,29 @@ def color_hits(result, source: str, n_queries: int, explain: bool, width: int | 
                      f"{cal}{click.style(f'{h.id:<{iw}}', fg='cyan')}  {text}")
         if explain and h.explanation is not None:
             lines.extend(pair_lines(h.explanation, group, color=True, indent=rw + 2))
-    return "\n".join(lines)
+    note = certified_note(result)
+    return "\n".join(lines + ([click.style(note, dim=True)] if note else []))
+
+
+def score_text(hit, digits: int) -> str:
+    """A hit's score as shown: the exact score, or a certified interval "lo..hi" with "=" after the rank
+    when its rank is certified (certified answers)."""
+    if hit.score_low is None:
+        return f"{hit.score:.{digits}g}"
+    mark = "=" if hit.rank_certified else "?"
+    return f"{hit.score_low:.{digits}g}..{hit.score_high:.{digits}g} {mark}"
+
+
+def certified_note(result) -> str:
+    """The line under a certified answer saying what its intervals prove; "" for an exact answer."""
+    if getattr(result, "scores", "exact") != "certified":
+        return ""
+    n = len(result.hits)
+    sure = sum(1 for h in result.hits if h.rank_certified)
+    lead = result.certified_prefix
+    whole = {True: "certified", False: "not certified", None: "unknown (merged by a router)"}[result.set_certified]
+    return (f"certified scores (exact score within lo..hi): the set of {n} is {whole}; {sure} of {n} ranks "
+            f"certified (=), the first {lead} in a row; exact re-ranking of the same candidates agrees there")
 
 
 def color_rank_summary(plain: str) -> str:
@@ -246,11 +268,16 @@ def hits_json(result, source: str, n_queries: int, explain: bool = False) -> dic
         d = {"rank": h.rank, "score": h.score, "percentile": h.percentile, "percentile_low": h.percentile_low,
              "percentile_high": h.percentile_high, "cosine": h.cosine, "id": h.id, "row": h.row,
              "metadata": h.metadata}
+        if h.score_low is not None:
+            d.update(score_low=h.score_low, score_high=h.score_high, rank_certified=h.rank_certified)
         if explain:
             d["explanation"] = None if h.explanation is None else dataclasses.asdict(h.explanation)
         hits.append(d)
-    return {"source": source, "version": result.version, "direction": result.direction,
-            "candidates": result.candidates, "exact_scored": result.exact_scored, "n_queries": n_queries, "hits": hits}
+    out = {"source": source, "version": result.version, "direction": result.direction,
+           "candidates": result.candidates, "exact_scored": result.exact_scored, "n_queries": n_queries, "hits": hits}
+    if result.scores == "certified":
+        out.update(scores="certified", set_certified=result.set_certified, certified_prefix=result.certified_prefix)
+    return out
 
 
 def hits_text(result, source: str, n_queries: int, explain: bool = False) -> str:
@@ -260,12 +287,14 @@ def hits_text(result, source: str, n_queries: int, explain: bool = False) -> str
              f"samples for {group} ({result.candidates} candidates, {scored(result)} scored exactly)"]
     id_width = max([len("id")] + [len(h.id) for h in result.hits])
     pw = max([6] + [len(hit_pct(h)) for h in result.hits])
-    lines.append(f"{'rank':>4}  {'score':>12}  {'pct':>{pw}}  {'cos':>6}  {'id':<{id_width}}  "
+    sw = max([12] + [len(score_text(h, 6)) for h in result.hits])
+    lines.append(f"{'rank':>4}  {'score':>{sw}}  {'pct':>{pw}}  {'cos':>6}  {'id':<{id_width}}  "
                  "training sample (prompt → response)")
     for h in result.hits:
-        lines.append(f"{h.rank:>4}  {h.score:>12.6g}  {hit_pct(h):>{pw}}  {cos(h.cosine):>6}  "
+        lines.append(f"{h.rank:>4}  {score_text(h, 6):>{sw}}  {hit_pct(h):>{pw}}  {cos(h.cosine):>6}  "
                      f"{h.id:<{id_width}}  {snippet(h.metadata)}")
-    text = "\n".join(lines)
+    note = certified_note(result)
+    text = "\n".join(lines + ([note] if note else []))
     return with_pairs(text, result, n_queries > 1) if explain else text
 
 

@@ -45,6 +45,9 @@ class ForwardConfig:
         logits_chunk: vocabulary columns per chunk when computing lse (bounds memory per batch).
         on_device: return the features on the model's device instead of the host: an index build sketches
             them there (on a GPU nothing |V|-wide, and no per-token feature it does not store, reaches the host).
+        probs_bytes: keep every scored token's whole next-token distribution (`Features.probs`), from the
+            logits the log-partition is computed from, when a batch's fit in this many bytes; 0 = never. A
+            search needs them (sketch, bounds, exact scores): kept, they cost no second pass over the head.
     """
 
     tokens: str = "response"
@@ -56,6 +59,7 @@ class ForwardConfig:
     dtype: torch.dtype = torch.float32
     logits_chunk: int = 16384
     on_device: bool = False
+    probs_bytes: int = 0
 
     @classmethod
     def of_build(cls, build: BuildConfig) -> ForwardConfig:
@@ -68,6 +72,8 @@ class ForwardConfig:
             raise ConfigError(f"tokens must be one of {TOKEN_SCOPES}, got {self.tokens!r}")
         if self.batch_tokens < 1 or self.max_batch < 1 or self.max_length < 2 or self.logits_chunk < 1:
             raise ConfigError("batch_tokens, max_batch and logits_chunk must be >= 1 and max_length >= 2")
+        if self.probs_bytes < 0:
+            raise ConfigError(f"probs_bytes must be >= 0 (0 = keep no distributions), got {self.probs_bytes}")
         if self.padding_side not in ("right", "left"):
             raise ConfigError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
         if self.dtype not in (torch.float32, torch.float64):
@@ -166,12 +172,22 @@ class Head:
             z = z * self.scale
         return z
 
-    def logsumexp(self, h: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
-        """log Σ_v exp(logit_v) for each row of h (T, d) → (T,), over vocabulary chunks."""
+    def logsumexp(self, h: torch.Tensor, chunk: int = 16384, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """log Σ_v exp(logit_v) for each row of h (T, d) → (T,), over vocabulary chunks (`keep`: a (T, V)
+        tensor that receives the logits, when the caller wants them too)."""
         acc = torch.full((h.shape[0],), -math.inf, dtype=h.dtype, device=h.device)
         for c0 in range(0, self.vocab_size, chunk):
-            acc = torch.logaddexp(acc, torch.logsumexp(self.logits(h, slice(c0, c0 + chunk)), dim=-1))
+            z = self.logits(h, slice(c0, c0 + chunk))
+            if keep is not None:
+                keep[:, c0 : c0 + z.shape[1]] = z
+            acc = torch.logaddexp(acc, torch.logsumexp(z, dim=-1))
         return acc
+
+    def logsumexp_probs(self, h: torch.Tensor, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`logsumexp(h, chunk)`, the distributions exp(logits − lse) (T, V)) from one pass over the head."""
+        z = torch.empty(h.shape[0], self.vocab_size, dtype=h.dtype, device=h.device)
+        lse = self.logsumexp(h, chunk, keep=z)
+        return lse, z.sub_(lse[:, None]).exp_()
 
     def probs(self, h: torch.Tensor, lse: torch.Tensor, cols: slice | torch.Tensor | None = None) -> torch.Tensor:
         """π restricted to `cols` (not renormalised): exp(logits − lse), (T, d), (T,) → (T, c)."""
@@ -193,6 +209,8 @@ class Features:
         lse: (T,) log-partition of the logits at each scored position.
         offsets: (n + 1,) int64 row offsets.
         cut: per sample, whether it was shortened to max_length (empty: not recorded, none cut).
+        probs: (T, V) every scored position's next-token distribution, when the pass kept them
+            (ForwardConfig.probs_bytes); None otherwise (recomputed from h and lse where needed).
     """
 
     h: torch.Tensor
@@ -200,6 +218,7 @@ class Features:
     lse: torch.Tensor
     offsets: torch.Tensor
     cut: tuple[bool, ...] = ()
+    probs: torch.Tensor | None = None
 
     @property
     def truncated(self) -> int:
@@ -226,13 +245,15 @@ class Features:
 
     def to(self, device: torch.device | str) -> Features:
         """The same features with h, y and lse on `device` (offsets stay on the host)."""
-        return Features(self.h.to(device), self.y.to(device), self.lse.to(device), self.offsets, self.cut)
+        return Features(self.h.to(device), self.y.to(device), self.lse.to(device), self.offsets, self.cut,
+                        None if self.probs is None else self.probs.to(device))
 
     def select(self, idx: Sequence[int] | torch.Tensor) -> Features:
         """The features of samples `idx`, in that order."""
         rows, offsets = self.token_index(idx)
         cut = tuple(self.cut[int(j)] for j in torch.as_tensor(idx, dtype=torch.long).tolist()) if self.cut else ()
-        return Features(self.h[rows], self.y[rows], self.lse[rows], offsets, cut)
+        return Features(self.h[rows], self.y[rows], self.lse[rows], offsets, cut,
+                        None if self.probs is None else self.probs[rows.to(self.probs.device)])
 
     def token_index(self, idx: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(token rows of samples `idx`, in that order; their offsets): what `select` gathers."""
@@ -248,6 +269,7 @@ class Features:
         return Features(
             torch.cat([p.h for p in parts]), torch.cat([p.y for p in parts]), torch.cat([p.lse for p in parts]),
             offsets, tuple(c for p in parts for c in (p.cut or (False,) * p.n)),
+            torch.cat([p.probs for p in parts]) if all(p.probs is not None for p in parts) else None,
         )
 
 
@@ -351,9 +373,15 @@ def scored_features(hidden: torch.Tensor, seqs: Sequence[Sequence[int]], positio
     rows_p = [p + s for p, s in zip(positions, starts)]
     y = torch.cat([torch.tensor(q, dtype=torch.long)[p + 1] for q, p in zip(seqs, positions)]).to(device)
     h = hidden[torch.cat(rows_b).to(device), torch.cat(rows_p).to(device)].to(config.dtype)
-    lse = head.logsumexp(h, config.logits_chunk) if with_lse else torch.full_like(y, math.nan, dtype=h.dtype)
+    probs = None
+    if not with_lse:
+        lse = torch.full_like(y, math.nan, dtype=h.dtype)
+    elif h.shape[0] * head.vocab_size * h.element_size() <= config.probs_bytes:
+        lse, probs = head.logsumexp_probs(h, config.logits_chunk)
+    else:
+        lse = head.logsumexp(h, config.logits_chunk)
     offsets = torch.zeros(len(seqs) + 1, dtype=torch.long)
     offsets[1:] = torch.cumsum(torch.tensor([p.numel() for p in positions]), 0)
     if config.on_device:
-        return Features(h, y, lse, offsets, tuple(cut))
-    return Features(h.cpu(), y.cpu(), lse.cpu(), offsets, tuple(cut))
+        return Features(h, y, lse, offsets, tuple(cut), probs)
+    return Features(h.cpu(), y.cpu(), lse.cpu(), offsets, tuple(cut), None if probs is None else probs.cpu())

@@ -10,6 +10,7 @@ vision-language model's `VisionProcessor` brings its own (vision.py); a tokenize
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -231,10 +232,19 @@ def extract_features(
     model: nn.Module, tokenizer, samples: Sequence[tuple[str, str]], config: ForwardConfig,
     head: Head | None = None, progress: bool = False, desc: str = "forward",
 ) -> Features:
-    """All features of `samples`, in input order (see iter_features)."""
+    """All features of `samples`, in input order (see iter_features); their distributions (`Features.probs`)
+    only when all of them fit in `config.probs_bytes`."""
     order: list[int] = []
     parts: list[Features] = []
+    kept, keep = 0, True  # bytes of distributions held; once a batch has none or they pass the budget, none
     for idx, feats in iter_features(model, tokenizer, samples, config, head, progress, desc):
+        if keep and feats.probs is not None:
+            kept += feats.probs.numel() * feats.probs.element_size()
+        if keep and (feats.probs is None or kept > config.probs_bytes):
+            keep = False
+            parts = [dataclasses.replace(p, probs=None) for p in parts]
+        if not keep and feats.probs is not None:
+            feats = dataclasses.replace(feats, probs=None)
         order.extend(idx)
         parts.append(feats)
     if not parts:

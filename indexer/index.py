@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .calibration import count_lower, percentiles_of, undecided
+from .certify import certified_ranks, interval_order, to_tighten
 from .config import CALIBRATION_ROWS, RECOMPUTE
 from .data import Sample, sample_of_row
 from .deletion import deleted_of
@@ -23,12 +24,12 @@ from .features import Features, ForwardConfig, Head
 from .filters import FieldIndex, Where, check_field
 from .forward import extract_features
 from .model import LoadedModel
-from .rerank import Candidates, must_score, pruning_pays, query_probs_fit, score_bounds
+from .rerank import QUERY_PROBS_BYTES, SLACK, Candidates, must_score, pruning_pays, query_probs_fit, score_bounds
 from .results import (
-    DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH, DIRECTIONS, GROUP, Explanation, Group, GroupedResult, Hit, Scores,
-    SearchResult, check_direction, cut_texts, index_info, scale_explanation,
+    DEFAULT_EXACT_BUDGET, DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH, DIRECTIONS, GROUP, Explanation, Group,
+    GroupedResult, Hit, Scores, SearchResult, check_direction, check_scores, cut_texts, index_info, scale_explanation,
 )
-from .score import exact_scores, group_norm, self_scores, unit_scale
+from .score import exact_scores, group_norm, mean_self_score, self_scores, segment_sum_rows, unit_scale
 from .sketch import MAP_FILES, Sketcher
 from .store import IndexRoot, Version
 
@@ -61,6 +62,19 @@ def _positions(sorted_rows: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, n
     return at, (at < sorted_rows.size) & (sorted_rows[np.minimum(at, sorted_rows.size - 1)] == rows)
 
 
+@dataclasses.dataclass
+class Certified:
+    """A certified top-k (`Index.certify`): rows best first (k,), their certified bounds lo, hi (k,) float64,
+    whether each one's rank is certified (k,) bool, whether the set is (`whole`), candidates scored exactly."""
+
+    rows: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    ranks: np.ndarray
+    whole: bool
+    scored: int
+
+
 Check = Callable[[], None]  # raises to stop a piece of work between its steps (a deadline, a cancelled call)
 
 
@@ -85,7 +99,8 @@ class Index:
         self.version = version
         self.lm = lm
         self.manifest = m
-        self.forward = ForwardConfig(tokens=m["tokens"], max_length=m["max_length"])
+        # a query batch keeps its tokens' distributions (what a search needs) when they fit as search's would
+        self.forward = ForwardConfig(tokens=m["tokens"], max_length=m["max_length"], probs_bytes=QUERY_PROBS_BYTES)
         device = next(lm.model.parameters()).device
         self.head = Head.from_model(lm.model).to(device)
         self._cpu_head = self.head.to("cpu")
@@ -153,9 +168,11 @@ class Index:
         """Valuation samples may carry an image: the index was built with a vision-language model."""
         return self.lm.accepts_images
 
-    def encode(self, samples: Sequence[Sample | tuple[str, str]]) -> Features:
-        """Features of valuation samples (one forward pass)."""
-        return extract_features(self.lm.model, self.lm.preprocessor, _pairs(samples), self.forward, self.head)
+    def encode(self, samples: Sequence[Sample | tuple[str, str]], keep_probs: bool = True) -> Features:
+        """Features of valuation samples (one forward pass); with their tokens' distributions when they fit and
+        `keep_probs` (what a search needs; scoring every row does not)."""
+        config = self.forward if keep_probs else dataclasses.replace(self.forward, probs_bytes=0)
+        return extract_features(self.lm.model, self.lm.preprocessor, _pairs(samples), config, self.head)
 
     def scaled(self, values: torch.Tensor, rows: Sequence[int] | np.ndarray) -> torch.Tensor:
         """For-Value of training rows `rows` (the last axis of `values`) as this index reports it: divided by
@@ -247,9 +264,48 @@ class Index:
             known.lo[keep.numpy()] = known.hi[keep.numpy()] = ex
         return cand[pos.numpy()], exact[order], int(exact.numel()), known
 
+    def certify(self, features: Features, cand: np.ndarray, k: int, direction: str, budget: int = DEFAULT_EXACT_BUDGET,
+                probs: torch.Tensor | None = None, check: Check | None = None) -> Certified:
+        """The top-k of candidate rows `cand` known by certified intervals (certify.py): every candidate bounded
+        (rerank.score_bounds), then at most `budget` of those overlapping at the k boundary (or between hits)
+        scored exactly, the widest first, as long as that decides something.
+
+        An index without top probabilities, or a query whose distributions do not fit in memory, has no bounds:
+        its candidates are scored exactly (`rerank`) and every interval is a point.
+
+        Args:
+            probs: the query tokens' distributions over the whole vocabulary (Tv, V), when computed already.
+        """
+        if not self.rerank_top or probs is None or cand.size == 0:
+            rows, scores, scored, _ = self.rerank(features, cand, k, direction, True, probs)
+            s = scores.double().numpy()
+            return Certified(rows, s, s.copy(), np.ones(s.size, dtype=bool), True, scored)
+        c = self.candidates(cand)
+        lo, hi = score_bounds(features, c, self._cpu_head, self.query_top, probs=probs)
+        lo, hi = self.scaled(lo, cand).double().mean(0).numpy(), self.scaled(hi, cand).double().mean(0).numpy()
+        exact = np.zeros(cand.size, dtype=bool)
+        while budget > int(exact.sum()):
+            pick = to_tighten(lo, hi, k, direction, budget - int(exact.sum()), exact)
+            if not pick.size:
+                break
+            _check(check)
+            ft = c.feats.select(torch.from_numpy(pick))
+            ex = self.scaled(exact_scores(features, ft, self._cpu_head, pv=probs), cand[pick]).double().mean(0).numpy()
+            # the float32 rounding of an exact score, as the bounds allow for it (rerank.SLACK per |<h, h'>|)
+            g = (features.h @ ft.h.T).abs()
+            err = SLACK * self.scaled(segment_sum_rows(segment_sum_rows(g, features.segment, features.n).T, ft.segment,
+                                                       ft.n).T, cand[pick]).double().mean(0).numpy()
+            lo[pick], hi[pick] = ex - err, ex + err
+            exact[pick] = True
+        order = interval_order(lo, hi, direction)
+        ranks, whole = certified_ranks(lo, hi, order, k, direction)
+        top = order[:k]
+        return Certified(cand[top], lo[top], hi[top], ranks, whole, int(exact.sum()))
+
     def search(self, samples: Sequence[Sample | tuple[str, str]], k: int = DEFAULT_K, direction: str = "most",
                rerank: int = DEFAULT_RERANK, features: Features | None = None, prune: bool = True, explain: int = 0,
-               where: Where | None = None, calibrate: bool = True, check: Check | None = None) -> SearchResult:
+               where: Where | None = None, calibrate: bool = True, check: Check | None = None,
+               scores: str = "exact", exact_budget: int = DEFAULT_EXACT_BUDGET) -> SearchResult:
         """Top-k most (or least) valuable training samples for the group `samples` (scored by the mean of G).
 
         Args:
@@ -264,8 +320,16 @@ class Index:
             calibrate: fill each hit's `percentile` and `cosine` (see `Hit`).
             check: called between the steps of the work (first stage, exact re-ranking, explanations); it
                 raises to stop the work (the service: the call's deadline passed or it was cancelled).
+            scores: "exact": every hit's exact score (costs about k · T · |V| · d, a forward pass of the query);
+                "certified": certified intervals from the stored top probabilities (`certify`), the hits'
+                ranks and the set certified where the intervals prove them (`Hit.rank_certified`,
+                `SearchResult.set_certified`); no percentiles or cosines (they need exact scores).
+            exact_budget: certified answers: candidates at most scored exactly to tighten the intervals.
         """
         check_direction(direction)
+        check_scores(scores)
+        if exact_budget < 0:
+            raise ConfigError(f"exact_budget must be >= 0 (candidates scored exactly), got {exact_budget}")
         if k < 1:
             raise ConfigError(f"k must be >= 1, got {k}")
         if rerank < 0:
@@ -279,15 +343,24 @@ class Index:
         scope = self.scope(where)
         size = self.n if scope is None else int(scope.size)
         if size == 0:
-            return SearchResult([], self.version.name, direction, 0, 0, tuple(features.cut_samples))
+            return SearchResult([], self.version.name, direction, 0, 0, tuple(features.cut_samples), scores=scores,
+                                set_certified=True if scores == "certified" else None)
         k = min(k, size)
         C = min(max(rerank, k), size)
-        # the query tokens' distributions, computed once for the sketch, the bounds and the exact scores
-        probs = self._cpu_head.probs(features.h, features.lse) if query_probs_fit(features, self._cpu_head) else None
+        # the query tokens' distributions, computed once for the sketch, the bounds and the exact scores (kept
+        # by the forward pass, from the logits of the log-partition, when they fit)
+        if features.probs is not None and features.probs.device == features.h.device:
+            probs = features.probs
+        elif query_probs_fit(features, self._cpu_head):
+            probs = self._cpu_head.probs(features.h, features.lse)
+        else:
+            probs = None
         q = self.query_sketches(features, probs).mean(0, keepdim=True)
         qs = q.numpy().astype(np.float32)
         cand = self._first_stage(qs, C, direction, scope, bool(where))
         _check(check)
+        if scores == "certified":
+            return self._certified_result(features, cand, k, direction, exact_budget, probs, explain, check)
         rows, scores, scored, known = self.rerank(features, cand, k, direction, prune, probs)
         meta = self.version.rows(rows)
         pct = (self.percentiles(features, rows, scores, probs, known, check) if calibrate
@@ -301,6 +374,21 @@ class Index:
             found = self.explain(features, rows, explain, probs)
             hits = [dataclasses.replace(h, explanation=e) for h, e in zip(hits, found)]
         return SearchResult(hits, self.version.name, direction, int(cand.size), scored, tuple(features.cut_samples))
+
+    def _certified_result(self, features: Features, cand: np.ndarray, k: int, direction: str, budget: int,
+                          probs: torch.Tensor | None, explain: int, check: Check | None) -> SearchResult:
+        c = self.certify(features, cand, k, direction, budget, probs, check)
+        meta = self.version.rows(c.rows)
+        hits = [Hit(id=str(md["id"]), score=(lo + hi) / 2, rank=r + 1, row=int(row), metadata=md, score_low=lo,
+                    score_high=hi, rank_certified=bool(ok))
+                for r, (row, md, lo, hi, ok) in enumerate(zip(c.rows.tolist(), meta, c.lo.tolist(), c.hi.tolist(),
+                                                               c.ranks.tolist()))]
+        if explain:
+            _check(check)
+            found = self.explain(features, c.rows, explain, probs)
+            hits = [dataclasses.replace(h, explanation=e) for h, e in zip(hits, found)]
+        return SearchResult(hits, self.version.name, direction, int(cand.size), c.scored,
+                            tuple(features.cut_samples), scores="certified", set_certified=c.whole)
 
     def scope(self, where: Where | None = None) -> np.ndarray | None:
         """Sorted rows (int64) an answer may hold: matching `where` and not deleted; None = all n rows."""
@@ -415,6 +503,8 @@ class Index:
 
     def query_norm(self, features: Features, probs: torch.Tensor | None = None) -> float:
         """‖Ḡ‖ of the query group, Ḡ = mean of its members' G: sqrt(mean_vv' S(v, v'))."""
+        if probs is not None and probs.device == features.h.device:  # known already: no pass over the head
+            return float(mean_self_score(features, probs).clamp(min=0).sqrt())
         if features.n == 1:
             if self.head.weight.device.type != "cpu":  # a pass over the whole vocabulary: on the model's device
                 return float(self_scores(features.to(self.head.weight.device), self.head)[0].clamp(min=0).sqrt())
@@ -536,7 +626,8 @@ class Index:
 
     def top_k(self, samples: Sequence[Sample | tuple[str, str]], k: int = DEFAULT_K, direction: str = "most",
               rerank: int = DEFAULT_RERANK, group: bool = True, max_text_chars: int = 0, explain: int = 0,
-              where: Where | None = None) -> list[tuple[int, SearchResult]]:
+              where: Where | None = None, scores: str = "exact", exact_budget: int = DEFAULT_EXACT_BUDGET
+              ) -> list[tuple[int, SearchResult]]:
         """Every answer of one query: [(query index, or GROUP = -1 for the group, result)], as the client's.
 
         Args:
@@ -544,26 +635,32 @@ class Index:
             group: one answer for the mean of `samples`; False: one per sample.
             max_text_chars: cut the hits' prompts and responses to this many characters (0 = whole).
             explain: > 0: every hit carries an `Explanation` with this many top token pairs.
+            scores, exact_budget: exact scores, or certified intervals (`search`).
         """
         check_direction(direction, both=True)
+        check_scores(scores)
         if not samples:
             raise ConfigError("top_k needs at least one valuation sample")
         directions = DIRECTIONS if direction == "both" else (direction,)
-        found = self.answers(self.encode(samples), k, directions, rerank, group, explain, where)
+        found = self.answers(self.encode(samples), k, directions, rerank, group, explain, where,
+                             scores=scores, exact_budget=exact_budget)
         return [(q, cut_texts(r, max_text_chars)) for q, r in found]
 
     def answers(self, features: Features, k: int, directions: Sequence[str], rerank: int = DEFAULT_RERANK,
                 group: bool = True, explain: int = 0, where: Where | None = None, group_by: str = "",
-                max_rows: int = 0, check: Check | None = None) -> list[tuple[int, SearchResult | GroupedResult]]:
+                max_rows: int = 0, check: Check | None = None, scores: str = "exact",
+                exact_budget: int = DEFAULT_EXACT_BUDGET) -> list[tuple[int, SearchResult | GroupedResult]]:
         """The answers to one query from its samples' features (one forward pass, done): per direction, one for
         the group (query index GROUP) or one per sample; `group_by` makes each a `GroupedResult` (k rows per
-        group, at most `max_rows` rows in scope). `check` is called before each answer and within it."""
+        group, at most `max_rows` rows in scope, exact whatever `scores`). `check` is called before each answer
+        and within it; `scores`, `exact_budget`: as `search`."""
 
         def one(f: Features, d: str) -> SearchResult | GroupedResult:
             _check(check)
             if group_by:
                 return self.group_by([], group_by, k, d, where=where, features=f, max_rows=max_rows, check=check)
-            return self.search([], k, d, rerank, features=f, explain=explain, where=where, check=check)
+            return self.search([], k, d, rerank, features=f, explain=explain, where=where, check=check,
+                               scores=scores, exact_budget=exact_budget)
 
         if group:
             return [(GROUP, one(features, d)) for d in directions]
@@ -585,7 +682,7 @@ class Index:
         rows = np.arange(self.n, dtype=np.int64) if scope is None else scope
         total = np.zeros(rows.size, dtype=np.float64)
         parts = [features] if features is not None else (
-            self.encode(samples[a : a + batch]) for a in range(0, len(samples), batch))
+            self.encode(samples[a : a + batch], keep_probs=False) for a in range(0, len(samples), batch))
         n, cut, kept = 0, [], []
         for f in parts:
             if rows.size:

@@ -31,6 +31,8 @@ from .score import segment_sum_rows
 
 # relative float-rounding slack between this computation and exact_scores', per |<h, h'>| (|α| ≤ 3)
 SLACK = 1e-4
+# the most memory a query's (or a batch of queries') whole next-token distributions may take
+QUERY_PROBS_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -114,13 +116,13 @@ def must_score(lo: torch.Tensor, hi: torch.Tensor, k: int, direction: str) -> to
     return lo <= kth
 
 
-def query_probs_fit(fv: Features, head: Head, memory_bytes: int = 512 * 2**20) -> bool:
+def query_probs_fit(fv: Features, head: Head, memory_bytes: int = QUERY_PROBS_BYTES) -> bool:
     """Whether the query tokens' full distributions (Tv · |V| floats) fit in `memory_bytes`."""
     return fv.h.shape[0] * head.vocab_size * fv.h.element_size() <= memory_bytes
 
 
 def pruning_pays(fv: Features, n_candidate_tokens: int, head: Head, query_top: int,
-                 memory_bytes: int = 512 * 2**20) -> bool:
+                 memory_bytes: int = QUERY_PROBS_BYTES) -> bool:
     """Whether bounding first is cheaper than scoring every candidate exactly, and fits in memory.
 
     Bounds cost about Tv·|V|·d (the query's distributions, once) + Tt·(Tv·q + Tv)·d; exact scoring of

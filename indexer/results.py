@@ -14,6 +14,8 @@ from .errors import ConfigError
 DIRECTIONS = ("most", "least")
 DEFAULT_K = 10  # answers per query
 DEFAULT_RERANK = 100  # first-stage candidates scored exactly
+SCORE_MODES = ("exact", "certified")  # what a hit's score is: exact, or a certified interval (certify.py)
+DEFAULT_EXACT_BUDGET = 2  # certified answers: candidates scored exactly to tighten the intervals at the boundary
 DEFAULT_SCORE_BATCH = 64  # valuation samples per forward pass (or per request) when scoring every row
 GROUP = -1  # the query index of an answer for the whole group of valuation samples (not one of its members)
 
@@ -96,6 +98,11 @@ class Hit:
         cosine: calibrated score, score / (‖G_query‖·‖G_row‖) in [-1, 1] (exact); None when the index
             stores no norms (built before they were stored).
         explanation: which token pairs make the score (`Index.search(..., explain=P)`); None when not asked.
+        score_low, score_high: certified answers (`scores="certified"`): the interval the exact score is
+            proven to lie in (score is its midpoint; all three equal up to float rounding where the hit was
+            scored exactly); None in exact answers.
+        rank_certified: certified answers: exact re-ranking of the same candidates gives this hit this rank
+            (no candidate after it can score more, none before it less; certify.py); None in exact answers.
     """
 
     id: str
@@ -108,6 +115,9 @@ class Hit:
     explanation: Explanation | None = None
     percentile_low: float | None = None
     percentile_high: float | None = None
+    score_low: float | None = None
+    score_high: float | None = None
+    rank_certified: bool | None = None
 
     @property
     def percentile_exact(self) -> bool:
@@ -125,6 +135,9 @@ class SearchResult:
             (the others were ruled out by certified bounds, see rerank.py); None when not reported.
         cut_samples: the valuation samples of this answer (their indices in the request) that were longer
             than the model's max_length and were shortened: the answer values what the model saw of them.
+        scores: "exact" (every hit's score exact) or "certified" (hits carry certified intervals, see `Hit`).
+        set_certified: certified answers: exact re-ranking of the same candidates returns the same set of
+            hits (their order: `Hit.rank_certified`); None in exact answers.
     """
 
     hits: list[Hit]
@@ -133,6 +146,16 @@ class SearchResult:
     candidates: int
     exact_scored: int | None = None
     cut_samples: tuple[int, ...] = ()
+    scores: str = "exact"
+    set_certified: bool | None = None
+
+    @property
+    def certified_prefix(self) -> int | None:
+        """Certified answers: how many leading hits have certified ranks (the first uncertified position,
+        0-based; len(hits) when all are); None in exact answers."""
+        if self.scores != "certified":
+            return None
+        return next((i for i, h in enumerate(self.hits) if not h.rank_certified), len(self.hits))
 
 
 @dataclass(frozen=True)
@@ -188,6 +211,13 @@ class Scores:
     version: str
     cut_samples: tuple[int, ...] = ()  # as SearchResult.cut_samples
     cosines: Any = None
+
+
+def check_scores(scores: str) -> str:
+    """`scores` if it is one of SCORE_MODES, else ConfigError naming them."""
+    if scores not in SCORE_MODES:
+        raise ConfigError(f"scores must be one of {', '.join(SCORE_MODES)}, got {scores!r}")
+    return scores
 
 
 def check_direction(direction: str, both: bool = False) -> str:

@@ -268,6 +268,15 @@ def unit_scale(norms: torch.Tensor) -> torch.Tensor:
     return torch.where(norms > 0, 1.0 / norms.clamp(min=torch.finfo(norms.dtype).tiny), torch.zeros_like(norms))
 
 
+def mean_self_score(feats: Features, probs: torch.Tensor) -> torch.Tensor:
+    """‖Ḡ‖² = mean over sample pairs (v, v') of S(v, v') of a group, from its tokens' distributions `probs`
+    (T, |V|) → () : Σ_kk' <h_k, h_k'> · α_kk' / n² over every token pair of the group, α from probs alone
+    (no pass over the head: the query's distributions are computed once per search). Costs T²·|V|."""
+    py = probs[:, feats.y]  # py[k, k'] = π_k(y_k')
+    a = (feats.y[:, None] == feats.y[None, :]).to(probs.dtype) - py - py.T + probs @ probs.T
+    return ((feats.h @ feats.h.T) * a).sum() / max(feats.n, 1) ** 2
+
+
 def group_norm(parts: Sequence[Features], head: Head, chunk: int = 4096) -> float:
     """‖Ḡ‖ of a group of samples given in parts, Ḡ = (1/n) Σ_v G_v, G_v = Σ_k (e_{y_k} − π_k) h_kᵀ.
 

@@ -59,7 +59,7 @@ def answers(index: Index, query: TopKQuery, features: Features, check: Callable[
     """The answers to a TopK query from its samples' features (`features`: of `query.samples`, in order);
     `check` is called between the steps of the work."""
     return index.answers(features, query.k, query.directions, query.rerank, query.group, query.explain_pairs,
-                         query.where, query.group_by, MAX_GROUP_ROWS, check)
+                         query.where, query.group_by, MAX_GROUP_ROWS, check, query.scores, query.exact_budget)
 
 
 def top_k(index: Index, query: TopKQuery, check: Callable[[], None] | None = None

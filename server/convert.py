@@ -24,8 +24,8 @@ from forvalue.indexer.errors import ConfigError, InvalidRequestError, ResourceEx
 from forvalue.indexer.filters import Where, check_field
 from forvalue.indexer.formats import ROLES, Chat
 from forvalue.indexer.results import (
-    Explanation, Group, GroupedResult, Hit, PairContribution, SearchResult, TokenContribution, check_direction,
-    index_info,
+    DEFAULT_EXACT_BUDGET, Explanation, Group, GroupedResult, Hit, PairContribution, SearchResult, TokenContribution,
+    check_direction, check_scores, index_info,
 )
 
 from .config import ServerConfig
@@ -35,6 +35,8 @@ _DIRECTIONS = {pb.DIRECTION_UNSPECIFIED: ("most",), pb.MOST: ("most",), pb.LEAST
                pb.BOTH: ("most", "least")}
 _TO_PB = {"most": pb.MOST, "least": pb.LEAST, "both": pb.BOTH}
 _FROM_PB = {pb.MOST: "most", pb.LEAST: "least"}
+_SCORES = {pb.SCORES_UNSPECIFIED: "exact", pb.EXACT: "exact", pb.CERTIFIED: "certified"}
+_SCORES_TO_PB = {"exact": pb.EXACT, "certified": pb.CERTIFIED}
 _OWN_FIELDS = ("id", "prompt", "response")  # Hit fields of their own, not repeated in metadata
 
 
@@ -50,6 +52,8 @@ class TopKQuery:
         explain_pairs: top token pairs of the Explanation attached to every hit; 0 = no explanation.
         where: metadata filter (empty: every row). group_by: metadata field to aggregate by ("" = none;
         then k is the top rows kept per group).
+        scores: "exact" or "certified" (hits with certified score intervals, `Index.search`).
+        exact_budget: with "certified": candidates at most scored exactly to tighten the intervals.
     """
 
     samples: list[tuple[str, str]]
@@ -61,6 +65,8 @@ class TopKQuery:
     explain_pairs: int = 0
     where: Where = Where()
     group_by: str = ""
+    scores: str = "exact"
+    exact_budget: int = DEFAULT_EXACT_BUDGET
 
 
 @dataclass(frozen=True)
@@ -245,7 +251,8 @@ def topk_query(request: pb.TopKRequest, config: ServerConfig, accepts_images: bo
         InvalidRequestError: no or too many samples, an empty response, a prompt or response longer than
             max_sample_chars, an image for a text-only index or one that is not a valid image (vision.py),
             k outside 1..k_cap, an unknown direction, rerank < 0, 0 < rerank < k or above max_rerank,
-            max_text_chars < 0, explain_pairs outside 0..max_explain_pairs.
+            max_text_chars < 0, explain_pairs outside 0..max_explain_pairs, an unknown scores, exact_budget
+            below -1 or above max_rerank, certified scores with group_by.
     """
     samples = _samples(request.samples, config, accepts_images)
     if not 1 <= request.k <= config.k_cap:
@@ -277,8 +284,19 @@ def topk_query(request: pb.TopKRequest, config: ServerConfig, accepts_images: bo
         if explain_pairs:
             raise InvalidRequestError("explain", "cannot be combined with group_by; explain the group's hits "
                                                  "with a TopK call filtered by where")
+    if request.scores not in _SCORES:
+        raise InvalidRequestError("scores", f"unknown value {request.scores}; use EXACT or CERTIFIED")
+    scores = _SCORES[request.scores]
+    if request.group_by and scores != "exact":
+        raise InvalidRequestError("scores", "group_by answers are exact (they score every row in scope); ask "
+                                            "for EXACT scores or leave group_by out")
+    if not -1 <= request.exact_budget <= config.max_rerank:
+        raise InvalidRequestError("exact_budget", f"must be between -1 (none) and {config.max_rerank}, with 0 "
+                                                  f"the server default ({DEFAULT_EXACT_BUDGET}); got "
+                                                  f"{request.exact_budget}")
+    budget = {0: DEFAULT_EXACT_BUDGET, -1: 0}.get(request.exact_budget, request.exact_budget)
     return TopKQuery(samples, request.k, _DIRECTIONS[request.direction], rerank, request.group,
-                     request.max_text_chars, explain_pairs, where, request.group_by)
+                     request.max_text_chars, explain_pairs, where, request.group_by, scores, budget)
 
 
 def score_all_query(request: pb.ScoreAllRequest, config: ServerConfig, accepts_images: bool = False
@@ -316,6 +334,10 @@ def hit_to_pb(hit: Hit, max_text_chars: int = 0) -> pb.Hit:
         msg.cosine = hit.cosine
     if hit.percentile_low is not None:
         msg.percentile_low, msg.percentile_high = hit.percentile_low, hit.percentile_high
+    if hit.score_low is not None:
+        msg.score_low, msg.score_high = hit.score_low, hit.score_high
+    if hit.rank_certified is not None:
+        msg.rank_certified = hit.rank_certified
     return msg
 
 
@@ -338,9 +360,12 @@ def answer_to_pb(query_index: int, result: SearchResult | GroupedResult, max_tex
                          groups=[pb.Group(key=g.key or "", missing=g.key is None, count=g.count, total=g.total,
                                           mean=g.mean, hits=[hit_to_pb(h, max_text_chars) for h in g.hits])
                                  for g in result.groups], cut_samples=result.cut_samples)
-    return pb.Answer(query_index=query_index, direction=_TO_PB[result.direction], candidates=result.candidates,
-                     exact_scored=result.exact_scored or 0, hits=[hit_to_pb(h, max_text_chars) for h in result.hits],
-                     cut_samples=result.cut_samples)
+    msg = pb.Answer(query_index=query_index, direction=_TO_PB[result.direction], candidates=result.candidates,
+                    exact_scored=result.exact_scored or 0, hits=[hit_to_pb(h, max_text_chars) for h in result.hits],
+                    cut_samples=result.cut_samples)
+    if result.set_certified is not None:
+        msg.set_certified = result.set_certified
+    return msg
 
 
 def topk_response(answers: Sequence[tuple[int, SearchResult | GroupedResult]], version: str, max_text_chars: int = 0
@@ -464,7 +489,10 @@ def hit_from_pb(msg: pb.Hit) -> Hit:
               percentile=msg.percentile if msg.HasField("percentile") else None,
               cosine=msg.cosine if msg.HasField("cosine") else None,
               percentile_low=msg.percentile_low if msg.HasField("percentile_low") else None,
-              percentile_high=msg.percentile_high if msg.HasField("percentile_high") else None)
+              percentile_high=msg.percentile_high if msg.HasField("percentile_high") else None,
+              score_low=msg.score_low if msg.HasField("score_low") else None,
+              score_high=msg.score_high if msg.HasField("score_high") else None,
+              rank_certified=msg.rank_certified if msg.HasField("rank_certified") else None)
     if msg.HasField("explanation"):
         hit = dataclasses.replace(hit, explanation=explanation_from_pb(msg.explanation))
     return hit
@@ -482,10 +510,23 @@ def explanation_from_pb(msg: pb.Explanation) -> Explanation:
 
 
 def search_result(answer: pb.Answer, version: str) -> SearchResult:
-    """The in-process SearchResult of one answer."""
+    """The in-process SearchResult of one answer (certified when it says whether its set is, or its hits carry
+    score intervals: through a router only the latter)."""
+    certified = answer.HasField("set_certified") or any(h.HasField("score_low") for h in answer.hits)
     return SearchResult(hits=[hit_from_pb(h) for h in answer.hits], version=version,
                         direction=_FROM_PB[answer.direction], candidates=answer.candidates,
-                        exact_scored=answer.exact_scored or None, cut_samples=tuple(answer.cut_samples))
+                        exact_scored=answer.exact_scored if certified else (answer.exact_scored or None),
+                        cut_samples=tuple(answer.cut_samples), scores="certified" if certified else "exact",
+                        set_certified=answer.set_certified if answer.HasField("set_certified") else None)
+
+
+def scores_to_pb(scores: str) -> int:
+    """The protobuf Scores value of "exact" or "certified".
+
+    Raises:
+        ConfigError: another name.
+    """
+    return _SCORES_TO_PB[check_scores(scores)]
 
 
 def grouped_result(answer: pb.Answer, version: str, field: str) -> GroupedResult:

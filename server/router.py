@@ -10,6 +10,8 @@ set none), to every shard at once, and merges:
   by key (counts and totals summed, mean = total / count, hits merged the same way). A hit's `row` is
   its row in the shard that answered (ids are the corpus's own); a `percentile` stays the shard's own
   (its exact interval, percentile_low/high, is dropped: it says nothing about the whole corpus).
+  Certified answers (TopKRequest.scores) merge by the midpoints of their intervals; each hit keeps its
+  interval, but rank_certified and set_certified are dropped (a shard proves them among its own candidates).
   The candidates of a sharded index are a superset of one index's (every row of the global top-C by
   sketch score is in its shard's top-C), so with the same `rerank` a routed answer is at least as good.
 - ScoreAll: the shards' streams one after the other, in shard order; `offset` and `rows` continue from
@@ -119,6 +121,7 @@ def _merged_hits(per_shard: list[tuple[int, list[pb.Hit]]], k: int, least: bool)
         hit.rank = rank
         hit.ClearField("percentile_low")  # exact within its shard only
         hit.ClearField("percentile_high")
+        hit.ClearField("rank_certified")  # certified among its shard's candidates only
         out.append(hit)
     return out
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import tempfile
 import time
@@ -27,6 +28,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--rerank", type=int, default=100)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--scores", default="exact", choices=["exact", "certified"], help="the answer mode profiled")
+    ap.add_argument("--index", default=None, help="an index of the example data built with --model, opened if it "
+                                                  "exists, else built there [default: a temporary one]")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     from forvalue.indexer.build import build_index
@@ -38,10 +42,12 @@ def main() -> None:
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     train, queries = example_rows()
     tmp = tempfile.TemporaryDirectory()
-    build_index(tmp.name, train, lm, BuildConfig(), progress=False)
-    idx = Index.open(tmp.name, lm)
+    root = args.index or tmp.name
+    if not os.path.exists(os.path.join(root, "CURRENT")):
+        build_index(root, train, lm, BuildConfig(), progress=False)
+    idx = Index.open(root, lm)
     qs = [queries[i % len(queries)] for i in range(args.queries)]
-    idx.search([qs[0]], k=args.k, rerank=args.rerank)  # warm
+    idx.search([qs[0]], k=args.k, rerank=args.rerank, scores=args.scores)  # warm
 
     def sync():
         if torch.cuda.is_available():
@@ -54,7 +60,7 @@ def main() -> None:
         f = idx.encode([q])
         sync()
         t1 = time.perf_counter()
-        idx.search([], k=args.k, rerank=args.rerank, features=f)
+        idx.search([], k=args.k, rerank=args.rerank, features=f, scores=args.scores)
         sync()
         t2 = time.perf_counter()
         phases["encode"].append(t1 - t0)
@@ -63,14 +69,14 @@ def main() -> None:
     prof = cProfile.Profile()
     prof.enable()
     for q in qs:
-        idx.search([q], k=args.k, rerank=args.rerank)
+        idx.search([q], k=args.k, rerank=args.rerank, scores=args.scores)
     sync()
     prof.disable()
     stats = pstats.Stats(prof)
     rows = sorted(((v[3], v[0], f"{k[0].split('/')[-1]}:{k[1]}:{k[2]}") for k, v in stats.stats.items()),
                   reverse=True)[: args.top]
     out = {"model": lm.name, "device": args.device, "dtype": lm.dtype_name, "queries": len(qs), "k": args.k,
-           "rerank": args.rerank,
+           "rerank": args.rerank, "scores": args.scores, "threads": torch.get_num_threads(),
            "median_ms": {p: round(sorted(v)[len(v) // 2] * 1000, 2) for p, v in phases.items()},
            "top_cumulative": [{"function": name, "calls": calls, "seconds_per_query": round(cum / len(qs), 5)}
                               for cum, calls, name in rows]}

@@ -95,3 +95,23 @@ def test_index_delete(tmp_path, served_index, served_lm):
     idx = Index.open(str(root), served_lm)
     got = idx.search([(PROMPT, RESPONSE)], k=36, rerank=36)
     assert len(got.hits) == 34 and not {"s3", "s5"} & {h.id for h in got.hits}
+
+
+@pytest.mark.parametrize("where", ["index", "server"])
+def test_query_certified_scores(sources, local_index, where):
+    r = run("query", *sources[where], "--prompt", PROMPT, "--response", RESPONSE, "-k", "3", "--rerank", "20",
+            "--scores", "certified", "--exact-budget", "1", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    ref = local_index.search([(PROMPT, RESPONSE)], k=3, rerank=20, scores="certified", exact_budget=1)
+    assert [h["id"] for h in out["hits"]] == [h.id for h in ref.hits]
+    assert [h["rank_certified"] for h in out["hits"]] == [h.rank_certified for h in ref.hits]
+    assert [v for h in out["hits"] for v in (h["score_low"], h["score_high"])] == pytest.approx(
+        [v for h in ref.hits for v in (h.score_low, h.score_high)])
+    assert (out["scores"], out["set_certified"], out["certified_prefix"]) == ("certified", ref.set_certified,
+                                                                             ref.certified_prefix)
+    table = run("query", *sources[where], "--prompt", PROMPT, "--response", RESPONSE, "-k", "3", "--rerank", "20",
+                "--scores", "certified")
+    assert table.exit_code == 0 and "certified scores" in table.stdout and ".." in table.stdout
+    bad = run("query", *sources[where], "--response", RESPONSE, "--scores", "certified", "--group-by", "source")
+    assert bad.exit_code != 0 and "--scores certified" in bad.output

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from forvalue.indexer.errors import ConfigError
-from forvalue.indexer.features import ForwardConfig, plan_batches
+from forvalue.indexer.features import ForwardConfig, Head, plan_batches
 from forvalue.indexer.forward import extract_features
 
 
@@ -31,3 +31,22 @@ def test_select_roundtrip(model64, tokenizer, texts):
 def test_config_validation(bad):
     with pytest.raises(ConfigError):
         ForwardConfig(**bad)
+
+
+def test_kept_distributions_equal_recomputed_ones_and_respect_the_budget(model32, tokenizer, texts):
+    import dataclasses
+
+    from forvalue.indexer.forward import extract_features
+
+    head = Head.from_model(model32)
+    plain = ForwardConfig(tokens="all", batch_tokens=64)
+    ref = extract_features(model32, tokenizer, texts, plain, head)
+    assert ref.probs is None
+    rows = ref.h.shape[0] * head.vocab_size * 4
+    kept = extract_features(model32, tokenizer, texts, dataclasses.replace(plain, probs_bytes=rows), head)
+    torch.testing.assert_close(kept.lse, ref.lse, rtol=0, atol=0)  # the same log-partitions, bit for bit
+    torch.testing.assert_close(kept.probs, head.probs(ref.h, ref.lse), rtol=1e-6, atol=1e-7)
+    sel = kept.select([2, 0])
+    torch.testing.assert_close(sel.probs, head.probs(sel.h, sel.lse), rtol=1e-6, atol=1e-7)
+    # one byte short of all of them: none are kept (never some samples' and not others')
+    assert extract_features(model32, tokenizer, texts, dataclasses.replace(plain, probs_bytes=rows - 1), head).probs is None

@@ -125,3 +125,18 @@ def test_recompute_tier_gives_the_stored_tier_unit_answers(unit60, tmp_path, lm)
         b = again.search(q, k=5, direction=direction, rerank=20, calibrate=False)
         assert [h.id for h in a.hits] == [h.id for h in b.hits]
         np.testing.assert_allclose([h.score for h in a.hits], [h.score for h in b.hits], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("direction", ["most", "least"])
+def test_certified_intervals_hold_the_unit_values(unit60, lm, direction):
+    root, samples = unit60
+    idx = Index.open(str(root), lm)
+    q = corpus(1, seed=13)
+    U, _, _ = reference(lm, q, samples)
+    ids = [s.id for s in samples]
+    for budget in (0, 3):
+        res = idx.search(q, k=5, direction=direction, rerank=30, scores="certified", exact_budget=budget)
+        assert len(res.hits) == 5
+        for h in res.hits:
+            u = float(U[0, ids.index(h.id)])
+            assert h.score_low - 1e-4 * abs(u) <= u <= h.score_high + 1e-4 * abs(u), (h.id, h.score_low, u, h.score_high)

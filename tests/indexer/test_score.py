@@ -9,7 +9,8 @@ from forvalue.indexer.config import ScoreConfig
 from forvalue.indexer.features import ForwardConfig, Head
 from forvalue.indexer.forward import encode, extract_features
 from forvalue.indexer.score import (
-    embedding_sums, exact_scores, reference_scores, scores, scores_gram, scores_pairs, self_scores, target_vocab,
+    embedding_sums, exact_scores, mean_self_score, reference_scores, scores, scores_gram, scores_pairs, self_scores,
+    target_vocab,
 )
 
 
@@ -61,6 +62,14 @@ def test_self_scores_are_squared_norms_of_G(setup, chunk):
     assert want.min() > 1e-2
     _close(self_scores(ft, head, chunk=chunk), want)
     _close(self_scores(fv, head, chunk=chunk), torch.diagonal(gv.flatten(1) @ gv.flatten(1).T))
+
+
+def test_mean_self_score_from_probabilities_is_the_squared_norm_of_the_mean_G(setup):
+    head, fv, ft, gv, gt = setup
+    for f, g in ((fv, gv), (ft, gt), (fv.select([1]), gv[1:2])):
+        want = (g.mean(0) ** 2).sum()
+        assert want > 1e-2
+        _close(mean_self_score(f, head.probs(f.h, f.lse)), want)
 
 
 @pytest.mark.parametrize("fn", [scores_pairs, scores_gram])

@@ -129,3 +129,33 @@ def test_admin_delete_publishes_and_serves_a_version_without_them(tmp_path, serv
             assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "ids" in str(err.value)
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("direction", ["most", "least"])
+def test_certified_search_equals_in_process(influence_server, local_index, direction):
+    with InfluenceClient(influence_server.address, timeout=60) as c:
+        for budget in (0, 3):
+            remote = c.search(QUERIES, k=5, direction=direction, rerank=20, scores="certified", exact_budget=budget)
+            local = local_index.search(QUERIES, k=5, direction=direction, rerank=20, scores="certified",
+                                       exact_budget=budget)
+            _same_hits(remote.hits, local.hits)
+            assert remote.scores == local.scores == "certified"
+            assert (remote.set_certified, remote.exact_scored) == (local.set_certified, local.exact_scored)
+            assert remote.exact_scored <= budget
+            for r, loc in zip(remote.hits, local.hits):
+                assert (r.score_low, r.score_high, r.rank_certified) == (loc.score_low, loc.score_high,
+                                                                        loc.rank_certified)
+                assert r.score_low <= r.score <= r.score_high and r.percentile is None
+        exact = c.search(QUERIES, k=5, direction=direction, rerank=20)  # the default stays exact
+        assert exact.scores == "exact" and exact.set_certified is None and exact.hits[0].score_low is None
+
+
+def test_certified_request_checks(influence_server):
+    stub = pb_grpc.InfluenceStub(grpc.insecure_channel(influence_server.address))
+    sample = pb.ValuationSample(prompt=QUERIES[0].prompt, response=QUERIES[0].response)
+    for request, field in ((pb.TopKRequest(samples=[sample], k=3, scores=7), "scores"),
+                           (pb.TopKRequest(samples=[sample], k=3, scores=pb.CERTIFIED, exact_budget=-2), "exact_budget"),
+                           (pb.TopKRequest(samples=[sample], k=3, scores=pb.CERTIFIED, group_by="source"), "scores")):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.TopK(request, timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
