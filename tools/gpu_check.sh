@@ -14,22 +14,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
-PY="${PYTHON:-python3}"
-[[ -x .venv/bin/python && -z "${PYTHON:-}" && $DRY == 1 ]] && PY=.venv/bin/python
 DIR="${OUT:-$(mktemp -d)}"
 mkdir -p "$DIR"
 START=$(date +%s)
 LIMIT="${GPU_CHECK_SECONDS:-420}"
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fv-site .whl/*.whl \
-    && export PYTHONPATH="/tmp/fv-site:${PYTHONPATH:-}"
-fi
-if ! $PY -c "import forvalue.indexer" 2>/dev/null; then
-  mkdir -p /tmp/fv-src/forvalue
-  for d in indexer server client proto; do ln -sfn "$PWD/$d" "/tmp/fv-src/forvalue/$d"; done
-  export PYTHONPATH="/tmp/fv-src:${PYTHONPATH:-}"
-fi
+source tools/gpu_env.sh  # PY, the carried wheels, forvalue from this checkout
 # random:ARCH models take the default model's tokenizer; without the default model (its wheel is too large to
 # carry), the tokenizer files in .gpu_tok/ (tools/gpu_wheels.sh copies them)
 [[ -d .gpu_tok && -z "${FORVALUE_TOKENIZER:-}" ]] && export FORVALUE_TOKENIZER="$PWD/.gpu_tok"

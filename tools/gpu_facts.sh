@@ -14,22 +14,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
-PY="${PYTHON:-python3}"
-[[ -x .venv/bin/python && -z "${PYTHON:-}" && $DRY == 1 ]] && PY=.venv/bin/python
 DIR="${OUT:-$(mktemp -d)}"
 WORK="${WORK:-$(mktemp -d)}"
 LIMIT="${JOB_SECONDS:-480}"
 mkdir -p "$DIR" "$WORK"
 
-if [[ -n "${WHEELS:-}" ]] && compgen -G "$WHEELS/*.whl" >/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fv-site "$WHEELS"/*.whl \
-    && export PYTHONPATH="/tmp/fv-site:${PYTHONPATH:-}"
-fi
-if ! $PY -c "import forvalue.indexer" 2>/dev/null; then
-  mkdir -p /tmp/fv-src/forvalue
-  for d in indexer server client proto; do ln -sfn "$PWD/$d" "/tmp/fv-src/forvalue/$d"; done
-  export PYTHONPATH="/tmp/fv-src:${PYTHONPATH:-}"
-fi
+source tools/gpu_env.sh  # PY, the carried wheels, forvalue from this checkout
 # JAX_PLATFORMS: bm25s uses JAX when it is installed, and JAX takes most of the GPU memory of every process
 export PYTHONUNBUFFERED=1 HF_HUB_DISABLE_PROGRESS_BARS=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}" JAX_PLATFORMS=cpu
 if [[ -n "${GGUF_PARTS:-}" ]]; then
