@@ -56,8 +56,7 @@ class TopLayers:
             raise ValueError(f"top layers must be 1..{len(layers)}, got {n}")
         self.model, self.decoder, self.n, self.start = model, decoder, n, len(layers) - n
         self._states: dict[tuple[int, ...], torch.Tensor] = {}
-        keep = {id(p) for m in (*layers[self.start:], decoder.norm) for p in m.parameters()}
-        self._keep = keep
+        self._keep = {id(p) for m in (*layers[self.start:], decoder.norm) for p in m.parameters()}
 
     def parameters(self) -> list[nn.Parameter]:
         """The trained weights (the model's own tensors)."""
