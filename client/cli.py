@@ -785,22 +785,15 @@ def index_add_cmd(index_dir, data, split, model_path, device, batch_tokens, as_j
     Prints a short summary (rows, version, seconds); --json prints the JSON object."""
     import dataclasses
 
-    from forvalue.indexer.build import build_index
+    from forvalue.indexer.build import build_index, kept_config
     from forvalue.indexer.forward import batch_sizes
     from forvalue.indexer.store import IndexRoot
 
     root = IndexRoot(index_dir)
     base = root.load()
     m = base.manifest
-    sk = m["sketch"]
-    config = BuildConfig(
-        tokens=m["tokens"], max_length=m["max_length"], rerank_dtype=m["rerank_dtype"],
-        rerank_top=int(m.get("rerank_top", 0)), normalize=m.get("normalize", "none"),
-        sketch=SketchConfig(rank=sk["rank"], buckets=sk["buckets"], dedicated=sk["dedicated"], seed=sk["seed"],
-                            fit_samples=sk["fit_samples"]),
-    )
     samples, schema = _train_rows(data, fields, split, m.get("data"))
-    config = dataclasses.replace(config, schema=schema)
+    config = dataclasses.replace(kept_config(m), schema=schema)
     lm = _load_model(model_path, device)
     batch_tokens, max_batch = batch_sizes(batch_tokens, lm.model, m["max_length"])
     config = dataclasses.replace(config, batch_tokens=batch_tokens, max_batch=max_batch)

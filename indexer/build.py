@@ -15,7 +15,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -473,6 +473,19 @@ def storage_summary(manifest: dict) -> dict:
 
 # What `index add` must share with the index it extends; the model by what it is (fingerprints, shape), never by
 # the path or name it was given (`--model tiny` and `--model /abs/path/tiny` are the same model).
+def kept_config(manifest: Mapping[str, Any]) -> BuildConfig:
+    """The BuildConfig fields a version's manifest fixes for every build on top of it (`index add`, `index
+    sync`; `_COMPATIBLE_KEYS`): token scope, max_length, re-rank store and top probabilities, normalisation and
+    the sketch's shape; the other fields are BuildConfig's defaults."""
+    m, sk = manifest, manifest["sketch"]
+    return BuildConfig(
+        tokens=m["tokens"], max_length=m["max_length"], rerank_dtype=m["rerank_dtype"],
+        rerank_top=int(m.get("rerank_top", 0)), normalize=m.get("normalize", "none"),
+        sketch=SketchConfig(rank=sk["rank"], buckets=sk["buckets"], dedicated=sk["dedicated"], seed=sk["seed"],
+                            fit_samples=sk["fit_samples"]),
+    )
+
+
 _COMPATIBLE_KEYS = ("model", "tokens", "max_length", "sketch", "rerank_dtype", "rerank_top", "normalize")
 _MODEL_NAME_KEYS = frozenset({"name"})
 # what an operator passes to get the value the index has

@@ -22,7 +22,7 @@ from .data import Sample
 from .features import ForwardConfig, Head
 from .forward import extract_features
 from .model import LoadedModel
-from .score import exact_scores, scores, self_scores, unit_scale
+from .score import exact_scores, g_norms, scores, unit_scale
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ def run_index_eval(index, valuation: Sequence[Sample], rerank: int = 100, k: int
                           index.forward, index.head, progress, "reference")
     exact = exact_scores(fv, ft, index._cpu_head).double()
     if index.row_scale is not None:  # a unit-normalised index: the reference divides by ‖G‖ of the recomputed rows
-        exact = exact * unit_scale(self_scores(ft, index._cpu_head).double().clamp(min=0).sqrt())[None, :]
+        exact = exact * unit_scale(g_norms(ft, index._cpu_head).double())[None, :]
     t3 = time.perf_counter()
     k = min(k, index.n)
     ranked, fid_most, fid_least, cand_most, cand_least = _first_stage_fidelity(index, q, approx, through, exact,

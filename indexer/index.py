@@ -29,7 +29,7 @@ from .results import (
     DEFAULT_EXACT_BUDGET, DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH, DIRECTIONS, GROUP, Explanation, Group,
     GroupedResult, Hit, Scores, SearchResult, check_direction, check_scores, cut_texts, index_info, scale_explanation,
 )
-from .score import exact_scores, group_norm, mean_self_score, self_scores, segment_sum_rows, unit_scale
+from .score import exact_scores, g_norms, group_norm, mean_self_score, segment_sum_rows, unit_scale
 from .sketch import MAP_FILES, Sketcher
 from .store import IndexRoot, Version
 
@@ -181,6 +181,19 @@ class Index:
             return values
         return values * self.row_scale[torch.as_tensor(np.asarray(rows, dtype=np.int64))].to(values.dtype)
 
+    def row_scores(self, features: Features, ft: Features, rows: Sequence[int] | np.ndarray,
+                   probs: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact values (nq, len(rows)) of training rows `rows`, whose features are `ft`, as the index reports
+        them (`scaled`); `probs`: the query tokens' distributions, if known."""
+        return self.scaled(exact_scores(features, ft, self._cpu_head, pv=probs), rows)
+
+    def row_bounds(self, features: Features, c: Candidates, rows: Sequence[int] | np.ndarray,
+                   probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Certified bounds (lo, hi), each (nq, len(rows)), of the values of training rows `rows` (their stored
+        candidates `c`) as the index reports them (rerank.score_bounds, `scaled`)."""
+        lo, hi = score_bounds(features, c, self._cpu_head, self.query_top, probs=probs)
+        return self.scaled(lo, rows), self.scaled(hi, rows)
+
     def candidate_features(self, rows: Sequence[int]) -> Features:
         """Re-rank features of training rows `rows`, in that order: stored, or (the "recompute" tier) from a new
         forward pass of their stored texts (`recompute_features`)."""
@@ -243,8 +256,7 @@ class Index:
         if prune and self.rerank_top and k < cand.size:
             c = self.candidates(cand)
             if pruning_pays(features, c.feats.h.shape[0], self._cpu_head, self.query_top):
-                lo, hi = score_bounds(features, c, self._cpu_head, self.query_top, probs=probs)
-                lo, hi = self.scaled(lo, cand), self.scaled(hi, cand)
+                lo, hi = self.row_bounds(features, c, cand, probs)
                 bounds = (lo.double().mean(0).numpy(), hi.double().mean(0).numpy())
                 keep = torch.nonzero(must_score(lo.mean(0), hi.mean(0), k, direction)).flatten()
                 ft = c.feats.select(keep)
@@ -252,8 +264,7 @@ class Index:
                 ft = c.feats
         else:
             ft = self.candidate_features(cand)
-        exact = self.scaled(exact_scores(features, ft, self._cpu_head, pv=probs),
-                            cand if keep is None else cand[keep.numpy()]).mean(0)
+        exact = self.row_scores(features, ft, cand if keep is None else cand[keep.numpy()], probs).mean(0)
         order = torch.argsort(exact, descending=(direction == "most"), stable=True)[:k]
         pos = order if keep is None else keep[order]
         ex = exact.double().numpy()
@@ -281,8 +292,7 @@ class Index:
             s = scores.double().numpy()
             return Certified(rows, s, s.copy(), np.ones(s.size, dtype=bool), True, scored)
         c = self.candidates(cand)
-        lo, hi = score_bounds(features, c, self._cpu_head, self.query_top, probs=probs)
-        lo, hi = self.scaled(lo, cand).double().mean(0).numpy(), self.scaled(hi, cand).double().mean(0).numpy()
+        lo, hi = (b.double().mean(0).numpy() for b in self.row_bounds(features, c, cand, probs))
         exact = np.zeros(cand.size, dtype=bool)
         while budget > int(exact.sum()):
             pick = to_tighten(lo, hi, k, direction, budget - int(exact.sum()), exact)
@@ -290,7 +300,7 @@ class Index:
                 break
             _check(check)
             ft = c.feats.select(torch.from_numpy(pick))
-            ex = self.scaled(exact_scores(features, ft, self._cpu_head, pv=probs), cand[pick]).double().mean(0).numpy()
+            ex = self.row_scores(features, ft, cand[pick], probs).double().mean(0).numpy()
             # the float32 rounding of an exact score, as the bounds allow for it (rerank.SLACK per |<h, h'>|)
             g = (features.h @ ft.h.T).abs()
             err = SLACK * self.scaled(segment_sum_rows(segment_sum_rows(g, features.segment, features.n).T, ft.segment,
@@ -453,11 +463,10 @@ class Index:
             _check(check)
             part = rows[a : a + block]
             if self.rerank_top and probs is not None:
-                bl, bh = score_bounds(features, self.candidates(part), self._cpu_head, self.query_top, probs=probs)
-                bl, bh = self.scaled(bl, part), self.scaled(bh, part)
+                bl, bh = self.row_bounds(features, self.candidates(part), part, probs)
                 lo[a : a + part.size], hi[a : a + part.size] = bl.double().mean(0).numpy(), bh.double().mean(0).numpy()
             else:
-                ex = self.scaled(exact_scores(features, self.candidate_features(part), self._cpu_head, pv=probs), part)
+                ex = self.row_scores(features, self.candidate_features(part), part, probs)
                 lo[a : a + part.size] = hi[a : a + part.size] = ex.double().mean(0).numpy()
         return lo, hi
 
@@ -507,8 +516,8 @@ class Index:
             return float(mean_self_score(features, probs).clamp(min=0).sqrt())
         if features.n == 1:
             if self.head.weight.device.type != "cpu":  # a pass over the whole vocabulary: on the model's device
-                return float(self_scores(features.to(self.head.weight.device), self.head)[0].clamp(min=0).sqrt())
-            return float(self_scores(features, self._cpu_head)[0].clamp(min=0).sqrt())
+                return float(g_norms(features.to(self.head.weight.device), self.head)[0])
+            return float(g_norms(features, self._cpu_head)[0])
         return float(exact_scores(features, features, self._cpu_head, pv=probs).mean().clamp(min=0).sqrt())
 
     def cosines(self, features: Features, rows: np.ndarray, scores: torch.Tensor,
@@ -534,8 +543,7 @@ class Index:
         for a in range(0, rows.size, block):
             _check(check)
             part = rows[a : a + block]
-            out[:, a : a + part.size] = self.scaled(
-                exact_scores(features, self.candidate_features(part), self._cpu_head, pv=probs), part)
+            out[:, a : a + part.size] = self.row_scores(features, self.candidate_features(part), part, probs)
         return out
 
     def group_by(self, samples: Sequence[Sample | tuple[str, str]], field: str, k: int = 3, direction: str = "most",

@@ -263,6 +263,11 @@ def self_scores(feats: Features, head: Head, chunk: int = 16384) -> torch.Tensor
     return out
 
 
+def g_norms(feats: Features, head: Head) -> torch.Tensor:
+    """‖G_j‖ of every sample → (n,): the square root of `self_scores` (rounding below 0 read as 0)."""
+    return self_scores(feats, head).clamp(min=0).sqrt()
+
+
 def unit_scale(norms: torch.Tensor) -> torch.Tensor:
     """1 / ‖G‖ of each row, 0 where ‖G‖ = 0 (a row of unit-normalised values: BuildConfig.normalize)."""
     return torch.where(norms > 0, 1.0 / norms.clamp(min=torch.finfo(norms.dtype).tiny), torch.zeros_like(norms))
@@ -334,7 +339,7 @@ def scores(fv: Features, ft: Features, head: Head, config: ScoreConfig = ScoreCo
     if config.method == "exact":
         S = exact_scores(fv, ft, head, None, config.strategy, config.memory_mb)
         if config.normalize == "unit":
-            S = S * unit_scale(self_scores(ft, head).clamp(min=0).sqrt()).to(S.dtype)[None, :]
+            S = S * unit_scale(g_norms(ft, head)).to(S.dtype)[None, :]
         return S
     if config.method == "shared":
         vocab = shared_vocab if shared_vocab is not None else target_vocab(ft)

@@ -40,8 +40,9 @@ import torch
 from . import __version__
 from .build import (
     BackgroundWriter, _check_compatible, _first_stage_info, _params, build_index, corpus_fingerprint, encode_shard,
+    kept_config,
 )
-from .config import APPROXIMATE_KINDS, BuildConfig, FirstStageConfig, SketchConfig, SyncConfig
+from .config import APPROXIMATE_KINDS, BuildConfig, FirstStageConfig, SyncConfig
 from .data import Sample, content_key, sample_of_row, stored_row
 from .deletion import DELETED_FILE, deleted_json, deleted_of, hidden_rows, takedown_lock
 from .errors import DataError, IndexChangedError
@@ -49,7 +50,7 @@ from .features import Features, ForwardConfig, Head
 from .formats import Schema
 from .forward import batch_sizes, extract_features, refuse_images
 from .model import LoadedModel
-from .score import exact_scores, self_scores, unit_scale
+from .score import exact_scores, g_norms, unit_scale
 from .sketch import MAP_FILES, Sketcher
 from .store import Build, IndexRoot, Version
 from .store_format import locate_rows
@@ -257,7 +258,7 @@ def sketch_recall(fq: Features, sq: torch.Tensor, fp: Features, sp: torch.Tensor
     """
     S = exact_scores(fq, fp, head)  # (q, p)
     if unit:
-        S = S * unit_scale(self_scores(fp, head).clamp(min=0).sqrt())[None, :]
+        S = S * unit_scale(g_norms(fp, head))[None, :]
     A = sq.float() @ sp.float().T
     k, c = min(k, S.shape[1]), min(candidates, S.shape[1])
     out = {}
@@ -396,7 +397,7 @@ def build_config_of(manifest: Mapping[str, Any], batch_tokens: int, max_batch: i
     """The BuildConfig a version was built with, as far as its manifest says (its largest shard as the shard
     size; an approximate first stage with automatic nlist and nprobe, its refine and min_recall; the kept data
     schema)."""
-    m, sk, info = manifest, manifest["sketch"], manifest.get("index", {})
+    m, info = manifest, manifest.get("index", {})
     fs: dict[str, Any] = {"kind": "auto" if info.get("auto") else info.get("kind", "auto")}
     if info.get("auto"):
         fs["approx_threshold"] = int(info["auto"]["threshold"])
@@ -405,13 +406,9 @@ def build_config_of(manifest: Mapping[str, Any], batch_tokens: int, max_batch: i
         if "pq_m" in info:
             fs["pq_m"] = int(info["pq_m"])
         fs["norm_buckets"] = int(info.get("norm_buckets", 1))
-    return BuildConfig(
-        tokens=m["tokens"], max_length=m["max_length"], rerank_dtype=m["rerank_dtype"],
-        rerank_top=int(m.get("rerank_top", 0)), normalize=m.get("normalize", "none"), shard_size=max(m.get("shard_sizes") or [BuildConfig.shard_size]),
-        sketch=SketchConfig(rank=sk["rank"], buckets=sk["buckets"], dedicated=sk["dedicated"], seed=sk["seed"],
-                            fit_samples=sk["fit_samples"]),
-        batch_tokens=batch_tokens, max_batch=max_batch, first_stage=FirstStageConfig(**fs),
-        schema=Schema.from_json(m.get("data")))
+    return dataclasses.replace(
+        kept_config(m), shard_size=max(m.get("shard_sizes") or [BuildConfig.shard_size]), batch_tokens=batch_tokens,
+        max_batch=max_batch, first_stage=FirstStageConfig(**fs), schema=Schema.from_json(m.get("data")))
 
 
 def sync_index(root: str, samples: Sequence[Sample], lm: LoadedModel, config: SyncConfig = SyncConfig(),

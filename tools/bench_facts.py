@@ -45,7 +45,7 @@ from forvalue.indexer.evaluate import index_ranking, peak_rss_mb
 from forvalue.indexer.features import Features, ForwardConfig, Head, pad_batch
 from forvalue.indexer.forward import encode, extract_features
 from forvalue.indexer.model import load_model
-from forvalue.indexer.score import exact_scores, scores, self_scores
+from forvalue.indexer.score import exact_scores, g_norms, scores
 from forvalue.indexer.tailpatch import TopLayers, response_loss, tail_patch
 
 CHECKPOINTS = ("base", "intermediate", "final")
@@ -267,7 +267,7 @@ def main() -> None:
             fv = features(lm, questions, scope, f"{name}-{scope}-questions")
             ft = features(lm, train, scope, f"{name}-{scope}-train")
             S[f"{name}/{scope}"] = exact_scores(fv.to(dev), ft.to(dev), head).double().cpu()
-            norms[f"{name}/{scope}"] = self_scores(ft.to(dev), head).clamp(min=0).sqrt().double().cpu()
+            norms[f"{name}/{scope}"] = g_norms(ft.to(dev), head).double().cpu()
             if name == "base" and scope == "response":
                 emb = scores(fv, ft, head.to("cpu"), ScoreConfig(method="emb")).double()
         log(f"scored with {name}")

@@ -23,7 +23,7 @@ from forvalue.indexer.data import load_eval_sets
 from forvalue.indexer.features import ForwardConfig, Head
 from forvalue.indexer.forward import extract_features
 from forvalue.indexer.model import load_model
-from forvalue.indexer.score import exact_scores, self_scores, unit_scale
+from forvalue.indexer.score import exact_scores, g_norms, unit_scale
 
 DATAINF_TASKS = ("grammars", "math_with_reason", "math_without_reason")
 
@@ -37,7 +37,7 @@ def compare(lm, data: str, tokens: str) -> dict:
     fv, ft = (extract_features(lm.model, lm.preprocessor, [s.as_input() for s in part], ForwardConfig(tokens=tokens),
                                head) for part in (valuation, train))
     S = exact_scores(fv.to(dev), ft.to(dev), head).double().cpu()
-    norms = self_scores(ft.to(dev), head).double().cpu().clamp(min=0).sqrt()
+    norms = g_norms(ft.to(dev), head).double().cpu()
     out = {"n_valuation": fv.n, "n_train": ft.n}
     vl, tl = [s.label for s in valuation], [s.label for s in train]
     for name, values in (("raw", S), ("unit", S * unit_scale(norms)[None, :])):

@@ -347,7 +347,7 @@ def flipped_analysis(model_dir: Path, path: Path) -> dict:
 
     v_i = mean_v S(v, i) = <Ḡ, G_i> with Ḡ = mean_v G_v (|V| × d, small here) splits over the training
     row's positions k: c_k = (Ḡ h_k)[y_k] − π_k · (Ḡ h_k); summed per token kind (token_kind) and averaged
-    over clean and over flipped rows. Also the clean_auc of −‖G_i‖ (exact, `score.self_scores`: a flipped
+    over clean and over flipped rows. Also the clean_auc of −‖G_i‖ (exact, `score.g_norms`: a flipped
     caption surprises a model that sees the image, so its G is large) and of the unit-normalised mean value
     v_i / ‖G_i‖ (issue 17's cosine variant; the query's norm does not change a ranking).
     """
@@ -358,7 +358,7 @@ def flipped_analysis(model_dir: Path, path: Path) -> dict:
     from forvalue.indexer.forward import extract_features
     from forvalue.indexer.metrics import auc
     from forvalue.indexer.model import load_model
-    from forvalue.indexer.score import reference_G, self_scores
+    from forvalue.indexer.score import g_norms, reference_G
 
     lm = load_model(model_dir)
     valuation, train = load_eval_sets(path)
@@ -368,7 +368,7 @@ def flipped_analysis(model_dir: Path, path: Path) -> dict:
     fv = extract_features(lm.model, lm.preprocessor, [x.as_input() for x in valuation], fwd, head)
     ft = extract_features(lm.model, lm.preprocessor, [x.as_input() for x in train], fwd, head)
     v = S.double().mean(0)
-    norm = self_scores(ft, head).clamp(min=0).sqrt()
+    norm = g_norms(ft, head)
     clean = torch.tensor([x.clean is not False for x in train])
     a = ft.h @ reference_G(fv, head).mean(0).T  # (T, |V|): Ḡ h_k
     c = a[torch.arange(len(ft.y)), ft.y] - (torch.softmax(head.logits(ft.h), -1) * a).sum(-1)
