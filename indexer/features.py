@@ -249,7 +249,12 @@ class Features:
                         None if self.probs is None else self.probs.to(device))
 
     def select(self, idx: Sequence[int] | torch.Tensor) -> Features:
-        """The features of samples `idx`, in that order."""
+        """The features of samples `idx`, in that order (views of these tensors for a `range` of step 1)."""
+        if isinstance(idx, range) and idx.step == 1 and 0 <= idx.start <= idx.stop <= self.n:
+            a, b = int(self.offsets[idx.start]), int(self.offsets[idx.stop])
+            return Features(self.h[a:b], self.y[a:b], self.lse[a:b], self.offsets[idx.start : idx.stop + 1] - a,
+                            self.cut[idx.start : idx.stop] if self.cut else (),
+                            None if self.probs is None else self.probs[a:b])
         rows, offsets = self.token_index(idx)
         cut = tuple(self.cut[int(j)] for j in torch.as_tensor(idx, dtype=torch.long).tolist()) if self.cut else ()
         return Features(self.h[rows], self.y[rows], self.lse[rows], offsets, cut,

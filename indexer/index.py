@@ -24,7 +24,9 @@ from .features import Features, ForwardConfig, Head
 from .filters import FieldIndex, Where, check_field
 from .forward import extract_features
 from .model import LoadedModel
-from .rerank import QUERY_PROBS_BYTES, SLACK, Candidates, must_score, pruning_pays, query_probs_fit, score_bounds
+from .rerank import (
+    QUERY_PROBS_BYTES, SLACK, Candidates, RowProbs, must_score, pruning_pays, query_probs_fit, score_bounds,
+)
 from .results import (
     DEFAULT_EXACT_BUDGET, DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH, DIRECTIONS, GROUP, Explanation, Group,
     GroupedResult, Hit, Scores, SearchResult, check_direction, check_scores, cut_texts, index_info, scale_explanation,
@@ -181,10 +183,18 @@ class Index:
             return values
         return values * self.row_scale[torch.as_tensor(np.asarray(rows, dtype=np.int64))].to(values.dtype)
 
+    def row_probs(self) -> RowProbs:
+        """A memory of training rows' distributions for exact scores (rerank.RowProbs), to share between the
+        searches of one batch of queries (`answers(..., shared=)`); valid for this loaded version only."""
+        return RowProbs(self._cpu_head)
+
     def row_scores(self, features: Features, ft: Features, rows: Sequence[int] | np.ndarray,
-                   probs: torch.Tensor | None = None) -> torch.Tensor:
+                   probs: torch.Tensor | None = None, shared: RowProbs | None = None) -> torch.Tensor:
         """Exact values (nq, len(rows)) of training rows `rows`, whose features are `ft`, as the index reports
-        them (`scaled`); `probs`: the query tokens' distributions, if known."""
+        them (`scaled`); `probs`: the query tokens' distributions, if known; `shared`: the rows' distributions
+        computed once for every search that shares it (`row_probs`)."""
+        if shared is not None:
+            ft = shared.attach(ft, rows)
         return self.scaled(exact_scores(features, ft, self._cpu_head, pv=probs), rows)
 
     def row_bounds(self, features: Features, c: Candidates, rows: Sequence[int] | np.ndarray,
@@ -242,7 +252,8 @@ class Index:
                           torch.from_numpy(np.asarray(d["tail_l2"], dtype=np.float32)))
 
     def rerank(self, features: Features, cand: np.ndarray, k: int, direction: str, prune: bool = True,
-               probs: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor, int, Known]:
+               probs: torch.Tensor | None = None, shared: RowProbs | None = None
+               ) -> tuple[np.ndarray, torch.Tensor, int, Known]:
         """The exact top-k of candidate rows `cand` → (rows best first, their exact scores, rows scored exactly,
         what is known of every candidate's value: what the percentiles need not compute again).
 
@@ -251,6 +262,7 @@ class Index:
 
         Args:
             probs: the query tokens' distributions over the whole vocabulary (Tv, V), when computed already.
+            shared: the candidates' distributions, shared with other searches (`row_probs`).
         """
         keep, bounds = None, None
         if prune and self.rerank_top and k < cand.size:
@@ -264,7 +276,7 @@ class Index:
                 ft = c.feats
         else:
             ft = self.candidate_features(cand)
-        exact = self.row_scores(features, ft, cand if keep is None else cand[keep.numpy()], probs).mean(0)
+        exact = self.row_scores(features, ft, cand if keep is None else cand[keep.numpy()], probs, shared).mean(0)
         order = torch.argsort(exact, descending=(direction == "most"), stable=True)[:k]
         pos = order if keep is None else keep[order]
         ex = exact.double().numpy()
@@ -276,7 +288,8 @@ class Index:
         return cand[pos.numpy()], exact[order], int(exact.numel()), known
 
     def certify(self, features: Features, cand: np.ndarray, k: int, direction: str, budget: int = DEFAULT_EXACT_BUDGET,
-                probs: torch.Tensor | None = None, check: Check | None = None) -> Certified:
+                probs: torch.Tensor | None = None, check: Check | None = None, shared: RowProbs | None = None
+                ) -> Certified:
         """The top-k of candidate rows `cand` known by certified intervals (certify.py): every candidate bounded
         (rerank.score_bounds), then at most `budget` of those overlapping at the k boundary (or between hits)
         scored exactly, the widest first, as long as that decides something.
@@ -286,9 +299,10 @@ class Index:
 
         Args:
             probs: the query tokens' distributions over the whole vocabulary (Tv, V), when computed already.
+            shared: the candidates' distributions, shared with other searches (`row_probs`).
         """
         if not self.rerank_top or probs is None or cand.size == 0:
-            rows, scores, scored, _ = self.rerank(features, cand, k, direction, True, probs)
+            rows, scores, scored, _ = self.rerank(features, cand, k, direction, True, probs, shared)
             s = scores.double().numpy()
             return Certified(rows, s, s.copy(), np.ones(s.size, dtype=bool), True, scored)
         c = self.candidates(cand)
@@ -300,7 +314,7 @@ class Index:
                 break
             _check(check)
             ft = c.feats.select(torch.from_numpy(pick))
-            ex = self.row_scores(features, ft, cand[pick], probs).double().mean(0).numpy()
+            ex = self.row_scores(features, ft, cand[pick], probs, shared).double().mean(0).numpy()
             # the float32 rounding of an exact score, as the bounds allow for it (rerank.SLACK per |<h, h'>|)
             g = (features.h @ ft.h.T).abs()
             err = SLACK * self.scaled(segment_sum_rows(segment_sum_rows(g, features.segment, features.n).T, ft.segment,
@@ -315,7 +329,8 @@ class Index:
     def search(self, samples: Sequence[Sample | tuple[str, str]], k: int = DEFAULT_K, direction: str = "most",
                rerank: int = DEFAULT_RERANK, features: Features | None = None, prune: bool = True, explain: int = 0,
                where: Where | None = None, calibrate: bool = True, check: Check | None = None,
-               scores: str = "exact", exact_budget: int = DEFAULT_EXACT_BUDGET) -> SearchResult:
+               scores: str = "exact", exact_budget: int = DEFAULT_EXACT_BUDGET, shared: RowProbs | None = None
+               ) -> SearchResult:
         """Top-k most (or least) valuable training samples for the group `samples` (scored by the mean of G).
 
         Args:
@@ -335,6 +350,8 @@ class Index:
                 ranks and the set certified where the intervals prove them (`Hit.rank_certified`,
                 `SearchResult.set_certified`); no percentiles or cosines (they need exact scores).
             exact_budget: certified answers: candidates at most scored exactly to tighten the intervals.
+            shared: the training rows' distributions, computed once for the searches that share this object
+                (`row_probs`: the searches of one batch of queries); a search of its own keeps one too.
         """
         check_direction(direction)
         check_scores(scores)
@@ -369,11 +386,12 @@ class Index:
         qs = q.numpy().astype(np.float32)
         cand = self._first_stage(qs, C, direction, scope, bool(where))
         _check(check)
+        shared = self.row_probs() if shared is None else shared
         if scores == "certified":
-            return self._certified_result(features, cand, k, direction, exact_budget, probs, explain, check)
-        rows, scores, scored, known = self.rerank(features, cand, k, direction, prune, probs)
+            return self._certified_result(features, cand, k, direction, exact_budget, probs, explain, check, shared)
+        rows, scores, scored, known = self.rerank(features, cand, k, direction, prune, probs, shared)
         meta = self.version.rows(rows)
-        pct = (self.percentiles(features, rows, scores, probs, known, check) if calibrate
+        pct = (self.percentiles(features, rows, scores, probs, known, check, shared) if calibrate
                else [(None, None, None)] * len(meta))
         cos = self.cosines(features, rows, scores, probs) if calibrate else [None] * len(meta)
         hits = [Hit(id=str(md["id"]), score=float(s), rank=r + 1, row=int(row), metadata=md, percentile=p[0],
@@ -381,13 +399,14 @@ class Index:
                 for r, (s, row, md, p, c) in enumerate(zip(scores.tolist(), rows.tolist(), meta, pct, cos))]
         if explain:
             _check(check)
-            found = self.explain(features, rows, explain, probs)
+            found = self.explain(features, rows, explain, probs, shared)
             hits = [dataclasses.replace(h, explanation=e) for h, e in zip(hits, found)]
         return SearchResult(hits, self.version.name, direction, int(cand.size), scored, tuple(features.cut_samples))
 
     def _certified_result(self, features: Features, cand: np.ndarray, k: int, direction: str, budget: int,
-                          probs: torch.Tensor | None, explain: int, check: Check | None) -> SearchResult:
-        c = self.certify(features, cand, k, direction, budget, probs, check)
+                          probs: torch.Tensor | None, explain: int, check: Check | None, shared: RowProbs
+                          ) -> SearchResult:
+        c = self.certify(features, cand, k, direction, budget, probs, check, shared)
         meta = self.version.rows(c.rows)
         hits = [Hit(id=str(md["id"]), score=(lo + hi) / 2, rank=r + 1, row=int(row), metadata=md, score_low=lo,
                     score_high=hi, rank_certified=bool(ok))
@@ -395,7 +414,7 @@ class Index:
                                                                c.ranks.tolist()))]
         if explain:
             _check(check)
-            found = self.explain(features, c.rows, explain, probs)
+            found = self.explain(features, c.rows, explain, probs, shared)
             hits = [dataclasses.replace(h, explanation=e) for h, e in zip(hits, found)]
         return SearchResult(hits, self.version.name, direction, int(cand.size), c.scored,
                             tuple(features.cut_samples), scores="certified", set_certified=c.whole)
@@ -471,8 +490,8 @@ class Index:
         return lo, hi
 
     def percentiles(self, features: Features, rows: np.ndarray, scores: torch.Tensor,
-                    probs: torch.Tensor | None = None, known: Known | None = None, check: Check | None = None
-                    ) -> list[tuple[float, float, float]]:
+                    probs: torch.Tensor | None = None, known: Known | None = None, check: Check | None = None,
+                    shared: RowProbs | None = None) -> list[tuple[float, float, float]]:
         """Calibrated scores of hits: (percentile, low, high) of each hit's exact score (calibration.py).
 
         The percentile of row i is the share of the other live rows whose exact value to the query is strictly
@@ -488,6 +507,7 @@ class Index:
             probs: the query tokens' distributions over the whole vocabulary (Tv, V), when computed already.
             known: bounds and exact scores computed already (the re-ranking's), not computed again.
             check: called between blocks of rows (raises to stop the work).
+            shared: the rows' distributions, shared with other searches (`row_probs`).
         """
         cal, whole = self.calibration_rows()
         # the recompute tier would pay a forward pass per calibration row and query: no percentiles there
@@ -505,7 +525,7 @@ class Index:
         lo[at[mine]] = hi[at[mine]] = s[mine]  # the hits' own exact scores (a row is never below itself)
         todo = np.flatnonzero(undecided(s, lo, hi))
         if todo.size:
-            ex = self.score_rows(features, cal[todo], check=check, probs=probs).double().mean(0).numpy()
+            ex = self.score_rows(features, cal[todo], check=check, probs=probs, shared=shared).double().mean(0).numpy()
             lo[todo] = hi[todo] = ex
         counts = count_lower(s, lo, hi)
         return percentiles_of(counts, cal.size - mine.astype(np.int64), whole)
@@ -535,15 +555,16 @@ class Index:
         return out
 
     def score_rows(self, features: Features, rows: np.ndarray, block: int = 512, check: Check | None = None,
-                   probs: torch.Tensor | None = None) -> torch.Tensor:
+                   probs: torch.Tensor | None = None, shared: RowProbs | None = None) -> torch.Tensor:
         """Exact For-Value of training rows `rows` for each query row → (nq, len(rows)), streaming over the store
-        (`check` is called before each block of rows; `probs`: the query tokens' distributions, if known)."""
+        (`check` is called before each block of rows; `probs`: the query tokens' distributions, if known;
+        `shared`: as `row_scores`)."""
         rows = np.asarray(rows, dtype=np.int64)
         out = torch.empty(features.n, rows.size)
         for a in range(0, rows.size, block):
             _check(check)
             part = rows[a : a + block]
-            out[:, a : a + part.size] = self.row_scores(features, self.candidate_features(part), part, probs)
+            out[:, a : a + part.size] = self.row_scores(features, self.candidate_features(part), part, probs, shared)
         return out
 
     def group_by(self, samples: Sequence[Sample | tuple[str, str]], field: str, k: int = 3, direction: str = "most",
@@ -592,7 +613,7 @@ class Index:
         return GroupedResult(field, groups, self.version.name, direction, int(rows.size), tuple(features.cut_samples))
 
     def explain(self, query: Features | Sequence[Sample | tuple[str, str]], rows: Sequence[int], pairs: int = 10,
-                probs: torch.Tensor | None = None) -> list[Explanation]:
+                probs: torch.Tensor | None = None, shared: RowProbs | None = None) -> list[Explanation]:
         """Which (query token, training token) pairs make the score of each training row `rows` (explain.py).
 
         Args:
@@ -600,6 +621,7 @@ class Index:
             rows: training rows of this index version.
             pairs: top pairs (by |contribution|) kept per row.
             probs: the query tokens' distributions over the whole vocabulary (Tv, V), when computed already.
+            shared: the rows' distributions, computed already by the search that found them (`row_probs`).
 
         Returns:
             One Explanation per row, in order; its total is the row's exact score (group mean).
@@ -613,7 +635,10 @@ class Index:
             probs = self._cpu_head.probs(features.h, features.lse)
         if self._labels is None:
             self._labels = token_labeler(self.lm.tokenizer)
-        found = explain_rows(features, self.candidate_features(rows), self._cpu_head, self._labels, pairs, probs)
+        ft = self.candidate_features(rows)
+        if shared is not None:
+            ft = shared.attach(ft, rows)
+        found = explain_rows(features, ft, self._cpu_head, self._labels, pairs, probs)
         if self.row_scale is None:
             return found
         return [scale_explanation(e, float(self.row_scale[int(r)])) for e, r in zip(found, rows)]
@@ -657,18 +682,21 @@ class Index:
     def answers(self, features: Features, k: int, directions: Sequence[str], rerank: int = DEFAULT_RERANK,
                 group: bool = True, explain: int = 0, where: Where | None = None, group_by: str = "",
                 max_rows: int = 0, check: Check | None = None, scores: str = "exact",
-                exact_budget: int = DEFAULT_EXACT_BUDGET) -> list[tuple[int, SearchResult | GroupedResult]]:
+                exact_budget: int = DEFAULT_EXACT_BUDGET, shared: RowProbs | None = None
+                ) -> list[tuple[int, SearchResult | GroupedResult]]:
         """The answers to one query from its samples' features (one forward pass, done): per direction, one for
         the group (query index GROUP) or one per sample; `group_by` makes each a `GroupedResult` (k rows per
         group, at most `max_rows` rows in scope, exact whatever `scores`). `check` is called before each answer
-        and within it; `scores`, `exact_budget`: as `search`."""
+        and within it; `scores`, `exact_budget`: as `search`; `shared`: the training rows' distributions, shared by
+        these answers and whatever else shares the object (`row_probs`: a batch of queries)."""
+        shared = self.row_probs() if shared is None else shared
 
         def one(f: Features, d: str) -> SearchResult | GroupedResult:
             _check(check)
             if group_by:
                 return self.group_by([], group_by, k, d, where=where, features=f, max_rows=max_rows, check=check)
             return self.search([], k, d, rerank, features=f, explain=explain, where=where, check=check,
-                               scores=scores, exact_budget=exact_budget)
+                               scores=scores, exact_budget=exact_budget, shared=shared)
 
         if group:
             return [(GROUP, one(features, d)) for d in directions]

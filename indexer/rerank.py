@@ -22,8 +22,10 @@ answer (ids, order, scores) is the one exact re-ranking of all C candidates give
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from .features import Features, Head
@@ -33,6 +35,66 @@ from .score import segment_sum_rows
 SLACK = 1e-4
 # the most memory a query's (or a batch of queries') whole next-token distributions may take
 QUERY_PROBS_BYTES = 512 * 2**20
+# the most memory the training rows' distributions shared by the queries of one batcher pass may take
+PASS_PROBS_BYTES = 1024 * 2**20
+
+
+class RowProbs:
+    """The whole next-token distributions of training rows' tokens, computed once and shared by every exact
+    score that needs them while this object lives.
+
+    An exact score needs each scored row's π over the whole vocabulary, |V|·d work per token: as much as the
+    query's forward pass for a top-10 answer. The queries of one batcher pass (server/batching.py) often share
+    candidates (queries of one task, rows valuable to many queries), so the pass keeps one RowProbs and each
+    row's distributions are computed once per pass instead of once per query and row (`attach`). The values
+    are those `Head.probs` gives the row alone (the head is applied token by token).
+
+    Holds at most `memory_bytes` (|V| floats per token); rows past it are computed for the caller and not kept,
+    and a call whose rows' distributions would take more than `call_bytes` gets none (the exact scoring then
+    computes them by vocabulary chunks, as without this object).
+
+    Attributes:
+        computed_tokens: tokens whose distributions were computed. reused_tokens: tokens served from memory.
+    """
+
+    def __init__(self, head: Head, memory_bytes: int = PASS_PROBS_BYTES, call_bytes: int = QUERY_PROBS_BYTES):
+        self.head = head
+        self.memory_bytes = memory_bytes
+        self.call_bytes = call_bytes
+        self._rows: dict[int, torch.Tensor] = {}
+        self._held = 0
+        self.computed_tokens = 0
+        self.reused_tokens = 0
+
+    def _bytes(self, tokens: int) -> int:
+        return tokens * self.head.vocab_size * self.head.weight.element_size()
+
+    def attach(self, ft: Features, rows: Sequence[int] | np.ndarray) -> Features:
+        """`ft` (the features of training rows `rows`, in that order) with `probs`: each token's distribution
+        over the whole vocabulary (T, V), from memory for rows seen before, computed in one pass over the head
+        for the others; `ft` unchanged when they would take more than `call_bytes`."""
+        rows = np.asarray(rows, dtype=np.int64).tolist()
+        if len(rows) != ft.n:
+            raise ValueError(f"RowProbs.attach: {ft.n} samples of features but {len(rows)} rows")
+        if ft.probs is not None or not rows or self._bytes(ft.h.shape[0]) > self.call_bytes:
+            return ft
+        lengths = ft.lengths.tolist()
+        missing = [j for j, r in enumerate(rows) if r not in self._rows]
+        fresh: dict[int, torch.Tensor] = {}
+        if missing:
+            tok, _ = ft.token_index(missing)
+            p = self.head.probs(ft.h[tok], ft.lse[tok])
+            self.computed_tokens += p.shape[0]
+            for j, part in zip(missing, torch.split(p, [lengths[j] for j in missing])):
+                fresh[rows[j]] = part
+                size = self._bytes(part.shape[0])
+                if self._held + size <= self.memory_bytes and rows[j] not in self._rows:
+                    self._rows[rows[j]] = part
+                    self._held += size
+        self.reused_tokens += sum(lengths[j] for j, r in enumerate(rows) if r not in fresh)
+        parts = [fresh[r] if r in fresh else self._rows[r] for r in rows]
+        probs = torch.cat(parts) if parts else torch.zeros(0, self.head.vocab_size, dtype=ft.h.dtype)
+        return replace(ft, probs=probs)
 
 
 @dataclass

@@ -180,6 +180,8 @@ def pair_alpha(fv: Features, ft: Features, head: Head, vocab: torch.Tensor | Non
 
     Args:
         pv: π of the valuation tokens over U (Tv, |U|), if already computed; else computed by chunks.
+            The training tokens' π over the whole vocabulary is `ft.probs` when known (rerank.RowProbs: shared by
+            the queries of a batcher pass), else computed by chunks.
     """
     a = (fv.y[:, None] == ft.y[None, :]).to(fv.h.dtype)
     if vocab is not None:
@@ -189,15 +191,12 @@ def pair_alpha(fv: Features, ft: Features, head: Head, vocab: torch.Tensor | Non
     pv_at_yt = torch.exp(head.logits(fv.h, ft.y) - fv.lse[:, None])
     a -= pt_at_yv * _in_vocab(fv.y, vocab).to(a.dtype)[:, None]
     a -= pv_at_yt * _in_vocab(ft.y, vocab).to(a.dtype)[None, :]
-    if pv is not None:
-        col0 = 0
-        for cols in _vocab_chunks(head, vocab, chunk):
-            pt = head.probs(ft.h, ft.lse, cols)
-            a += pv[:, col0 : col0 + pt.shape[1]] @ pt.T
-            col0 += pt.shape[1]
-    else:
-        for cols in _vocab_chunks(head, vocab, chunk):
-            a += head.probs(fv.h, fv.lse, cols) @ head.probs(ft.h, ft.lse, cols).T
+    known = ft.probs is not None and ft.probs.device == ft.h.device
+    col0 = 0
+    for cols in _vocab_chunks(head, vocab, chunk):
+        pt = ft.probs[:, cols] if known else head.probs(ft.h, ft.lse, cols)
+        a += (head.probs(fv.h, fv.lse, cols) if pv is None else pv[:, col0 : col0 + pt.shape[1]]) @ pt.T
+        col0 += pt.shape[1]
     return a
 
 
@@ -318,6 +317,8 @@ def exact_scores(fv: Features, ft: Features, head: Head, vocab: torch.Tensor | N
     Args:
         pv: π of every valuation token over U (Tv, |U|), when already computed (used by "pairs").
     """
+    if strategy == "auto" and ft.probs is not None and ft.probs.device == ft.h.device:  # the training side's π is known: pairs costs Tv·Tt·|U|
+        strategy = "pairs"
     if strategy == "auto":
         nu = head.vocab_size if vocab is None else vocab.numel()
         cost = estimate_flops(fv, ft, nu, head.dim)

@@ -6,7 +6,9 @@ TopK jobs until `batch_wait_ms` after that job arrived, or until the batch would
 (estimated, see `estimate_tokens`) or `max_batch_requests`. In the model's thread, just before the
 forward pass, jobs whose deadline passed or whose call was cancelled are dropped (counted in
 `BatchStats`), so they never reach the model; then one `Index.encode` over the samples of all the
-others, and each job's searches on its own rows of the features (`Features.select`).
+others, and each job's searches on its own rows of the features (`Features.select`). The searches of a
+batch share one `Index.row_probs`: a training row among the candidates of several queries has its
+next-token distributions (the costly part of an exact score, |V|·d per token) computed once per batch.
 
 One batch is in the model's executor at a time: requests arriving meanwhile wait here and form the next
 batch, so batches grow with the load by themselves and an idle server adds at most `batch_wait_ms`.
@@ -43,6 +45,7 @@ from .convert import TopKQuery, estimate_tokens
 
 if TYPE_CHECKING:
     from forvalue.indexer.features import Features
+    from forvalue.indexer.rerank import RowProbs
 
 
 log = logging.getLogger("forvalue.server")
@@ -54,12 +57,13 @@ MAX_GROUP_ROWS = 200_000
 DEADLINE_SLACK = 0.1
 
 
-def answers(index: Index, query: TopKQuery, features: Features, check: Callable[[], None] | None = None
-            ) -> list[tuple[int, SearchResult | GroupedResult]]:
+def answers(index: Index, query: TopKQuery, features: Features, check: Callable[[], None] | None = None,
+            shared: RowProbs | None = None) -> list[tuple[int, SearchResult | GroupedResult]]:
     """The answers to a TopK query from its samples' features (`features`: of `query.samples`, in order);
-    `check` is called between the steps of the work."""
+    `check` is called between the steps of the work; `shared`: the training rows' distributions its exact
+    scores share with the other queries of its batch (`Index.row_probs`)."""
     return index.answers(features, query.k, query.directions, query.rerank, query.group, query.explain_pairs,
-                         query.where, query.group_by, MAX_GROUP_ROWS, check, query.scores, query.exact_budget)
+                         query.where, query.group_by, MAX_GROUP_ROWS, check, query.scores, query.exact_budget, shared)
 
 
 def top_k(index: Index, query: TopKQuery, check: Callable[[], None] | None = None
@@ -329,11 +333,13 @@ class Batcher:
                         len(live), type(exc).__name__, exc)
             return out + [self._alone(served, job) for job in live]
         a = 0
+        shared = served.row_probs()  # a training row among several queries' candidates: its distributions once
         for job in live:
             n = len(job.query.samples)
             part = features if len(live) == 1 else features.select(list(range(a, a + n)))
             a += n
-            out.append(self._guard(job, lambda: (served.version.name, answers(served, job.query, part, job.check))))
+            out.append(self._guard(job, lambda: (served.version.name,
+                                                 answers(served, job.query, part, job.check, shared))))
         return out
 
     def _alone(self, served: Index, job: Job) -> tuple[Job, Any, BaseException | None]:

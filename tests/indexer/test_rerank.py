@@ -3,6 +3,8 @@ score, and the pruned answer equal to scoring every candidate."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from forvalue.indexer.config import BuildConfig, SketchConfig
 from forvalue.indexer.features import ForwardConfig, Head
 from forvalue.indexer.forward import extract_features
 from forvalue.indexer.index import Index
-from forvalue.indexer.rerank import Candidates, must_score, score_bounds
+from forvalue.indexer.rerank import Candidates, RowProbs, must_score, score_bounds
 from forvalue.indexer.score import exact_scores
 from forvalue.indexer.sketch import bucket_residuals, vocab_pass
 
@@ -157,3 +159,75 @@ def test_query_distributions_computed_once_give_the_same_sketch_bounds_and_score
                                exact_scores(fv, ft, head, strategy="gram"), atol=1e-9, rtol=1e-9)
     c = candidates_of(ft, head, 6)
     torch.testing.assert_close(score_bounds(fv, c, head, 4, probs=P), score_bounds(fv, c, head, 4))
+
+
+# --- training rows' distributions shared by the searches of a batch (RowProbs) -------------------------------
+
+
+def test_select_of_a_range_equals_the_gather(feats):
+    f, head = feats
+    f = dataclasses.replace(f, probs=head.probs(f.h, f.lse), cut=tuple(j % 2 == 0 for j in range(f.n)))
+    for a, b in [(0, f.n), (1, 4), (2, 3), (3, 3)]:
+        view, gather = f.select(range(a, b)), f.select(list(range(a, b)))
+        for name in ("h", "y", "lse", "offsets", "probs"):
+            assert torch.equal(getattr(view, name), getattr(gather, name)), name
+        assert view.cut == gather.cut and view.n == b - a
+
+
+def test_row_probs_attach_equals_the_head_and_shares_rows(feats):
+    f, head = feats
+    shared = RowProbs(head)
+    first = shared.attach(f.select([4, 1, 2]), [40, 10, 20])
+    torch.testing.assert_close(first.probs, head.probs(first.h, first.lse), rtol=1e-12, atol=1e-14)
+    assert shared.computed_tokens == first.h.shape[0] and shared.reused_tokens == 0
+    # rows 10 and 20 again, row 30 new: only row 30's tokens are computed
+    again = shared.attach(f.select([2, 3, 1]), [20, 30, 10])
+    torch.testing.assert_close(again.probs, head.probs(again.h, again.lse), rtol=1e-12, atol=1e-14)
+    assert shared.computed_tokens == first.h.shape[0] + int(f.lengths[3])
+    assert shared.reused_tokens == int(f.lengths[2] + f.lengths[1])
+    # exact scores from attached distributions equal those computed by vocabulary chunks, both strategies
+    fv = f.select([0, 5])
+    torch.testing.assert_close(exact_scores(fv, again, head), exact_scores(fv, f.select([2, 3, 1]), head, strategy="gram"),
+                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(exact_scores(fv, again, head, pv=head.probs(fv.h, fv.lse), memory_mb=1),
+                               exact_scores(fv, f.select([2, 3, 1]), head), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="rows"):
+        shared.attach(f.select([0]), [1, 2])
+
+
+def test_row_probs_respects_its_memory(feats):
+    f, head = feats
+    per_token = head.vocab_size * 8
+    one = f.select([0])
+    kept = RowProbs(head, memory_bytes=per_token * int(f.lengths[0]))  # room for row 0 only
+    kept.attach(f.select([0, 1]), [0, 1])
+    out = kept.attach(f.select([1, 0]), [1, 0])
+    assert kept.computed_tokens == int(f.lengths[0] + 2 * f.lengths[1])  # row 1 was not kept, row 0 was
+    torch.testing.assert_close(out.probs, head.probs(out.h, out.lse), rtol=1e-12, atol=1e-14)
+    small = RowProbs(head, call_bytes=per_token * (one.h.shape[0] - 1))  # a call larger than that: nothing attached
+    assert small.attach(one, [0]).probs is None and small.computed_tokens == 0
+
+
+@pytest.mark.parametrize("scores", ["exact", "certified"])
+def test_searches_sharing_row_probs_answer_as_alone(pruned_index, monkeypatch, scores):
+    monkeypatch.setattr(index_mod, "pruning_pays", lambda *a, **k: True)
+    idx = pruned_index
+    idx.query_top = 4
+    q = [(s.prompt, s.response) for s in corpus(6, seed=300, prefix="q")]
+    f = idx.encode(q)
+    shared = idx.row_probs()
+    for j in range(f.n):
+        for direction in ("most", "least"):
+            got = idx.search([], 5, direction, 40, features=f.select([j]), scores=scores, exact_budget=3,
+                             shared=shared, explain=2)
+            want = idx.search([], 5, direction, 40, features=f.select([j]), scores=scores, exact_budget=3, explain=2)
+            assert [h.row for h in got.hits] == [h.row for h in want.hits]
+            np.testing.assert_allclose([h.explanation.total for h in got.hits],
+                                       [h.explanation.total for h in want.hits], rtol=1e-5, atol=1e-6)
+            for name in ("score", "score_low", "score_high", "percentile", "cosine"):
+                a, b = [getattr(h, name) for h in got.hits], [getattr(h, name) for h in want.hits]
+                if a[0] is None:
+                    assert b[0] is None
+                else:
+                    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert shared.reused_tokens > 0  # the six queries did share rows
