@@ -91,10 +91,10 @@ class RowProbs:
                 if self._held + size <= self.memory_bytes and rows[j] not in self._rows:
                     self._rows[rows[j]] = part
                     self._held += size
+        if len(missing) == len(rows):  # nothing known before: the one pass is the answer, in order
+            return replace(ft, probs=p)
         self.reused_tokens += sum(lengths[j] for j, r in enumerate(rows) if r not in fresh)
-        parts = [fresh[r] if r in fresh else self._rows[r] for r in rows]
-        probs = torch.cat(parts) if parts else torch.zeros(0, self.head.vocab_size, dtype=ft.h.dtype)
-        return replace(ft, probs=probs)
+        return replace(ft, probs=torch.cat([fresh[r] if r in fresh else self._rows[r] for r in rows]))
 
 
 @dataclass

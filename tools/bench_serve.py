@@ -39,37 +39,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import example_rows, start_server  # noqa: E402
+from common import batched_forward_qps, example_rows, start_server  # noqa: E402
 
 
 def p50(xs: list[float]) -> float:
     return statistics.median(xs)
-
-
-def batched_forward_qps(model, ids: list, batch: int, device, repeats: int = 2) -> float:
-    """Queries per second of bare forward passes over the queries `ids` ((1, T) each), `batch` at a time,
-    longest first (the least padding), right-padded with an attention mask, logits of the last position
-    only: the compute limit of this machine for these queries (a server must do at least this)."""
-    pad = 0
-    seqs = sorted((t[0] for t in ids), key=len, reverse=True)
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for a in range(0, len(seqs), batch):
-            part = seqs[a : a + batch]
-            n = max(len(s) for s in part)
-            x = torch.full((len(part), n), pad, dtype=torch.long, device=device)
-            mask = torch.zeros((len(part), n), dtype=torch.long, device=device)
-            for i, s in enumerate(part):
-                x[i, : len(s)] = s
-                mask[i, : len(s)] = 1
-            model(input_ids=x, attention_mask=mask, use_cache=False, logits_to_keep=1)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return len(seqs) / best
 
 
 def certified_agreement(pairs: list) -> dict:

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -105,6 +106,32 @@ def open_benchmark(args: argparse.Namespace, build_dir: str):
     if args.valuation is not None:
         queries = load_valuation_set(args.valuation)
     return lm, index_dir, idx, queries
+
+
+def batched_forward_qps(model, ids: list, batch: int, device, repeats: int = 2) -> float:
+    """Queries per second of bare forward passes over the queries `ids` ((1, T) each), `batch` at a time,
+    longest first (the least padding), right-padded with an attention mask, logits of the last position
+    only: the compute limit of this machine for these queries (a server must do at least this)."""
+    pad = 0
+    seqs = sorted((t[0] for t in ids), key=len, reverse=True)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for a in range(0, len(seqs), batch):
+            part = seqs[a : a + batch]
+            n = max(len(s) for s in part)
+            x = torch.full((len(part), n), pad, dtype=torch.long, device=device)
+            mask = torch.zeros((len(part), n), dtype=torch.long, device=device)
+            for i, s in enumerate(part):
+                x[i, : len(s)] = s
+                mask[i, : len(s)] = 1
+            model(input_ids=x, attention_mask=mask, use_cache=False, logits_to_keep=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return len(seqs) / best
 
 
 def start_server(index_dir: str, model: str | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
