@@ -82,6 +82,8 @@ class BatchStats:
         max_batch_seen: most TopK requests that shared one forward pass.
         dropped_expired: requests dropped before the model because their deadline had passed.
         dropped_cancelled: requests dropped before the model because their call was cancelled.
+        row_tokens_computed: training rows' tokens whose next-token distributions a batch's exact scores
+            computed (Index.row_probs); row_tokens_shared: those one search found computed by another.
     """
 
     forward_passes: int = 0
@@ -89,6 +91,8 @@ class BatchStats:
     max_batch_seen: int = 0
     dropped_expired: int = 0
     dropped_cancelled: int = 0
+    row_tokens_computed: int = 0
+    row_tokens_shared: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -340,6 +344,7 @@ class Batcher:
             a += n
             out.append(self._guard(job, lambda: (served.version.name,
                                                  answers(served, job.query, part, job.check, shared))))
+        self.stats.add(row_tokens_computed=shared.computed_tokens, row_tokens_shared=shared.reused_tokens)
         return out
 
     def _alone(self, served: Index, job: Job) -> tuple[Job, Any, BaseException | None]:

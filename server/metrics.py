@@ -60,7 +60,8 @@ def request_id(context: grpc.aio.ServicerContext) -> str:
 
 
 class _Dropped:
-    """Collector of forvalue_dropped_total, read from the batcher's own counters at scrape time."""
+    """Collector of forvalue_dropped_total and forvalue_row_tokens_total, read from the batcher's own counters
+    at scrape time."""
 
     def __init__(self, batcher: Batcher):
         self._batcher = batcher
@@ -72,6 +73,12 @@ class _Dropped:
         family.add_metric(["expired"], stats["dropped_expired"])
         family.add_metric(["cancelled"], stats["dropped_cancelled"])
         yield family
+        rows = CounterMetricFamily("forvalue_row_tokens", "Training rows' tokens whose next-token distributions "
+                                   "exact scores needed: computed, or shared with another request of the pass.",
+                                   labels=["source"])
+        rows.add_metric(["computed"], stats["row_tokens_computed"])
+        rows.add_metric(["shared"], stats["row_tokens_shared"])
+        yield rows
 
 
 class Metrics:

@@ -117,16 +117,18 @@ def test_index_info_names_only_the_served_version():
     assert ("forvalue_index_info", (("version", "v000001"),)) not in m
 
 
-def test_dropped_and_queue_depth_read_from_the_batcher():
+def test_dropped_row_tokens_and_queue_depth_read_from_the_batcher():
     with ThreadPoolExecutor(1) as executor:
         batcher = Batcher(ServerConfig(index_dir="unused"), executor, lambda: None)
         metrics = Metrics()
         metrics.watch(batcher)
-        batcher.stats.add(dropped_expired=2, dropped_cancelled=1)
+        batcher.stats.add(dropped_expired=2, dropped_cancelled=1, row_tokens_computed=30, row_tokens_shared=7)
         batcher._open = 4  # as if four calls were waiting
         m = samples_of(generate_latest(metrics.registry).decode())
     assert m[("forvalue_dropped_total", (("reason", "expired"),))] == 2
     assert m[("forvalue_dropped_total", (("reason", "cancelled"),))] == 1
+    assert m[("forvalue_row_tokens_total", (("source", "computed"),))] == 30
+    assert m[("forvalue_row_tokens_total", (("source", "shared"),))] == 7
     assert m[("forvalue_queue_depth", ())] == 4
 
 
