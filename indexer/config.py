@@ -15,6 +15,11 @@ from .formats import Schema
 TOKEN_SCOPES = ("response", "all")  # scored positions: the response (+EOS), or every position
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # precision of the forward pass (model.DTYPES)
 CPU_MAX_BATCH = 64  # samples per forward batch on a CPU
+# padded tokens per forward pass of a batch of queries on a CPU: a server's batch is run as length-sorted
+# passes of about this many tokens (less padding, activations that stay in cache). Measured on a 2-core CPU,
+# bare passes over 60 queries of 28-49 tokens: SmolLM2-135M 7.6 q/s at 8-12 queries a pass against 6.8 at 32;
+# the Qwen2.5-0.5B architecture 2.31 q/s at 16 against 2.11 at 32 (docs/results.md, "The service")
+CPU_QUERY_BATCH_TOKENS = 512
 METHODS = ("exact", "inbatch", "shared", "emb")  # scoring methods of `forvalue eval` (score.py)
 STRATEGIES = ("auto", "pairs", "gram")
 INDEX_KINDS = ("flat-ip", "ivf-sq8", "ivf-pq")  # FAISS first stages (ann.py)

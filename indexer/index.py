@@ -15,7 +15,7 @@ import torch
 
 from .calibration import count_lower, percentiles_of, undecided
 from .certify import certified_ranks, interval_order, to_tighten
-from .config import CALIBRATION_ROWS, RECOMPUTE
+from .config import CALIBRATION_ROWS, CPU_QUERY_BATCH_TOKENS, RECOMPUTE
 from .data import Sample, sample_of_row
 from .deletion import deleted_of
 from .errors import ConfigError, IndexCorruptError, IndexMismatchError
@@ -101,9 +101,11 @@ class Index:
         self.version = version
         self.lm = lm
         self.manifest = m
-        # a query batch keeps its tokens' distributions (what a search needs) when they fit as search's would
-        self.forward = ForwardConfig(tokens=m["tokens"], max_length=m["max_length"], probs_bytes=QUERY_PROBS_BYTES)
         device = next(lm.model.parameters()).device
+        # a query batch keeps its tokens' distributions (what a search needs) when they fit as search's would; on
+        # a CPU it runs as passes of about CPU_QUERY_BATCH_TOKENS padded tokens
+        self.forward = ForwardConfig(tokens=m["tokens"], max_length=m["max_length"], probs_bytes=QUERY_PROBS_BYTES,
+                                     **({"batch_tokens": CPU_QUERY_BATCH_TOKENS} if device.type == "cpu" else {}))
         self.head = Head.from_model(lm.model).to(device)
         self._cpu_head = self.head.to("cpu")
         maps = {n: version.global_array(n) for n in MAP_FILES}

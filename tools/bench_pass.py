@@ -4,7 +4,8 @@ not shared, against bare batched forward passes of the same queries (the limit o
 
 Per answer mode (exact; certified with `--exact-budget`):
 
-limit_ms          bare forward passes of the queries, `--batch` at a time, longest first, last logits only
+limit_ms          bare forward passes of the queries, longest first, last logits only, at the fastest batch size
+                  up to `--batch` (common.forward_limit_qps: bench_serve's limit)
 encode_ms         the pass's `Index.encode` (forward, plus the head over the queries' scored tokens)
 searches_ms       every query's search after it, sharing one RowProbs / each with its own
 rows_tokens       tokens whose distributions the searches computed, and how many they found computed already
@@ -25,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import batched_forward_qps, benchmark_parser, open_benchmark  # noqa: E402
+from common import benchmark_parser, forward_limit_qps, open_benchmark  # noqa: E402
 
 
 def timed(fn) -> tuple[float, object]:
@@ -63,8 +64,8 @@ def main() -> None:
 
     out = {"model": lm.name, "threads": torch.get_num_threads(), "batch": args.batch, "index_rows": idx.n,
            "k": args.k, "rerank": args.rerank, "exact_budget": budget}
-    limit_ms = min(args.batch / batched_forward_qps(lm.model, ids, args.batch, device, repeats=1) * 1000
-                   for _ in range(args.repeats))
+    qps, out["limit_batch"] = forward_limit_qps(lm.model, ids, args.batch, device, repeats=args.repeats)
+    limit_ms = args.batch / qps * 1000
     out["limit_ms"] = round(limit_ms, 1)
     for scores in ("exact", "certified"):
         best = {"encode": float("inf"), "shared": float("inf"), "alone": float("inf")}

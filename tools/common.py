@@ -134,6 +134,14 @@ def batched_forward_qps(model, ids: list, batch: int, device, repeats: int = 2) 
     return len(seqs) / best
 
 
+def forward_limit_qps(model, ids: list, max_batch: int, device, repeats: int = 2) -> tuple[float, int]:
+    """(queries per second, batch size) of the fastest bare batched forward passes over the queries `ids`
+    (`batched_forward_qps`) at batch sizes 4, 8, 16, ... up to `max_batch`, and `max_batch` itself: the
+    machine's compute limit for these queries, whatever batch size it is reached at."""
+    sizes = sorted({b for b in (2 ** e for e in range(2, 12)) if b < max_batch} | {max(1, max_batch)})
+    return max((batched_forward_qps(model, ids, b, device, repeats), b) for b in sizes)
+
+
 def start_server(index_dir: str, model: str | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
     """`forvalue serve --port 0` in its own process → (process, address) once health says SERVING."""
     cmd = [sys.executable, "-m", "forvalue.client.cli", "serve", "--index", index_dir, "--port", "0", *extra]
