@@ -8,7 +8,8 @@ scored exactly (from the stored per-token hidden states, targets and log-partiti
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,6 +79,44 @@ class Certified:
 
 
 Check = Callable[[], None]  # raises to stop a piece of work between its steps (a deadline, a cancelled call)
+# a search as steps: yields (features, rows) of the training rows it is about to score exactly; returns its answer
+Steps = Generator[tuple[Features, np.ndarray], None, Any]
+
+
+def drive(steps: Steps) -> Any:
+    """Runs `steps` to their end alone → what they return."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def run_pass(steps: Sequence[Steps], shared: RowProbs) -> list[tuple[Any, BaseException | None]]:
+    """Runs the searches of one batch of queries (`Index.answer_steps`, all sharing `shared`) in two phases →
+    (answer, None) or (None, its error) for each, in order.
+
+    Each one runs up to the training rows it first scores exactly; then the distributions of all those rows
+    not known yet are computed together (`RowProbs.prefill`: a few large products instead of one small one per
+    search); then each runs to its end. The answers are those of running each one alone.
+    """
+    out: list[tuple[Any, BaseException | None]] = [(None, None)] * len(steps)
+    waiting, needs = [], []
+    for j, s in enumerate(steps):
+        try:
+            needs.append(next(s))
+            waiting.append(j)
+        except StopIteration as done:
+            out[j] = (done.value, None)
+        except Exception as exc:  # this search's own error
+            out[j] = (None, exc)
+    shared.prefill(needs)
+    for j in waiting:
+        try:
+            out[j] = (drive(steps[j]), None)
+        except Exception as exc:
+            out[j] = (None, exc)
+    return out
 
 
 def _check(check: Check | None) -> None:
@@ -266,6 +305,12 @@ class Index:
             probs: the query tokens' distributions over the whole vocabulary (Tv, V), when computed already.
             shared: the candidates' distributions, shared with other searches (`row_probs`).
         """
+        return drive(self._rerank_steps(features, cand, k, direction, prune, probs, shared))
+
+    def _rerank_steps(self, features: Features, cand: np.ndarray, k: int, direction: str, prune: bool,
+                      probs: torch.Tensor | None, shared: RowProbs | None) -> Steps:
+        """`rerank` as steps (`run_pass`): yields (features, rows) of the rows it is about to score exactly, once,
+        when it shares their distributions (`shared`); returns rerank's answer."""
         keep, bounds = None, None
         if prune and self.rerank_top and k < cand.size:
             c = self.candidates(cand)
@@ -278,7 +323,10 @@ class Index:
                 ft = c.feats
         else:
             ft = self.candidate_features(cand)
-        exact = self.row_scores(features, ft, cand if keep is None else cand[keep.numpy()], probs, shared).mean(0)
+        rows = cand if keep is None else cand[keep.numpy()]
+        if shared is not None:
+            yield ft, rows
+        exact = self.row_scores(features, ft, rows, probs, shared).mean(0)
         order = torch.argsort(exact, descending=(direction == "most"), stable=True)[:k]
         pos = order if keep is None else keep[order]
         ex = exact.double().numpy()
@@ -355,6 +403,12 @@ class Index:
             shared: the training rows' distributions, computed once for the searches that share this object
                 (`row_probs`: the searches of one batch of queries); a search of its own keeps one too.
         """
+        return drive(self._search_steps(samples, k, direction, rerank, features, prune, explain, where, calibrate,
+                                        check, scores, exact_budget, shared))
+
+    def _search_steps(self, samples, k, direction, rerank, features, prune, explain, where, calibrate, check, scores,
+                      exact_budget, shared) -> Steps:
+        """`search` as steps (`run_pass`, `_rerank_steps`); returns its SearchResult."""
         check_direction(direction)
         check_scores(scores)
         if exact_budget < 0:
@@ -391,7 +445,7 @@ class Index:
         shared = self.row_probs() if shared is None else shared
         if scores == "certified":
             return self._certified_result(features, cand, k, direction, exact_budget, probs, explain, check, shared)
-        rows, scores, scored, known = self.rerank(features, cand, k, direction, prune, probs, shared)
+        rows, scores, scored, known = yield from self._rerank_steps(features, cand, k, direction, prune, probs, shared)
         meta = self.version.rows(rows)
         pct = (self.percentiles(features, rows, scores, probs, known, check, shared) if calibrate
                else [(None, None, None)] * len(meta))
@@ -691,20 +745,35 @@ class Index:
         group, at most `max_rows` rows in scope, exact whatever `scores`). `check` is called before each answer
         and within it; `scores`, `exact_budget`: as `search`; `shared`: the training rows' distributions, shared by
         these answers and whatever else shares the object (`row_probs`: a batch of queries)."""
+        return drive(self.answer_steps(features, k, directions, rerank, group, explain, where, group_by, max_rows,
+                                       check, scores, exact_budget, shared))
+
+    def answer_steps(self, features: Features, k: int, directions: Sequence[str], rerank: int = DEFAULT_RERANK,
+                     group: bool = True, explain: int = 0, where: Where | None = None, group_by: str = "",
+                     max_rows: int = 0, check: Check | None = None, scores: str = "exact",
+                     exact_budget: int = DEFAULT_EXACT_BUDGET, shared: RowProbs | None = None) -> Steps:
+        """`answers` as steps for `run_pass`: before each exact re-ranking it yields the (features, rows) it is
+        about to score exactly (when `shared`), and it returns the answers."""
         shared = self.row_probs() if shared is None else shared
 
-        def one(f: Features, d: str) -> SearchResult | GroupedResult:
+        def one(f: Features, d: str) -> Steps:
             _check(check)
             if group_by:
                 return self.group_by([], group_by, k, d, where=where, features=f, max_rows=max_rows, check=check)
-            return self.search([], k, d, rerank, features=f, explain=explain, where=where, check=check,
-                               scores=scores, exact_budget=exact_budget, shared=shared)
+            return (yield from self._search_steps([], k, d, rerank, f, True, explain, where, True, check, scores,
+                                                  exact_budget, shared))
 
+        out: list[tuple[int, SearchResult | GroupedResult]] = []
         if group:
-            return [(GROUP, one(features, d)) for d in directions]
+            for d in directions:
+                out.append((GROUP, (yield from one(features, d))))
+            return out
         # one answer per sample: its cut_samples name the sample's index in the request, not 0
-        return [(i, dataclasses.replace(r, cut_samples=(i,) if r.cut_samples else ()))
-                for i in range(features.n) for d in directions for r in [one(features.select([i]), d)]]
+        for i in range(features.n):
+            for d in directions:
+                r = yield from one(features.select([i]), d)
+                out.append((i, dataclasses.replace(r, cut_samples=(i,) if r.cut_samples else ())))
+        return out
 
     def scores(self, samples: Sequence[Sample | tuple[str, str]], where: Where | None = None,
                batch: int = DEFAULT_SCORE_BATCH, features: Features | None = None, check: Check | None = None

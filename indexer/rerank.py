@@ -66,6 +66,38 @@ class RowProbs:
         self.computed_tokens = 0
         self.reused_tokens = 0
 
+    def prefill(self, needs: Sequence[tuple[Features, Sequence[int] | np.ndarray]]) -> None:
+        """Compute and keep the distributions of every row of `needs` ((features of rows, those rows) pairs: the
+        rows the searches of a batch are about to score exactly, `index.run_pass`) not known yet, in products of
+        at most `call_bytes` (as far as the memory allows; `attach` computes the rest when asked)."""
+        seen: set[int] = set()
+        parts: list[Features] = []
+        rows: list[int] = []
+        for ft, rs in needs:
+            pick = []
+            for j, r in enumerate(np.asarray(rs, dtype=np.int64).tolist()):
+                if r not in self._rows and r not in seen:
+                    seen.add(r)
+                    pick.append(j)
+                    rows.append(r)
+            if pick:
+                parts.append(ft.select(pick))
+        if not rows:
+            return
+        f = Features.concat(parts)
+        lengths = f.lengths.tolist()
+        per_call = max(1, self.call_bytes // max(1, self._bytes(1)))
+        a = 0
+        while a < len(rows):
+            b, tokens = a, 0  # rows a..b-1: at most per_call tokens (at least one row)
+            while b < len(rows) and (b == a or tokens + lengths[b] <= per_call):
+                tokens += lengths[b]
+                b += 1
+            if self._held + self._bytes(tokens) > self.memory_bytes:
+                return  # full: later rows are computed by `attach` when asked
+            self.attach(f.select(range(a, b)), rows[a:b])
+            a = b
+
     def _bytes(self, tokens: int) -> int:
         return tokens * self.head.vocab_size * self.head.weight.element_size()
 

@@ -8,7 +8,9 @@ forward pass, jobs whose deadline passed or whose call was cancelled are dropped
 `BatchStats`), so they never reach the model; then one `Index.encode` over the samples of all the
 others, and each job's searches on its own rows of the features (`Features.select`). The searches of a
 batch share one `Index.row_probs`: a training row among the candidates of several queries has its
-next-token distributions (the costly part of an exact score, |V|·d per token) computed once per batch.
+next-token distributions (the costly part of an exact score, |V|·d per token) computed once per batch, and
+in two phases (`index.run_pass`): every search runs up to the rows it first scores exactly, those rows'
+distributions are computed together in a few large products, then every search finishes.
 
 One batch is in the model's executor at a time: requests arriving meanwhile wait here and form the next
 batch, so batches grow with the load by themselves and an idle server adds at most `batch_wait_ms`.
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from forvalue.indexer.errors import DeadlineExceededError, NotReadyError, ResourceExhaustedError
-from forvalue.indexer.index import Index
+from forvalue.indexer.index import Index, Steps, run_pass
 from forvalue.indexer.results import GroupedResult, SearchResult
 
 from .config import ServerConfig
@@ -64,6 +66,14 @@ def answers(index: Index, query: TopKQuery, features: Features, check: Callable[
     scores share with the other queries of its batch (`Index.row_probs`)."""
     return index.answers(features, query.k, query.directions, query.rerank, query.group, query.explain_pairs,
                          query.where, query.group_by, MAX_GROUP_ROWS, check, query.scores, query.exact_budget, shared)
+
+
+def answer_steps(index: Index, query: TopKQuery, features: Features, check: Callable[[], None] | None,
+                 shared: RowProbs) -> Steps:
+    """`answers` as steps (`Index.answer_steps`), for the two-phase pass of a batch (`index.run_pass`)."""
+    return index.answer_steps(features, query.k, query.directions, query.rerank, query.group, query.explain_pairs,
+                              query.where, query.group_by, MAX_GROUP_ROWS, check, query.scores, query.exact_budget,
+                              shared)
 
 
 def top_k(index: Index, query: TopKQuery, check: Callable[[], None] | None = None
@@ -338,12 +348,14 @@ class Batcher:
             return out + [self._alone(served, job) for job in live]
         a = 0
         shared = served.row_probs()  # a training row among several queries' candidates: its distributions once
+        steps = []
         for job in live:
             n = len(job.query.samples)
             part = features if len(live) == 1 else features.select(list(range(a, a + n)))
             a += n
-            out.append(self._guard(job, lambda: (served.version.name,
-                                                 answers(served, job.query, part, job.check, shared))))
+            steps.append(answer_steps(served, job.query, part, job.check, shared))
+        for job, (result, error) in zip(live, run_pass(steps, shared)):
+            out.append((job, None, error) if error is not None else (job, (served.version.name, result), None))
         self.stats.add(row_tokens_computed=shared.computed_tokens, row_tokens_shared=shared.reused_tokens)
         return out
 

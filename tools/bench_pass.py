@@ -7,7 +7,8 @@ Per answer mode (exact; certified with `--exact-budget`):
 limit_ms          bare forward passes of the queries, longest first, last logits only, at the fastest batch size
                   up to `--batch` (common.forward_limit_qps: bench_serve's limit)
 encode_ms         the pass's `Index.encode` (forward, plus the head over the queries' scored tokens)
-searches_ms       every query's search after it, sharing one RowProbs / each with its own
+searches_ms       every query's search after it, as the server's pass runs them (one RowProbs, in two phases:
+                  `index.run_pass`) / each alone with its own
 rows_tokens       tokens whose distributions the searches computed, and how many they found computed already
 pass_vs_limit     limit / (encode + shared searches): the share of the limit a server doing only this reaches
 
@@ -44,6 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     from forvalue.indexer.data import Sample
     from forvalue.indexer.forward import encode
+    from forvalue.indexer.index import run_pass
     from forvalue.indexer.results import DEFAULT_EXACT_BUDGET
 
     budget = DEFAULT_EXACT_BUDGET if args.exact_budget is None else args.exact_budget
@@ -56,10 +58,17 @@ def main() -> None:
     idx.search([qs[0]], k=args.k, rerank=args.rerank)  # warm-up: lazy loads
 
     def searches(features, scores: str, share: bool):
-        shared = idx.row_probs() if share else None
-        for j in range(features.n):
-            idx.answers(features.select([j]), args.k, ["most"], args.rerank, scores=scores, exact_budget=budget,
-                        shared=shared)
+        """Every query's answer: as the server's pass does (one RowProbs, `run_pass`), or each alone."""
+        if not share:
+            for j in range(features.n):
+                idx.answers(features.select([j]), args.k, ["most"], args.rerank, scores=scores, exact_budget=budget)
+            return None
+        shared = idx.row_probs()
+        steps = [idx.answer_steps(features.select([j]), args.k, ["most"], args.rerank, scores=scores,
+                                  exact_budget=budget, shared=shared) for j in range(features.n)]
+        errors = [e for _, e in run_pass(steps, shared) if e is not None]
+        if errors:
+            raise errors[0]
         return shared
 
     out = {"model": lm.name, "threads": torch.get_num_threads(), "batch": args.batch, "index_rows": idx.n,

@@ -231,3 +231,53 @@ def test_searches_sharing_row_probs_answer_as_alone(pruned_index, monkeypatch, s
                 else:
                     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert shared.reused_tokens > 0  # the six queries did share rows
+
+
+def test_prefill_computes_each_row_once_within_memory(feats):
+    f, head = feats
+    shared = RowProbs(head)
+    needs = [(f.select([0, 2]), [10, 30]), (f.select([2, 3]), [30, 40]), (f.select([0]), [10])]
+    shared.prefill(needs)
+    union = int(f.lengths[0] + f.lengths[2] + f.lengths[3])
+    assert shared.computed_tokens == union and shared.reused_tokens == 0
+    for ft, rows in needs:  # every search then finds its rows computed, equal to the head's
+        got = shared.attach(ft, rows)
+        torch.testing.assert_close(got.probs, head.probs(got.h, got.lse), rtol=1e-12, atol=1e-14)
+    assert shared.computed_tokens == union and shared.reused_tokens == sum(ft.h.shape[0] for ft, _ in needs)
+    # products of at most call_bytes, and nothing past memory_bytes
+    per_token = head.vocab_size * 8
+    small = RowProbs(head, memory_bytes=per_token * int(f.lengths[0]), call_bytes=per_token * int(f.lengths[0]))
+    small.prefill([(f.select([0, 1]), [0, 1])])
+    assert small.computed_tokens == int(f.lengths[0])  # row 1 did not fit: left for attach
+
+
+def test_run_pass_answers_as_alone_and_keeps_errors_apart(pruned_index, monkeypatch):
+    from forvalue.indexer.index import run_pass
+
+    monkeypatch.setattr(index_mod, "pruning_pays", lambda *a, **k: True)
+    idx = pruned_index
+    idx.query_top = 4
+    q = [(s.prompt, s.response) for s in corpus(5, seed=400, prefix="q")]
+    f = idx.encode(q)
+
+    def stop():
+        raise RuntimeError("stopped")
+
+    shared = idx.row_probs()
+    steps = [idx.answer_steps(f.select([j]), 4, ("most", "least"), 30, shared=shared) for j in range(f.n)]
+    steps.insert(2, idx.answer_steps(f.select([0]), 4, ("most",), 30, check=stop, shared=shared))
+    steps.append(idx.answer_steps(f, 4, ("most",), 30, group=False, shared=shared))  # one answer per sample
+    got = run_pass(steps, shared)
+    assert got[2][0] is None and str(got[2][1]) == "stopped"
+    alone = [idx.answers(f.select([j]), 4, ("most", "least"), 30) for j in range(f.n)]
+    alone.insert(2, None)
+    alone.append(idx.answers(f, 4, ("most",), 30, group=False))
+    for (answer, error), want in zip(got, alone):
+        if want is None:
+            continue
+        assert error is None
+        assert [(q, r.direction, [h.row for h in r.hits]) for q, r in answer] == \
+            [(q, r.direction, [h.row for h in r.hits]) for q, r in want]
+        for (_, r), (_, w) in zip(answer, want):
+            np.testing.assert_allclose([h.score for h in r.hits], [h.score for h in w.hits], rtol=1e-5, atol=1e-6)
+    assert shared.reused_tokens > 0
