@@ -79,8 +79,23 @@ class Certified:
 
 
 Check = Callable[[], None]  # raises to stop a piece of work between its steps (a deadline, a cancelled call)
-# a search as steps: yields (features, rows) of the training rows it is about to score exactly; returns its answer
-Steps = Generator[tuple[Features, np.ndarray], None, Any]
+
+
+@dataclasses.dataclass
+class Need:
+    """What a search of a batch is about to compute, which `Index.run_pass` computes for all its searches at once:
+    the distributions of training rows `rows` (their features `ft`) for their exact scores, and, when `query` is
+    set, the bounds of the calibration rows for that query group (its percentiles; `probs`: its tokens'
+    distributions)."""
+
+    ft: Features
+    rows: np.ndarray
+    query: Features | None = None
+    probs: torch.Tensor | None = None
+
+
+# a search as steps: yields a Need before its first exact scores (when it shares a RowProbs); returns its answer
+Steps = Generator[Need, None, Any]
 
 
 def drive(steps: Steps) -> Any:
@@ -90,33 +105,6 @@ def drive(steps: Steps) -> Any:
             next(steps)
         except StopIteration as done:
             return done.value
-
-
-def run_pass(steps: Sequence[Steps], shared: RowProbs) -> list[tuple[Any, BaseException | None]]:
-    """Runs the searches of one batch of queries (`Index.answer_steps`, all sharing `shared`) in two phases →
-    (answer, None) or (None, its error) for each, in order.
-
-    Each one runs up to the training rows it first scores exactly; then the distributions of all those rows
-    not known yet are computed together (`RowProbs.prefill`: a few large products instead of one small one per
-    search); then each runs to its end. The answers are those of running each one alone.
-    """
-    out: list[tuple[Any, BaseException | None]] = [(None, None)] * len(steps)
-    waiting, needs = [], []
-    for j, s in enumerate(steps):
-        try:
-            needs.append(next(s))
-            waiting.append(j)
-        except StopIteration as done:
-            out[j] = (done.value, None)
-        except Exception as exc:  # this search's own error
-            out[j] = (None, exc)
-    shared.prefill(needs)
-    for j in waiting:
-        try:
-            out[j] = (drive(steps[j]), None)
-        except Exception as exc:
-            out[j] = (None, exc)
-    return out
 
 
 def _check(check: Check | None) -> None:
@@ -308,9 +296,10 @@ class Index:
         return drive(self._rerank_steps(features, cand, k, direction, prune, probs, shared))
 
     def _rerank_steps(self, features: Features, cand: np.ndarray, k: int, direction: str, prune: bool,
-                      probs: torch.Tensor | None, shared: RowProbs | None) -> Steps:
-        """`rerank` as steps (`run_pass`): yields (features, rows) of the rows it is about to score exactly, once,
-        when it shares their distributions (`shared`); returns rerank's answer."""
+                      probs: torch.Tensor | None, shared: RowProbs | None, calibrate: bool = False) -> Steps:
+        """`rerank` as steps (`run_pass`): yields a Need for the rows it is about to score exactly, once, when it
+        shares their distributions (`shared`), asking for the calibration rows' bounds too when `calibrate` (the
+        search computes percentiles next); returns rerank's answer."""
         keep, bounds = None, None
         if prune and self.rerank_top and k < cand.size:
             c = self.candidates(cand)
@@ -325,7 +314,7 @@ class Index:
             ft = self.candidate_features(cand)
         rows = cand if keep is None else cand[keep.numpy()]
         if shared is not None:
-            yield ft, rows
+            yield Need(ft, rows, features if calibrate else None, probs if calibrate else None)
         exact = self.row_scores(features, ft, rows, probs, shared).mean(0)
         order = torch.argsort(exact, descending=(direction == "most"), stable=True)[:k]
         pos = order if keep is None else keep[order]
@@ -445,7 +434,10 @@ class Index:
         shared = self.row_probs() if shared is None else shared
         if scores == "certified":
             return self._certified_result(features, cand, k, direction, exact_budget, probs, explain, check, shared)
-        rows, scores, scored, known = yield from self._rerank_steps(features, cand, k, direction, prune, probs, shared)
+        # percentiles bound every calibration row: a batch does it for all its queries at once (`run_pass`)
+        share_cal = calibrate and self.rerank_top > 0 and probs is not None and not self.recompute
+        rows, scores, scored, known = yield from self._rerank_steps(features, cand, k, direction, prune, probs, shared,
+                                                                    share_cal)
         meta = self.version.rows(rows)
         pct = (self.percentiles(features, rows, scores, probs, known, check, shared) if calibrate
                else [(None, None, None)] * len(meta))
@@ -575,7 +567,10 @@ class Index:
             at, found = _positions(cal, known.rows)
             lo[at[found]], hi[at[found]] = known.lo[found], known.hi[found]
         rest = np.flatnonzero(np.isnan(lo))
-        if rest.size:
+        done = shared.calibration.get(id(features)) if shared is not None else None  # bounded by run_pass
+        if rest.size and done is not None and done[0] is features:
+            lo[rest], hi[rest] = done[1][rest], done[2][rest]
+        elif rest.size:
             lo[rest], hi[rest] = self.value_bounds(features, cal[rest], probs, check=check)
         at, mine = _positions(cal, rows)
         lo[at[mine]] = hi[at[mine]] = s[mine]  # the hits' own exact scores (a row is never below itself)
@@ -747,6 +742,65 @@ class Index:
         these answers and whatever else shares the object (`row_probs`: a batch of queries)."""
         return drive(self.answer_steps(features, k, directions, rerank, group, explain, where, group_by, max_rows,
                                        check, scores, exact_budget, shared))
+
+    def run_pass(self, steps: Sequence[Steps], shared: RowProbs) -> list[tuple[Any, BaseException | None]]:
+        """Runs the searches of one batch of queries (`answer_steps`, all sharing `shared`) in two phases →
+        (answer, None) or (None, its error) for each, in order.
+
+        Each one runs up to the training rows it first scores exactly (its `Need`); then the distributions of
+        all those rows not known yet are computed together (`RowProbs.prefill`: a few large products instead of
+        one small one per search), and the calibration rows are bounded for every query that computes
+        percentiles (`calibration_bounds`: the same rows for all, bounded together); then each runs to its end.
+        The answers are those of running each one alone.
+        """
+        out: list[tuple[Any, BaseException | None]] = [(None, None)] * len(steps)
+        waiting, needs = [], []
+        for j, s in enumerate(steps):
+            try:
+                needs.append(next(s))
+                waiting.append(j)
+            except StopIteration as done:
+                out[j] = (done.value, None)
+            except Exception as exc:  # this search's own error
+                out[j] = (None, exc)
+        shared.prefill([(n.ft, n.rows) for n in needs])
+        queries = {id(n.query): n for n in needs if n.query is not None and id(n.query) not in shared.calibration}
+        if queries:
+            found = self.calibration_bounds([n.query for n in queries.values()], [n.probs for n in queries.values()])
+            shared.calibration.update((key, (n.query, *b)) for (key, n), b in zip(queries.items(), found))
+        for j in waiting:
+            try:
+                out[j] = (drive(steps[j]), None)
+            except Exception as exc:
+                out[j] = (None, exc)
+        return out
+
+    def calibration_bounds(self, queries: Sequence[Features], probs: Sequence[torch.Tensor], block: int = 256,
+                           max_tokens: int = 2048) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`value_bounds` of every calibration row (`calibration_rows`, in that order) for each query group of
+        `queries` (`probs`: each one's tokens' distributions) → [(lo, hi)], computed for many queries at once
+        (groups of at most `max_tokens` query tokens): each block of calibration rows is read once and bounded
+        against all of them."""
+        cal, _ = self.calibration_rows()
+        out: list[tuple[np.ndarray, np.ndarray]] = []
+        a = 0
+        while a < len(queries):
+            b, tokens = a, 0
+            while b < len(queries) and (b == a or tokens + queries[b].h.shape[0] <= max_tokens):
+                tokens += queries[b].h.shape[0]
+                b += 1
+            fv, P = Features.concat(list(queries[a:b])), torch.cat(list(probs[a:b]))
+            lo, hi = np.empty((fv.n, cal.size)), np.empty((fv.n, cal.size))
+            for c in range(0, cal.size, block):
+                part = cal[c : c + block]
+                bl, bh = self.row_bounds(fv, self.candidates(part), part, P)
+                lo[:, c : c + part.size], hi[:, c : c + part.size] = bl.double().numpy(), bh.double().numpy()
+            s = 0
+            for q in queries[a:b]:
+                out.append((lo[s : s + q.n].mean(0), hi[s : s + q.n].mean(0)))
+                s += q.n
+            a = b
+        return out
 
     def answer_steps(self, features: Features, k: int, directions: Sequence[str], rerank: int = DEFAULT_RERANK,
                      group: bool = True, explain: int = 0, where: Where | None = None, group_by: str = "",

@@ -62,13 +62,16 @@ class RowProbs:
         self.memory_bytes = memory_bytes
         self.call_bytes = call_bytes
         self._rows: dict[int, torch.Tensor] = {}
+        # (query group's Features, lo, hi): bounds of the calibration rows for the query groups of a batch, by id of
+        # their Features (held, so the id stays theirs): what `Index.run_pass` bounded for all of them at once
+        self.calibration: dict[int, tuple[Features, np.ndarray, np.ndarray]] = {}
         self._held = 0
         self.computed_tokens = 0
         self.reused_tokens = 0
 
     def prefill(self, needs: Sequence[tuple[Features, Sequence[int] | np.ndarray]]) -> None:
         """Compute and keep the distributions of every row of `needs` ((features of rows, those rows) pairs: the
-        rows the searches of a batch are about to score exactly, `index.run_pass`) not known yet, in products of
+        rows the searches of a batch are about to score exactly, `Index.run_pass`) not known yet, in products of
         at most `call_bytes` (as far as the memory allows; `attach` computes the rest when asked)."""
         seen: set[int] = set()
         parts: list[Features] = []

@@ -9,7 +9,7 @@ forward pass, jobs whose deadline passed or whose call was cancelled are dropped
 others, and each job's searches on its own rows of the features (`Features.select`). The searches of a
 batch share one `Index.row_probs`: a training row among the candidates of several queries has its
 next-token distributions (the costly part of an exact score, |V|·d per token) computed once per batch, and
-in two phases (`index.run_pass`): every search runs up to the rows it first scores exactly, those rows'
+in two phases (`Index.run_pass`): every search runs up to the rows it first scores exactly, those rows'
 distributions are computed together in a few large products, then every search finishes.
 
 One batch is in the model's executor at a time: requests arriving meanwhile wait here and form the next
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from forvalue.indexer.errors import DeadlineExceededError, NotReadyError, ResourceExhaustedError
-from forvalue.indexer.index import Index, Steps, run_pass
+from forvalue.indexer.index import Index, Steps
 from forvalue.indexer.results import GroupedResult, SearchResult
 
 from .config import ServerConfig
@@ -70,7 +70,7 @@ def answers(index: Index, query: TopKQuery, features: Features, check: Callable[
 
 def answer_steps(index: Index, query: TopKQuery, features: Features, check: Callable[[], None] | None,
                  shared: RowProbs) -> Steps:
-    """`answers` as steps (`Index.answer_steps`), for the two-phase pass of a batch (`index.run_pass`)."""
+    """`answers` as steps (`Index.answer_steps`), for the two-phase pass of a batch (`Index.run_pass`)."""
     return index.answer_steps(features, query.k, query.directions, query.rerank, query.group, query.explain_pairs,
                               query.where, query.group_by, MAX_GROUP_ROWS, check, query.scores, query.exact_budget,
                               shared)
@@ -354,7 +354,7 @@ class Batcher:
             part = features if len(live) == 1 else features.select(list(range(a, a + n)))
             a += n
             steps.append(answer_steps(served, job.query, part, job.check, shared))
-        for job, (result, error) in zip(live, run_pass(steps, shared)):
+        for job, (result, error) in zip(live, served.run_pass(steps, shared)):
             out.append((job, None, error) if error is not None else (job, (served.version.name, result), None))
         self.stats.add(row_tokens_computed=shared.computed_tokens, row_tokens_shared=shared.reused_tokens)
         return out

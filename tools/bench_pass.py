@@ -8,7 +8,7 @@ limit_ms          bare forward passes of the queries, longest first, last logits
                   up to `--batch` (common.forward_limit_qps: bench_serve's limit)
 encode_ms         the pass's `Index.encode` (forward, plus the head over the queries' scored tokens)
 searches_ms       every query's search after it, as the server's pass runs them (one RowProbs, in two phases:
-                  `index.run_pass`) / each alone with its own
+                  `Index.run_pass`) / each alone with its own
 rows_tokens       tokens whose distributions the searches computed, and how many they found computed already
 pass_vs_limit     limit / (encode + shared searches): the share of the limit a server doing only this reaches
 
@@ -45,7 +45,6 @@ def main() -> None:
     args = ap.parse_args()
     from forvalue.indexer.data import Sample
     from forvalue.indexer.forward import encode
-    from forvalue.indexer.index import run_pass
     from forvalue.indexer.results import DEFAULT_EXACT_BUDGET
 
     budget = DEFAULT_EXACT_BUDGET if args.exact_budget is None else args.exact_budget
@@ -66,7 +65,7 @@ def main() -> None:
         shared = idx.row_probs()
         steps = [idx.answer_steps(features.select([j]), args.k, ["most"], args.rerank, scores=scores,
                                   exact_budget=budget, shared=shared) for j in range(features.n)]
-        errors = [e for _, e in run_pass(steps, shared) if e is not None]
+        errors = [e for _, e in idx.run_pass(steps, shared) if e is not None]
         if errors:
             raise errors[0]
         return shared

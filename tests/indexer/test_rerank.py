@@ -252,7 +252,6 @@ def test_prefill_computes_each_row_once_within_memory(feats):
 
 
 def test_run_pass_answers_as_alone_and_keeps_errors_apart(pruned_index, monkeypatch):
-    from forvalue.indexer.index import run_pass
 
     monkeypatch.setattr(index_mod, "pruning_pays", lambda *a, **k: True)
     idx = pruned_index
@@ -267,7 +266,7 @@ def test_run_pass_answers_as_alone_and_keeps_errors_apart(pruned_index, monkeypa
     steps = [idx.answer_steps(f.select([j]), 4, ("most", "least"), 30, shared=shared) for j in range(f.n)]
     steps.insert(2, idx.answer_steps(f.select([0]), 4, ("most",), 30, check=stop, shared=shared))
     steps.append(idx.answer_steps(f, 4, ("most",), 30, group=False, shared=shared))  # one answer per sample
-    got = run_pass(steps, shared)
+    got = idx.run_pass(steps, shared)
     assert got[2][0] is None and str(got[2][1]) == "stopped"
     alone = [idx.answers(f.select([j]), 4, ("most", "least"), 30) for j in range(f.n)]
     alone.insert(2, None)
@@ -280,4 +279,32 @@ def test_run_pass_answers_as_alone_and_keeps_errors_apart(pruned_index, monkeypa
             [(q, r.direction, [h.row for h in r.hits]) for q, r in want]
         for (_, r), (_, w) in zip(answer, want):
             np.testing.assert_allclose([h.score for h in r.hits], [h.score for h in w.hits], rtol=1e-5, atol=1e-6)
+            for name in ("percentile", "percentile_low", "percentile_high", "cosine"):
+                np.testing.assert_allclose([getattr(h, name) for h in r.hits], [getattr(h, name) for h in w.hits],
+                                           rtol=1e-6, atol=1e-9)
     assert shared.reused_tokens > 0
+
+
+def test_a_pass_bounds_the_calibration_rows_once_for_all_its_queries(pruned_index, monkeypatch):
+    monkeypatch.setattr(index_mod, "pruning_pays", lambda *a, **k: True)
+    idx = pruned_index
+    idx.query_top = 4
+    f = idx.encode([(s.prompt, s.response) for s in corpus(4, seed=500, prefix="q")])
+    queries = [f.select([0, 1]), f.select([2]), f.select([3])]  # a group of two samples, two of one
+    probs = [q.probs for q in queries]
+    cal, _ = idx.calibration_rows()
+    for max_tokens in (1, 10_000):  # one query at a time, all at once
+        together = idx.calibration_bounds(queries, probs, block=7, max_tokens=max_tokens)
+        for q, p, (lo, hi) in zip(queries, probs, together):
+            want = idx.value_bounds(q, cal, p)
+            np.testing.assert_allclose(lo, want[0], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(hi, want[1], rtol=1e-5, atol=1e-6)
+    # a pass's searches read them instead of bounding the rows each
+    def bounded_again(self, *args, **kwargs):
+        raise AssertionError("a search of the pass bounded the calibration rows again")
+
+    monkeypatch.setattr(type(idx), "value_bounds", bounded_again)
+    shared = idx.row_probs()
+    out = idx.run_pass([idx.answer_steps(q, 3, ("most", "least"), 20, shared=shared) for q in queries], shared)
+    assert [e for _, e in out] == [None] * 3
+    assert all(h.percentile is not None for a, _ in out for _, r in a for h in r.hits)
