@@ -54,7 +54,8 @@ class RowProbs:
     computes them by vocabulary chunks, as without this object).
 
     Attributes:
-        computed_tokens: tokens whose distributions were computed. reused_tokens: tokens served from memory.
+        computed_tokens: tokens whose distributions were computed. reused_tokens: tokens of rows asked for again
+            (`attach`) after a first time, by another search or a later step, and served from memory.
     """
 
     def __init__(self, head: Head, memory_bytes: int = PASS_PROBS_BYTES, call_bytes: int = QUERY_PROBS_BYTES):
@@ -68,6 +69,7 @@ class RowProbs:
         self._held = 0
         self.computed_tokens = 0
         self.reused_tokens = 0
+        self._asked: set[int] = set()  # rows `attach` was asked for
 
     def prefill(self, needs: Sequence[tuple[Features, Sequence[int] | np.ndarray]]) -> None:
         """Compute and keep the distributions of every row of `needs` ((features of rows, those rows) pairs: the
@@ -98,7 +100,8 @@ class RowProbs:
                 b += 1
             if self._held + self._bytes(tokens) > self.memory_bytes:
                 return  # full: later rows are computed by `attach` when asked
-            self.attach(f.select(range(a, b)), rows[a:b])
+            if self._bytes(tokens) <= self.call_bytes:
+                self._attach(f.select(range(a, b)), rows[a:b], lengths[a:b])
             a = b
 
     def _bytes(self, tokens: int) -> int:
@@ -114,6 +117,14 @@ class RowProbs:
         if ft.probs is not None or not rows or self._bytes(ft.h.shape[0]) > self.call_bytes:
             return ft
         lengths = ft.lengths.tolist()
+        for j, r in enumerate(rows):
+            if r in self._asked and r in self._rows:
+                self.reused_tokens += lengths[j]
+            self._asked.add(r)
+        return self._attach(ft, rows, lengths)
+
+    def _attach(self, ft: Features, rows: list[int], lengths: list[int]) -> Features:
+        """`attach` without counting what was asked for (`prefill` computes ahead of the asks)."""
         missing = [j for j, r in enumerate(rows) if r not in self._rows]
         fresh: dict[int, torch.Tensor] = {}
         if missing:
@@ -128,7 +139,6 @@ class RowProbs:
                     self._held += size
         if len(missing) == len(rows):  # nothing known before: the one pass is the answer, in order
             return replace(ft, probs=p)
-        self.reused_tokens += sum(lengths[j] for j, r in enumerate(rows) if r not in fresh)
         return replace(ft, probs=torch.cat([fresh[r] if r in fresh else self._rows[r] for r in rows]))
 
 

@@ -93,7 +93,8 @@ class BatchStats:
         dropped_expired: requests dropped before the model because their deadline had passed.
         dropped_cancelled: requests dropped before the model because their call was cancelled.
         row_tokens_computed: training rows' tokens whose next-token distributions a batch's exact scores
-            computed (Index.row_probs); row_tokens_shared: those one search found computed by another.
+            computed (Index.row_probs); row_tokens_reused: those asked for again in the batch (by another search or
+            a later step) and served from memory.
     """
 
     forward_passes: int = 0
@@ -102,7 +103,7 @@ class BatchStats:
     dropped_expired: int = 0
     dropped_cancelled: int = 0
     row_tokens_computed: int = 0
-    row_tokens_shared: int = 0
+    row_tokens_reused: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -356,7 +357,7 @@ class Batcher:
             steps.append(answer_steps(served, job.query, part, job.check, shared))
         for job, (result, error) in zip(live, served.run_pass(steps, shared)):
             out.append((job, None, error) if error is not None else (job, (served.version.name, result), None))
-        self.stats.add(row_tokens_computed=shared.computed_tokens, row_tokens_shared=shared.reused_tokens)
+        self.stats.add(row_tokens_computed=shared.computed_tokens, row_tokens_reused=shared.reused_tokens)
         return out
 
     def _alone(self, served: Index, job: Job) -> tuple[Job, Any, BaseException | None]:

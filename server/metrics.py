@@ -74,10 +74,9 @@ class _Dropped:
         family.add_metric(["cancelled"], stats["dropped_cancelled"])
         yield family
         rows = CounterMetricFamily("forvalue_row_tokens", "Training rows' tokens whose next-token distributions "
-                                   "exact scores needed: computed, or shared with another request of the pass.",
-                                   labels=["source"])
+                                   "exact scores needed: computed, or reused within a batch.", labels=["source"])
         rows.add_metric(["computed"], stats["row_tokens_computed"])
-        rows.add_metric(["shared"], stats["row_tokens_shared"])
+        rows.add_metric(["reused"], stats["row_tokens_reused"])
         yield rows
 
 

@@ -122,13 +122,13 @@ def test_dropped_row_tokens_and_queue_depth_read_from_the_batcher():
         batcher = Batcher(ServerConfig(index_dir="unused"), executor, lambda: None)
         metrics = Metrics()
         metrics.watch(batcher)
-        batcher.stats.add(dropped_expired=2, dropped_cancelled=1, row_tokens_computed=30, row_tokens_shared=7)
+        batcher.stats.add(dropped_expired=2, dropped_cancelled=1, row_tokens_computed=30, row_tokens_reused=7)
         batcher._open = 4  # as if four calls were waiting
         m = samples_of(generate_latest(metrics.registry).decode())
     assert m[("forvalue_dropped_total", (("reason", "expired"),))] == 2
     assert m[("forvalue_dropped_total", (("reason", "cancelled"),))] == 1
     assert m[("forvalue_row_tokens_total", (("source", "computed"),))] == 30
-    assert m[("forvalue_row_tokens_total", (("source", "shared"),))] == 7
+    assert m[("forvalue_row_tokens_total", (("source", "reused"),))] == 7
     assert m[("forvalue_queue_depth", ())] == 4
 
 
