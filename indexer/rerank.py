@@ -51,7 +51,8 @@ class RowProbs:
 
     Holds at most `memory_bytes` (|V| floats per token); rows past it are computed for the caller and not kept,
     and a call whose rows' distributions would take more than `call_bytes` gets none (the exact scoring then
-    computes them by vocabulary chunks, as without this object).
+    computes them by vocabulary chunks, as without this object). A batch also keeps here the bounds of the
+    calibration rows it computed for all its queries at once (`calibration`, `Index.run_pass`).
 
     Attributes:
         computed_tokens: tokens whose distributions were computed. reused_tokens: tokens of rows asked for again

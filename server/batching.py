@@ -59,13 +59,12 @@ MAX_GROUP_ROWS = 200_000
 DEADLINE_SLACK = 0.1
 
 
-def answers(index: Index, query: TopKQuery, features: Features, check: Callable[[], None] | None = None,
-            shared: RowProbs | None = None) -> list[tuple[int, SearchResult | GroupedResult]]:
+def answers(index: Index, query: TopKQuery, features: Features, check: Callable[[], None] | None = None
+            ) -> list[tuple[int, SearchResult | GroupedResult]]:
     """The answers to a TopK query from its samples' features (`features`: of `query.samples`, in order);
-    `check` is called between the steps of the work; `shared`: the training rows' distributions its exact
-    scores share with the other queries of its batch (`Index.row_probs`)."""
+    `check` is called between the steps of the work."""
     return index.answers(features, query.k, query.directions, query.rerank, query.group, query.explain_pairs,
-                         query.where, query.group_by, MAX_GROUP_ROWS, check, query.scores, query.exact_budget, shared)
+                         query.where, query.group_by, MAX_GROUP_ROWS, check, query.scores, query.exact_budget)
 
 
 def answer_steps(index: Index, query: TopKQuery, features: Features, check: Callable[[], None] | None,
