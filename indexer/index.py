@@ -32,7 +32,7 @@ from .results import (
     DEFAULT_EXACT_BUDGET, DEFAULT_K, DEFAULT_RERANK, DEFAULT_SCORE_BATCH, DIRECTIONS, GROUP, Explanation, Group,
     GroupedResult, Hit, Scores, SearchResult, check_direction, check_scores, cut_texts, index_info, scale_explanation,
 )
-from .score import exact_scores, g_norms, group_norm, mean_self_score, segment_sum_rows, unit_scale
+from .score import exact_scores, g_norms, group_norm, mean_self_score, sample_blocks, segment_sum_rows, unit_scale
 from .sketch import MAP_FILES, Sketcher
 from .store import IndexRoot, Version
 
@@ -525,16 +525,24 @@ class Index:
         """Certified bounds lo <= S <= hi of the group-mean value of training rows `rows` → ((r,), (r,)) float64:
         rerank.score_bounds from the stored top probabilities, or exact scores (lo = hi) on an index without
         them or a query whose distributions do not fit in memory (`check`: called before each block)."""
-        lo, hi = np.empty(rows.size), np.empty(rows.size)
+        lo, hi = self._sample_bounds(features, rows, probs, block, check)
+        return lo.mean(0).numpy(), hi.mean(0).numpy()
+
+    def _sample_bounds(self, features: Features, rows: np.ndarray, probs: torch.Tensor | None, block: int = 256,
+                       check: Check | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`value_bounds` for every query sample of `features` on its own → ((n, r), (n, r)) float64, `block`
+        training rows at a time."""
+        lo = torch.empty(features.n, rows.size, dtype=torch.float64)
+        hi = torch.empty(features.n, rows.size, dtype=torch.float64)
         for a in range(0, rows.size, block):
             _check(check)
             part = rows[a : a + block]
             if self.rerank_top and probs is not None:
-                bl, bh = self.row_bounds(features, self.candidates(part), part, probs)
-                lo[a : a + part.size], hi[a : a + part.size] = bl.double().mean(0).numpy(), bh.double().mean(0).numpy()
+                lo[:, a : a + part.size], hi[:, a : a + part.size] = self.row_bounds(
+                    features, self.candidates(part), part, probs)
             else:
-                ex = self.row_scores(features, self.candidate_features(part), part, probs)
-                lo[a : a + part.size] = hi[a : a + part.size] = ex.double().mean(0).numpy()
+                lo[:, a : a + part.size] = hi[:, a : a + part.size] = self.row_scores(
+                    features, self.candidate_features(part), part, probs)
         return lo, hi
 
     def percentiles(self, features: Features, rows: np.ndarray, scores: torch.Tensor,
@@ -782,24 +790,16 @@ class Index:
         (groups of at most `max_tokens` query tokens): each block of calibration rows is read once and bounded
         against all of them."""
         cal, _ = self.calibration_rows()
-        out: list[tuple[np.ndarray, np.ndarray]] = []
-        a = 0
-        while a < len(queries):
-            b, tokens = a, 0
-            while b < len(queries) and (b == a or tokens + queries[b].h.shape[0] <= max_tokens):
-                tokens += queries[b].h.shape[0]
-                b += 1
-            fv, P = Features.concat(list(queries[a:b])), torch.cat(list(probs[a:b]))
-            lo, hi = np.empty((fv.n, cal.size)), np.empty((fv.n, cal.size))
-            for c in range(0, cal.size, block):
-                part = cal[c : c + block]
-                bl, bh = self.row_bounds(fv, self.candidates(part), part, P)
-                lo[:, c : c + part.size], hi[:, c : c + part.size] = bl.double().numpy(), bh.double().numpy()
-            s = 0
-            for q in queries[a:b]:
-                out.append((lo[s : s + q.n].mean(0), hi[s : s + q.n].mean(0)))
-                s += q.n
-            a = b
+        fv = Features.concat([dataclasses.replace(q, probs=p) for q, p in zip(queries, probs)])
+        lo = torch.empty(fv.n, cal.size, dtype=torch.float64)
+        hi = torch.empty(fv.n, cal.size, dtype=torch.float64)
+        for a, b in sample_blocks(fv, max_tokens):  # each sample's bounds are its own: blocks may split a group
+            part = fv.select(range(a, b))
+            lo[a:b], hi[a:b] = self._sample_bounds(part, cal, part.probs, block)
+        out, s = [], 0
+        for q in queries:
+            out.append((lo[s : s + q.n].mean(0).numpy(), hi[s : s + q.n].mean(0).numpy()))
+            s += q.n
         return out
 
     def answer_steps(self, features: Features, k: int, directions: Sequence[str], rerank: int = DEFAULT_RERANK,

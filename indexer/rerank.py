@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .features import Features, Head
-from .score import segment_sum_rows
+from .score import sample_blocks, segment_sum_rows
 
 # relative float-rounding slack between this computation and exact_scores', per |<h, h'>| (|α| ≤ 3)
 SLACK = 1e-4
@@ -91,19 +91,13 @@ class RowProbs:
         if not rows:
             return
         f = Features.concat(parts)
-        lengths = f.lengths.tolist()
-        per_call = max(1, self.call_bytes // max(1, self._bytes(1)))
-        a = 0
-        while a < len(rows):
-            b, tokens = a, 0  # rows a..b-1: at most per_call tokens (at least one row)
-            while b < len(rows) and (b == a or tokens + lengths[b] <= per_call):
-                tokens += lengths[b]
-                b += 1
+        lengths, off = f.lengths.tolist(), f.offsets.tolist()
+        for a, b in sample_blocks(f, max(1, self.call_bytes // max(1, self._bytes(1)))):
+            tokens = off[b] - off[a]
             if self._held + self._bytes(tokens) > self.memory_bytes:
                 return  # full: later rows are computed by `attach` when asked
-            if self._bytes(tokens) <= self.call_bytes:
+            if self._bytes(tokens) <= self.call_bytes:  # (one row alone may be longer)
                 self._attach(f.select(range(a, b)), rows[a:b], lengths[a:b])
-            a = b
 
     def _bytes(self, tokens: int) -> int:
         return tokens * self.head.vocab_size * self.head.weight.element_size()

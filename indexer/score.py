@@ -92,6 +92,11 @@ def sample_blocks(feats: Features, max_tokens: int) -> list[tuple[int, int]]:
     return out
 
 
+def _probs_known(feats: Features) -> bool:
+    """Whether `feats` carries its tokens' whole distributions (`Features.probs`) where its hidden states are."""
+    return feats.probs is not None and feats.probs.device == feats.h.device
+
+
 def _vocab_chunks(head: Head, vocab: torch.Tensor | None, chunk: int) -> list[slice | torch.Tensor]:
     if vocab is None:
         return [slice(c, min(c + chunk, head.vocab_size)) for c in range(0, head.vocab_size, chunk)]
@@ -191,7 +196,7 @@ def pair_alpha(fv: Features, ft: Features, head: Head, vocab: torch.Tensor | Non
     pv_at_yt = torch.exp(head.logits(fv.h, ft.y) - fv.lse[:, None])
     a -= pt_at_yv * _in_vocab(fv.y, vocab).to(a.dtype)[:, None]
     a -= pv_at_yt * _in_vocab(ft.y, vocab).to(a.dtype)[None, :]
-    known = ft.probs is not None and ft.probs.device == ft.h.device
+    known = _probs_known(ft)
     col0 = 0
     for cols in _vocab_chunks(head, vocab, chunk):
         pt = ft.probs[:, cols] if known else head.probs(ft.h, ft.lse, cols)
@@ -317,7 +322,7 @@ def exact_scores(fv: Features, ft: Features, head: Head, vocab: torch.Tensor | N
     Args:
         pv: π of every valuation token over U (Tv, |U|), when already computed (used by "pairs").
     """
-    if strategy == "auto" and ft.probs is not None and ft.probs.device == ft.h.device:  # the training side's π is known: pairs costs Tv·Tt·|U|
+    if strategy == "auto" and _probs_known(ft):  # the training side's π is known: pairs costs Tv·Tt·|U|
         strategy = "pairs"
     if strategy == "auto":
         nu = head.vocab_size if vocab is None else vocab.numel()

@@ -14,6 +14,13 @@ LICENSES = ["mit", "cc-by", "apache"]
 CFG = BuildConfig(tokens="response", sketch=SketchConfig(rank=8, buckets=64, fit_samples=50), shard_size=16)
 
 
+def top_probability_config(n: int) -> BuildConfig:
+    """Every token scored, top-8 probabilities stored (certified bounds), for an index of n samples: the pruned
+    re-ranking and certified-answer tests."""
+    return BuildConfig(tokens="all", sketch=SketchConfig(rank=4, buckets=32, fit_samples=n), shard_size=16,
+                       rerank_top=8)
+
+
 def plain_corpus(n, seed=0):
     """n samples with a source a/b."""
     return serving_corpus(n, seed, max_words=5, meta=lambda i, w: {"source": ["a", "b"][i % 2]})

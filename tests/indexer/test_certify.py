@@ -15,6 +15,7 @@ from forvalue.indexer.features import Features, Head
 from forvalue.indexer.index import Index
 from forvalue.indexer.score import exact_scores
 
+from indexes import top_probability_config
 from serving import corpus
 
 
@@ -91,9 +92,7 @@ def test_tightening_everything_it_picks_certifies_the_set(direction):
 @pytest.fixture(scope="module")
 def bounded_index(tmp_path_factory, lm):
     root = tmp_path_factory.mktemp("certified")
-    cfg = BuildConfig(tokens="all", sketch=SketchConfig(rank=4, buckets=32, fit_samples=40), shard_size=16,
-                      rerank_top=8)
-    build_index(str(root), corpus(40), lm, cfg)
+    build_index(str(root), corpus(40), lm, top_probability_config(40))
     idx = Index.open(str(root), lm)
     idx.query_top = 4  # |V| = 128: few known probabilities, so the intervals are wide and the test has work
     return idx

@@ -19,6 +19,7 @@ from forvalue.indexer.rerank import Candidates, RowProbs, must_score, score_boun
 from forvalue.indexer.score import exact_scores
 from forvalue.indexer.sketch import bucket_residuals, vocab_pass
 
+from indexes import top_probability_config
 from serving import corpus
 
 
@@ -102,9 +103,7 @@ def test_must_score_keeps_every_possible_member(direction):
 @pytest.fixture(scope="module")
 def pruned_index(tmp_path_factory, lm):
     root = tmp_path_factory.mktemp("pruned")
-    cfg = BuildConfig(tokens="all", sketch=SketchConfig(rank=4, buckets=32, fit_samples=60), shard_size=16,
-                      rerank_top=8)
-    build_index(str(root), corpus(60), lm, cfg)
+    build_index(str(root), corpus(60), lm, top_probability_config(60))
     return Index.open(str(root), lm)
 
 
